@@ -1,0 +1,43 @@
+//! The HTTP API: routes, shared state, and the plumbing every handler uses.
+
+mod auth;
+mod body;
+mod health;
+mod problem;
+mod tasks;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use shoal_shared::settings::Settings;
+use shoal_shared::store::Store;
+
+pub use problem::Problem;
+
+use crate::submit::Submitter;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub submitter: Arc<Submitter>,
+    pub store: Store,
+    /// Bearer token -> tenant; empty disables authentication.
+    pub tokens: Arc<BTreeMap<String, String>>,
+    pub max_batch: usize,
+}
+
+/// The API's routes.
+pub fn router(state: AppState, settings: &Settings) -> Router {
+    Router::new()
+        .route("/v1/tasks", post(tasks::submit))
+        .route("/v1/tasks/batch", post(tasks::submit_batch))
+        .route("/v1/tasks/{id}", get(tasks::get))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .fallback(problem::not_found)
+        .layer(DefaultBodyLimit::max(settings.scheduler.max_body_bytes))
+        .with_state(state)
+}

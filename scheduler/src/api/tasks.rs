@@ -1,0 +1,175 @@
+//! `/v1/tasks`: submit one, submit a batch, read one.
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use shoal_shared::task::{TaskId, TaskRecord, TaskSpec};
+
+use super::auth::Tenant;
+use super::body::JsonBody;
+use super::{AppState, Problem};
+use crate::submit::{SubmitError, Submitted};
+
+/// The header that makes a submission idempotent (overrides the spec's key).
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// `POST /v1/tasks`: 201 with the queued task; 200 with the existing one on an
+/// idempotent replay.
+pub async fn submit(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    headers: HeaderMap,
+    JsonBody(mut spec): JsonBody<TaskSpec>,
+) -> Result<Response, Problem> {
+    if let Some(key) = headers.get(IDEMPOTENCY_KEY) {
+        let key = key
+            .to_str()
+            .map_err(|_| Problem::bad_request("Idempotency-Key must be visible ASCII"))?;
+        spec.idempotency_key = Some(key.to_owned());
+    }
+    let tenant = tenant.resolve(spec.tenant.as_deref())?;
+    spec.tenant = Some(tenant.clone());
+    let mut submitted = state
+        .submitter
+        .submit(vec![spec], &tenant)
+        .await
+        .map_err(problem_of)?;
+    let Submitted { record, created } = submitted.remove(0);
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let location = format!("/v1/tasks/{}", record.id);
+    Ok((status, [(header::LOCATION, location)], Json(record)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    tasks: Vec<TaskSpec>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BatchResponse {
+    tasks: Vec<TaskRecord>,
+}
+
+/// `POST /v1/tasks/batch`: all or nothing. Every spec is validated before any
+/// is queued; a 422 names the index and field of the first invalid one.
+pub async fn submit_batch(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    JsonBody(request): JsonBody<BatchRequest>,
+) -> Result<(StatusCode, Json<BatchResponse>), Problem> {
+    if request.tasks.is_empty() {
+        return Err(Problem::unprocessable("`tasks` must not be empty").with_field("tasks"));
+    }
+    if request.tasks.len() > state.max_batch {
+        return Err(Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "batch-too-large",
+            "Batch too large",
+            format!(
+                "{} tasks in one batch; at most {} are accepted",
+                request.tasks.len(),
+                state.max_batch
+            ),
+        ));
+    }
+    // Resolve every tenant first: a batch belongs to one caller.
+    let mut tenant_name = None;
+    let mut specs = request.tasks;
+    for (index, spec) in specs.iter_mut().enumerate() {
+        let resolved = tenant
+            .resolve(spec.tenant.as_deref())
+            .map_err(|p| p.with_index(index))?;
+        match &tenant_name {
+            None => tenant_name = Some(resolved.clone()),
+            Some(first) if *first != resolved => {
+                return Err(
+                    Problem::unprocessable("all tasks of a batch must have one tenant")
+                        .with_index(index)
+                        .with_field("tenant"),
+                )
+            }
+            Some(_) => {}
+        }
+        spec.tenant = Some(resolved);
+    }
+    let tenant_name = tenant_name.unwrap_or_else(|| "default".to_owned());
+    let submitted = state
+        .submitter
+        .submit(specs, &tenant_name)
+        .await
+        .map_err(problem_of)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(BatchResponse {
+            tasks: submitted.into_iter().map(|s| s.record).collect(),
+        }),
+    ))
+}
+
+/// `GET /v1/tasks/{id}`.
+pub async fn get(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<Json<TaskRecord>, Problem> {
+    let id: TaskId = id
+        .parse()
+        .map_err(|e: shoal_shared::task::ParseTaskIdError| Problem::bad_request(e.to_string()))?;
+    let not_found = || {
+        Problem::new(
+            StatusCode::NOT_FOUND,
+            "task-not-found",
+            "Task not found",
+            format!("no task {id}"),
+        )
+    };
+    let record = state
+        .store
+        .get(&id)
+        .await
+        .map_err(|e| unavailable(e.to_string()))?
+        .ok_or_else(not_found)?;
+    // A tenant sees only its own tasks.
+    if tenant
+        .name
+        .as_ref()
+        .is_some_and(|own| *own != record.tenant)
+    {
+        return Err(not_found());
+    }
+    Ok(Json(record))
+}
+
+fn unavailable(detail: String) -> Problem {
+    Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "Service unavailable",
+        detail,
+    )
+}
+
+fn problem_of(error: SubmitError) -> Problem {
+    match error {
+        SubmitError::Invalid { index, error } => Problem::unprocessable(error.to_string())
+            .with_field(error.field)
+            .with_index(index),
+        SubmitError::InProgress { .. } => Problem::new(
+            StatusCode::CONFLICT,
+            "idempotency-in-progress",
+            "Submission in progress",
+            error.to_string(),
+        ),
+        SubmitError::Publish(_) | SubmitError::Store(_) => {
+            tracing::warn!(%error, "submission failed");
+            unavailable(error.to_string())
+        }
+    }
+}

@@ -1,0 +1,318 @@
+//! `shoal`: the command line for Shoal. Talks to the scheduler over HTTP.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use shoal_scheduler::client::Client;
+use shoal_shared::task::{
+    AgentSpec, ExecSpec, Language, Priority, TaskId, TaskKind, TaskRecord, TaskResult, TaskSpec,
+};
+
+#[derive(Parser)]
+#[command(version, about = "Submit, inspect and manage Shoal tasks")]
+struct Cli {
+    /// Scheduler base URL.
+    #[arg(
+        long,
+        global = true,
+        env = "SHOAL_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    server: String,
+    /// Bearer token (when the scheduler requires one).
+    #[arg(long, global = true, env = "SHOAL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// How to print results.
+    #[arg(long, short, global = true, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Submit a task: an agent prompt, a command (--exec), code (--code), or a
+    /// JSON-lines file of task specs (-f).
+    Submit(SubmitArgs),
+    /// Show a task.
+    Status {
+        /// The task id.
+        id: TaskId,
+    },
+    /// Print shell completions.
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(clap::Args)]
+struct SubmitArgs {
+    /// The agent's prompt.
+    #[arg(conflicts_with_all = ["exec", "code", "file"])]
+    prompt: Option<String>,
+    /// Run this shell command in a sandbox.
+    #[arg(long, conflicts_with_all = ["code", "file"])]
+    exec: Option<String>,
+    /// Run this code file in a sandbox (with --language).
+    #[arg(long, requires = "language", conflicts_with = "file")]
+    code: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    language: Option<LanguageArg>,
+    /// A JSON-lines file of task specs, submitted in batches.
+    #[arg(long, short = 'f')]
+    file: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = PriorityArg::Normal)]
+    priority: PriorityArg,
+    /// Wall-clock limit in seconds.
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// Agent model profile.
+    #[arg(long)]
+    model: Option<String>,
+    /// Labels, as key=value.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Makes resubmitting this exact call safe.
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// Tasks per batch request with -f.
+    #[arg(long, default_value_t = 500)]
+    batch_size: usize,
+    /// Wait for the task to finish and print its result.
+    #[arg(long)]
+    wait: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PriorityArg {
+    High,
+    Normal,
+    Low,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LanguageArg {
+    Python,
+    Bash,
+    Sh,
+    Node,
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected key=value, got {text:?}"))
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let cli = Cli::parse();
+    if let Err(error) = run(cli).await {
+        eprintln!("error: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let client = Client::new(&cli.server, cli.token.clone());
+    match cli.command {
+        Command::Submit(args) => submit(&client, cli.output, args).await,
+        Command::Status { id } => {
+            let record = client.get(&id).await?;
+            print_record(cli.output, &record)
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "shoal", &mut std::io::stdout());
+            Ok(())
+        }
+    }
+}
+
+async fn submit(client: &Client, output: Output, args: SubmitArgs) -> anyhow::Result<()> {
+    if let Some(path) = &args.file {
+        return submit_file(client, output, path, args.batch_size).await;
+    }
+    let kind = if let Some(command) = &args.exec {
+        let mut exec = ExecSpec::command(command.clone());
+        if let Some(timeout) = args.timeout {
+            exec.timeout_s = timeout;
+        }
+        TaskKind::Exec(exec)
+    } else if let Some(path) = &args.code {
+        let code =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let language = match args.language {
+            Some(LanguageArg::Python) | None => Language::Python,
+            Some(LanguageArg::Bash) => Language::Bash,
+            Some(LanguageArg::Sh) => Language::Sh,
+            Some(LanguageArg::Node) => Language::Node,
+        };
+        let mut exec = ExecSpec::command(String::new());
+        exec.command = None;
+        exec.language = Some(language);
+        exec.code = Some(code);
+        if let Some(timeout) = args.timeout {
+            exec.timeout_s = timeout;
+        }
+        TaskKind::Exec(exec)
+    } else if let Some(prompt) = &args.prompt {
+        let mut agent: AgentSpec = serde_json::from_value(serde_json::json!({ "prompt": prompt }))?;
+        if let Some(model) = &args.model {
+            agent.model = model.clone();
+        }
+        if let Some(timeout) = args.timeout {
+            agent.limits.timeout_s = timeout;
+        }
+        TaskKind::Agent(agent)
+    } else {
+        bail!("give a prompt, --exec, --code or -f (see `shoal submit --help`)");
+    };
+    let mut spec = TaskSpec::new(kind);
+    spec.priority = match args.priority {
+        PriorityArg::High => Priority::High,
+        PriorityArg::Normal => Priority::Normal,
+        PriorityArg::Low => Priority::Low,
+    };
+    spec.labels = args.labels.into_iter().collect();
+    let record = client
+        .submit(&spec, args.idempotency_key.as_deref())
+        .await?;
+    if !args.wait {
+        return match output {
+            Output::Json => print_json(&record),
+            Output::Text => {
+                println!("{}", record.id);
+                Ok(())
+            }
+        };
+    }
+    let record = wait_for(client, &record.id).await?;
+    print_record(output, &record)?;
+    if record.state != shoal_shared::TaskState::Succeeded {
+        std::process::exit(2);
+    }
+    Ok(())
+}
+
+async fn submit_file(
+    client: &Client,
+    output: Output,
+    path: &PathBuf,
+    batch_size: usize,
+) -> anyhow::Result<()> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut specs = Vec::new();
+    for (number, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let spec: TaskSpec = serde_json::from_str(&line)
+            .with_context(|| format!("{}:{}: not a task spec", path.display(), number + 1))?;
+        specs.push(spec);
+    }
+    let bar = ProgressBar::new(specs.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} submitted ({per_sec}, eta {eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut records = Vec::with_capacity(specs.len());
+    for chunk in specs.chunks(batch_size.max(1)) {
+        let submitted = client.submit_batch(chunk).await?;
+        bar.inc(submitted.len() as u64);
+        records.extend(submitted);
+    }
+    bar.finish();
+    match output {
+        Output::Json => print_json(&records),
+        Output::Text => {
+            let mut stdout = std::io::stdout().lock();
+            for record in &records {
+                writeln!(stdout, "{}", record.id)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn wait_for(client: &Client, id: &TaskId) -> anyhow::Result<TaskRecord> {
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let record = client.get(id).await?;
+        if record.state.is_terminal() {
+            return Ok(record);
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(1));
+    }
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn print_record(output: Output, record: &TaskRecord) -> anyhow::Result<()> {
+    if output == Output::Json {
+        return print_json(record);
+    }
+    println!("task      {}", record.id);
+    println!("state     {}", record.state);
+    println!(
+        "kind      {}  priority {}  tenant {}",
+        record.kind,
+        record.priority.as_str(),
+        record.tenant
+    );
+    println!("attempts  {}/{}", record.attempts, record.max_attempts);
+    if let Some(worker) = &record.worker {
+        println!("worker    {worker}");
+    }
+    println!("created   {}", record.created_at);
+    if let Some(finished) = record.finished_at {
+        println!("finished  {finished}");
+    }
+    if let Some(error) = &record.last_error {
+        println!("error     {error}");
+    }
+    if let Some(TaskResult::Exec(result)) = &record.result {
+        println!(
+            "exit      {}  ({} ms)",
+            result
+                .exit_code
+                .map_or("killed".to_owned(), |c| c.to_string()),
+            result.duration_ms
+        );
+        if !result.stdout.is_empty() {
+            println!(
+                "--- stdout{}",
+                if result.stdout_truncated {
+                    " (truncated)"
+                } else {
+                    ""
+                }
+            );
+            print!("{}", result.stdout);
+        }
+        if !result.stderr.is_empty() {
+            println!(
+                "--- stderr{}",
+                if result.stderr_truncated {
+                    " (truncated)"
+                } else {
+                    ""
+                }
+            );
+            print!("{}", result.stderr);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,108 @@
+//! A small HTTP client for the scheduler API, used by the `shoal` CLI.
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use shoal_shared::task::{TaskId, TaskRecord, TaskSpec};
+
+/// A call to the scheduler failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the scheduler at {url}: {source}")]
+    Transport {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{status}: {detail}")]
+    Api { status: u16, detail: String },
+}
+
+#[derive(Deserialize)]
+struct ProblemBody {
+    detail: Option<String>,
+    title: Option<String>,
+}
+
+/// Talks to one scheduler.
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Client {
+    pub fn new(base: &str, token: Option<String>) -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+        }
+    }
+
+    /// Submits one task; `idempotency_key` makes retries of this call safe.
+    pub async fn submit(
+        &self,
+        spec: &TaskSpec,
+        idempotency_key: Option<&str>,
+    ) -> Result<TaskRecord, ClientError> {
+        let mut request = self.http.post(self.url("/v1/tasks")).json(spec);
+        if let Some(key) = idempotency_key {
+            request = request.header("Idempotency-Key", key);
+        }
+        self.send(request).await
+    }
+
+    /// Submits many tasks in one all-or-nothing batch.
+    pub async fn submit_batch(&self, specs: &[TaskSpec]) -> Result<Vec<TaskRecord>, ClientError> {
+        #[derive(Deserialize)]
+        struct Batch {
+            tasks: Vec<TaskRecord>,
+        }
+        let request = self
+            .http
+            .post(self.url("/v1/tasks/batch"))
+            .json(&serde_json::json!({ "tasks": specs }));
+        let batch: Batch = self.send(request).await?;
+        Ok(batch.tasks)
+    }
+
+    pub async fn get(&self, id: &TaskId) -> Result<TaskRecord, ClientError> {
+        self.send(self.http.get(self.url(&format!("/v1/tasks/{id}"))))
+            .await
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        mut request: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let transport = |source| ClientError::Transport {
+            url: self.base.clone(),
+            source,
+        };
+        let response = request.send().await.map_err(transport)?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(transport)?;
+        if !status.is_success() {
+            let detail = serde_json::from_slice::<ProblemBody>(&bytes)
+                .ok()
+                .and_then(|p| p.detail.or(p.title))
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).chars().take(500).collect());
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                detail,
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Api {
+            status: status.as_u16(),
+            detail: format!("unexpected response: {e}"),
+        })
+    }
+}

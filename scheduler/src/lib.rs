@@ -1,0 +1,74 @@
+//! Shoal's scheduler: the HTTP API that validates tasks, publishes them to
+//! RabbitMQ with publisher confirms, and records them in Redis; plus the HTTP
+//! client the `shoal` CLI uses.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod client;
+pub mod submit;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use shoal_shared::broker::{Broker, Publisher, Topology};
+use shoal_shared::settings::Settings;
+use shoal_shared::store::Store;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::submit::Submitter;
+
+/// Connects to Redis and RabbitMQ, declares the topology, and serves the API
+/// on `listener` until `shutdown`.
+pub async fn run(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let state = connect(&settings).await?;
+    let app = api::router(state.clone(), &settings);
+    tracing::info!(addr = %listener.local_addr()?, namespace = %settings.namespace, "scheduler listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .context("serving http")?;
+    state.submitter.close().await;
+    tracing::info!("scheduler stopped");
+    Ok(())
+}
+
+/// Builds the shared state: store, broker, publisher.
+pub async fn connect(settings: &Settings) -> anyhow::Result<api::AppState> {
+    let store = Store::connect(&settings.redis, &settings.namespace)
+        .await
+        .context("connecting to redis")?;
+    let broker = Broker::new(&settings.broker.url, "shoal-scheduler");
+    let topology = Topology::new(
+        &settings.namespace,
+        settings.broker.delivery_limit,
+        settings.broker.retry_tiers.clone(),
+    );
+    let channel = broker
+        .channel_with_retry(Duration::from_secs(60))
+        .await
+        .context("connecting to rabbitmq")?;
+    topology
+        .declare(&channel)
+        .await
+        .context("declaring the queue topology")?;
+    let _ = channel.close(200, "declared".into()).await;
+    let submitter = Submitter::new(
+        store.clone(),
+        broker.clone(),
+        Publisher::new(broker),
+        topology,
+        settings.limits.clone(),
+    );
+    Ok(api::AppState {
+        submitter: Arc::new(submitter),
+        store,
+        tokens: Arc::new(settings.scheduler.tokens.clone()),
+        max_batch: settings.scheduler.max_batch,
+    })
+}

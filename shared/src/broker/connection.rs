@@ -1,0 +1,95 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use lapin::{Channel, Connection, ConnectionProperties};
+use tokio::sync::Mutex;
+
+/// The broker could not be reached or refused an operation.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot connect to the broker: {0}")]
+    Connect(#[source] lapin::Error),
+    #[error("broker operation failed: {0}")]
+    Amqp(#[from] lapin::Error),
+}
+
+/// One AMQP connection shared by a process, re-established on demand after the
+/// broker went away. Channels are cheap; the connection is not.
+#[derive(Clone)]
+pub struct Broker {
+    url: Arc<str>,
+    name: Arc<str>,
+    connection: Arc<Mutex<Option<Arc<Connection>>>>,
+}
+
+impl Broker {
+    /// `name` shows up in the broker's connection list.
+    pub fn new(url: &str, name: &str) -> Self {
+        Self {
+            url: url.into(),
+            name: name.into(),
+            connection: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Connects once, without retrying.
+    pub async fn connect_once(&self) -> Result<(), BrokerError> {
+        self.connection().await.map(|_| ())
+    }
+
+    async fn connection(&self) -> Result<Arc<Connection>, BrokerError> {
+        let mut guard = self.connection.lock().await;
+        if let Some(connection) = guard.as_ref() {
+            if connection.status().connected() {
+                return Ok(connection.clone());
+            }
+        }
+        let properties =
+            ConnectionProperties::default().with_connection_name(self.name.as_ref().into());
+        let connection = Connection::connect(&self.url, properties)
+            .await
+            .map_err(BrokerError::Connect)?;
+        let connection = Arc::new(connection);
+        *guard = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// A new channel, connecting first if needed.
+    pub async fn channel(&self) -> Result<Channel, BrokerError> {
+        let connection = self.connection().await?;
+        Ok(connection.create_channel().await?)
+    }
+
+    /// A new channel, retrying with jittered exponential backoff for up to `patience`.
+    pub async fn channel_with_retry(&self, patience: Duration) -> Result<Channel, BrokerError> {
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(2))
+            .with_total_delay(Some(patience))
+            .without_max_times()
+            .with_jitter();
+        (|| self.channel())
+            .retry(backoff)
+            .notify(|error, delay| {
+                tracing::warn!(%error, ?delay, "broker unavailable, retrying");
+            })
+            .await
+    }
+
+    /// Whether the current connection is up (without connecting).
+    pub async fn is_connected(&self) -> bool {
+        let guard = self.connection.lock().await;
+        guard.as_ref().is_some_and(|c| c.status().connected())
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(&self) {
+        let connection = self.connection.lock().await.take();
+        if let Some(connection) = connection {
+            if connection.status().connected() {
+                let _ = connection.close(200, "shutting down".into()).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! RabbitMQ: the topology both sides declare, a reconnecting connection, and a
+//! publisher that reports success only after the broker confirmed.
+
+mod connection;
+mod publisher;
+mod topology;
+
+pub use connection::{Broker, BrokerError};
+pub use publisher::{publish_confirmed, OutgoingMessage, PublishError, Publisher};
+pub use topology::{retry_tier_for, Topology};
+
+/// Header on dead-lettered messages: why the message is dead.
+pub const HEADER_REASON: &str = "x-shoal-reason";
+/// Header on dead-lettered messages: the last error, human readable.
+pub const HEADER_LAST_ERROR: &str = "x-shoal-last-error";
+/// Header on dead-lettered and retried messages: attempts so far.
+pub const HEADER_ATTEMPTS: &str = "x-shoal-attempts";
+/// Header on dead-lettered messages: the worker that dead-lettered it.
+pub const HEADER_WORKER: &str = "x-shoal-worker";
+/// W3C trace context, carried from scheduler to worker.
+pub const HEADER_TRACEPARENT: &str = "traceparent";

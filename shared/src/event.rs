@@ -1,0 +1,133 @@
+//! Events: what happened to a task, as data. Every event travels in an
+//! [`EventEnvelope`] carrying the schema version, the task, the time and the source.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::task::{Priority, TaskId, TaskState};
+
+/// The version of the event schema; bumped when a change is not additive.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// One event with its metadata, as stored in `{ns}:task:{id}:events`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventEnvelope {
+    /// Schema version of this envelope and its event.
+    pub v: u32,
+    pub task_id: TaskId,
+    pub ts: DateTime<Utc>,
+    /// Who emitted it: `scheduler` or `worker:<id>`.
+    pub source: String,
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+impl EventEnvelope {
+    /// Wraps `event` with the current time.
+    pub fn now(task_id: TaskId, source: impl Into<String>, event: Event) -> Self {
+        Self {
+            v: SCHEMA_VERSION,
+            task_id,
+            ts: Utc::now(),
+            source: source.into(),
+            event,
+        }
+    }
+
+    /// The JSON stored in the stream.
+    pub fn to_json(&self) -> String {
+        // Serializing these plain data types cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// What happened. Tagged by `type` on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// The broker confirmed the task; it is queued.
+    Submitted {
+        kind: String,
+        priority: Priority,
+        tenant: String,
+    },
+    /// The task moved from one state to another. `from` is filled in by the store
+    /// at the moment of the atomic transition.
+    StateChanged {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<TaskState>,
+        to: TaskState,
+        #[serde(default)]
+        attempt: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// A sandbox was leased for the task.
+    SandboxLeased {
+        sandbox_id: String,
+        template: String,
+        warm: bool,
+        lease_ms: f64,
+    },
+    /// An `exec` command started.
+    ExecStarted { command: String },
+    /// An `exec` command ended.
+    ExecFinished {
+        exit_code: Option<i32>,
+        duration_ms: u64,
+        stdout_bytes: u64,
+        stderr_bytes: u64,
+        timed_out: bool,
+    },
+    /// A message for a task that is already finished or running elsewhere arrived
+    /// again; it was settled without running the task a second time.
+    DuplicateDelivery { state: TaskState, reason: String },
+    /// The task was put back on the queue (for example by a draining worker) or
+    /// scheduled for a delayed retry.
+    Requeued {
+        reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        delay_s: Option<u64>,
+    },
+}
+
+impl Event {
+    /// The `type` tag of this event.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Self::Submitted { .. } => "submitted",
+            Self::StateChanged { .. } => "state_changed",
+            Self::SandboxLeased { .. } => "sandbox_leased",
+            Self::ExecStarted { .. } => "exec_started",
+            Self::ExecFinished { .. } => "exec_finished",
+            Self::DuplicateDelivery { .. } => "duplicate_delivery",
+            Self::Requeued { .. } => "requeued",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_is_flat_json_tagged_by_type() {
+        let envelope = EventEnvelope::now(
+            TaskId::new(),
+            "worker:w1",
+            Event::StateChanged {
+                from: Some(TaskState::Queued),
+                to: TaskState::Leased,
+                attempt: 1,
+                reason: None,
+            },
+        );
+        let json: serde_json::Value = serde_json::from_str(&envelope.to_json()).unwrap();
+        assert_eq!(json["type"], "state_changed");
+        assert_eq!(json["v"], SCHEMA_VERSION);
+        assert_eq!(json["to"], "leased");
+        let back: EventEnvelope = serde_json::from_value(json).unwrap();
+        assert_eq!(back, envelope);
+        assert_eq!(back.event.type_name(), "state_changed");
+    }
+}

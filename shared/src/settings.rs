@@ -1,0 +1,521 @@
+//! Layered configuration: an optional TOML file, then `SHOAL__SECTION__KEY`
+//! environment overrides. Loading happens in two stages: the raw shape is
+//! deserialized (unknown keys are an error), then validated into typed settings
+//! with durations and checked ranges, each failure naming its key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::task::SpecLimits;
+
+/// Configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> SettingsError {
+    SettingsError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// Validated settings for every Shoal process.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Prefix of every queue, exchange and Redis key, so fleets can share a broker.
+    pub namespace: String,
+    pub broker: BrokerSettings,
+    pub redis: RedisSettings,
+    pub scheduler: SchedulerSettings,
+    pub worker: WorkerSettings,
+    pub sandbox: SandboxSettings,
+    pub limits: SpecLimits,
+    pub telemetry: TelemetrySettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    pub url: String,
+    /// Deliveries of one message before the broker dead-letters it (poison guard).
+    pub delivery_limit: u32,
+    pub max_message_bytes: usize,
+    /// Retry delays, shortest first; each is a fixed-TTL queue.
+    pub retry_tiers: Vec<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub url: String,
+    pub task_events_maxlen: usize,
+    pub firehose_maxlen: usize,
+    /// How long a finished task's record and events are kept.
+    pub retention: Duration,
+    pub idempotency_ttl: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct SchedulerSettings {
+    pub listen: SocketAddr,
+    pub max_body_bytes: usize,
+    pub max_batch: usize,
+    /// Bearer token -> tenant. Empty means no authentication (single tenant `default`).
+    pub tokens: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Defaults to `<hostname>-<pid>`.
+    pub id: String,
+    /// Tasks run at once; each has its own AMQP channel.
+    pub slots: usize,
+    /// How long in-flight tasks may run on after SIGTERM before they are requeued.
+    pub drain_timeout: Duration,
+    pub lease_ttl: Duration,
+    pub lease_renew: Duration,
+    /// Longest wait between polls of empty queues.
+    pub idle_poll_max: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct SandboxSettings {
+    pub bwrap: PathBuf,
+    /// Where private workspaces are created.
+    pub root: PathBuf,
+    /// Per stream; output beyond it is drained and dropped.
+    pub max_output_bytes: usize,
+    pub limit_address_space_bytes: u64,
+    pub limit_file_bytes: u64,
+    pub limit_open_files: u64,
+    pub network: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct TelemetrySettings {
+    pub log_format: LogFormat,
+    /// An `EnvFilter` directive; `RUST_LOG` wins when set.
+    pub log_filter: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+// ---- stage one: the raw shape --------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    #[serde(default = "d::namespace")]
+    namespace: String,
+    #[serde(default)]
+    broker: RawBroker,
+    #[serde(default)]
+    redis: RawRedis,
+    #[serde(default)]
+    scheduler: RawScheduler,
+    #[serde(default)]
+    worker: RawWorker,
+    #[serde(default)]
+    sandbox: RawSandbox,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    telemetry: RawTelemetry,
+}
+
+mod d {
+    pub fn namespace() -> String {
+        "shoal".into()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawBroker {
+    url: String,
+    delivery_limit: u32,
+    max_message_bytes: usize,
+    retry_tiers_s: Vec<u64>,
+}
+
+impl Default for RawBroker {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            delivery_limit: 20,
+            max_message_bytes: 1 << 20,
+            retry_tiers_s: vec![5, 30, 120, 600],
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRedis {
+    url: String,
+    task_events_maxlen: usize,
+    firehose_maxlen: usize,
+    retention_s: u64,
+    idempotency_ttl_s: u64,
+}
+
+impl Default for RawRedis {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379/".into(),
+            task_events_maxlen: 10_000,
+            firehose_maxlen: 100_000,
+            retention_s: 7 * 86_400,
+            idempotency_ttl_s: 86_400,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawScheduler {
+    listen: String,
+    max_body_bytes: usize,
+    max_batch: usize,
+    tokens: BTreeMap<String, String>,
+}
+
+impl Default for RawScheduler {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            max_body_bytes: 8 << 20,
+            max_batch: 1000,
+            tokens: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawWorker {
+    id: Option<String>,
+    slots: usize,
+    drain_timeout_s: u64,
+    lease_ttl_s: u64,
+    lease_renew_s: u64,
+    idle_poll_max_ms: u64,
+}
+
+impl Default for RawWorker {
+    fn default() -> Self {
+        Self {
+            id: None,
+            slots: 4,
+            drain_timeout_s: 60,
+            lease_ttl_s: 30,
+            lease_renew_s: 10,
+            idle_poll_max_ms: 200,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawSandbox {
+    bwrap: PathBuf,
+    root: PathBuf,
+    max_output_bytes: usize,
+    limit_address_space_mb: u64,
+    limit_file_mb: u64,
+    limit_open_files: u64,
+    network: bool,
+}
+
+impl Default for RawSandbox {
+    fn default() -> Self {
+        Self {
+            bwrap: "bwrap".into(),
+            root: std::env::temp_dir().join("shoal-sandboxes"),
+            max_output_bytes: 1 << 20,
+            limit_address_space_mb: 4096,
+            limit_file_mb: 1024,
+            limit_open_files: 1024,
+            network: false,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLimits {
+    max_timeout_s: u64,
+    max_attempts: u32,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        let limits = SpecLimits::default();
+        Self {
+            max_timeout_s: limits.max_timeout_s,
+            max_attempts: limits.max_attempts,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTelemetry {
+    log_format: LogFormat,
+    log_filter: String,
+}
+
+impl Default for RawTelemetry {
+    fn default() -> Self {
+        Self {
+            log_format: LogFormat::Text,
+            log_filter: "info".into(),
+        }
+    }
+}
+
+// ---- stage two: validation ------------------------------------------------------
+
+/// The environment variable naming the configuration file.
+pub const CONFIG_ENV: &str = "SHOAL_CONFIG";
+
+impl Settings {
+    /// Loads `path` (or `$SHOAL_CONFIG`, or nothing) and then the `SHOAL__*`
+    /// environment.
+    pub fn load(path: Option<&Path>) -> Result<Self, SettingsError> {
+        let from_env = std::env::var_os(CONFIG_ENV).map(PathBuf::from);
+        let path = path.map(Path::to_path_buf).or(from_env);
+        let mut builder = config::Config::builder();
+        if let Some(path) = path {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        let config = builder
+            .add_source(
+                config::Environment::with_prefix("SHOAL")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()?;
+        Self::from_raw(config.try_deserialize()?)
+    }
+
+    /// Parses settings from TOML text alone (no environment); for tests and tools.
+    pub fn from_toml(text: &str) -> Result<Self, SettingsError> {
+        let config = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()?;
+        Self::from_raw(config.try_deserialize()?)
+    }
+
+    fn from_raw(raw: Raw) -> Result<Self, SettingsError> {
+        if !is_name(&raw.namespace) {
+            return Err(invalid(
+                "namespace",
+                "must be 1-48 characters of [a-z0-9_-]",
+            ));
+        }
+        if !(raw.broker.url.starts_with("amqp://") || raw.broker.url.starts_with("amqps://")) {
+            return Err(invalid("broker.url", "must be an amqp:// or amqps:// URL"));
+        }
+        if raw.broker.delivery_limit == 0 {
+            return Err(invalid("broker.delivery_limit", "must be at least 1"));
+        }
+        if raw.broker.max_message_bytes < 1024 {
+            return Err(invalid("broker.max_message_bytes", "must be at least 1024"));
+        }
+        if raw.broker.retry_tiers_s.is_empty()
+            || raw.broker.retry_tiers_s.contains(&0)
+            || !raw.broker.retry_tiers_s.windows(2).all(|w| w[0] < w[1])
+        {
+            return Err(invalid(
+                "broker.retry_tiers_s",
+                "must be non-empty, positive and strictly increasing",
+            ));
+        }
+        if !(raw.redis.url.starts_with("redis://")
+            || raw.redis.url.starts_with("rediss://")
+            || raw.redis.url.starts_with("unix://"))
+        {
+            return Err(invalid("redis.url", "must be a redis:// or rediss:// URL"));
+        }
+        if raw.redis.task_events_maxlen == 0 || raw.redis.firehose_maxlen == 0 {
+            return Err(invalid(
+                "redis.task_events_maxlen",
+                "stream lengths must be positive",
+            ));
+        }
+        let listen: SocketAddr =
+            raw.scheduler.listen.parse().map_err(|_| {
+                invalid("scheduler.listen", "must be an address like 127.0.0.1:8080")
+            })?;
+        if raw.scheduler.max_batch == 0 {
+            return Err(invalid("scheduler.max_batch", "must be at least 1"));
+        }
+        for tenant in raw.scheduler.tokens.values() {
+            if !is_tenant(tenant) {
+                return Err(invalid(
+                    "scheduler.tokens",
+                    format!("bad tenant name {tenant:?}"),
+                ));
+            }
+        }
+        if raw.worker.slots == 0 || raw.worker.slots > 4096 {
+            return Err(invalid("worker.slots", "must be between 1 and 4096"));
+        }
+        if raw.worker.lease_renew_s == 0 || raw.worker.lease_renew_s * 2 > raw.worker.lease_ttl_s {
+            return Err(invalid(
+                "worker.lease_renew_s",
+                "must be positive and at most half of worker.lease_ttl_s",
+            ));
+        }
+        if raw.worker.idle_poll_max_ms == 0 {
+            return Err(invalid("worker.idle_poll_max_ms", "must be positive"));
+        }
+        let worker_id = match raw.worker.id {
+            Some(id) if !is_tenant(&id) => {
+                return Err(invalid(
+                    "worker.id",
+                    "must be 1-64 characters of [A-Za-z0-9_.-]",
+                ))
+            }
+            Some(id) => id,
+            None => default_worker_id(),
+        };
+        if raw.sandbox.max_output_bytes == 0 {
+            return Err(invalid("sandbox.max_output_bytes", "must be positive"));
+        }
+        if raw.limits.max_timeout_s == 0 {
+            return Err(invalid("limits.max_timeout_s", "must be positive"));
+        }
+        if raw.limits.max_attempts == 0 {
+            return Err(invalid("limits.max_attempts", "must be positive"));
+        }
+        let limits = SpecLimits {
+            max_timeout_s: raw.limits.max_timeout_s,
+            max_attempts: raw.limits.max_attempts,
+            ..SpecLimits::default()
+        };
+        Ok(Self {
+            namespace: raw.namespace,
+            broker: BrokerSettings {
+                url: raw.broker.url,
+                delivery_limit: raw.broker.delivery_limit,
+                max_message_bytes: raw.broker.max_message_bytes,
+                retry_tiers: raw
+                    .broker
+                    .retry_tiers_s
+                    .into_iter()
+                    .map(Duration::from_secs)
+                    .collect(),
+            },
+            redis: RedisSettings {
+                url: raw.redis.url,
+                task_events_maxlen: raw.redis.task_events_maxlen,
+                firehose_maxlen: raw.redis.firehose_maxlen,
+                retention: Duration::from_secs(raw.redis.retention_s),
+                idempotency_ttl: Duration::from_secs(raw.redis.idempotency_ttl_s.max(1)),
+            },
+            scheduler: SchedulerSettings {
+                listen,
+                max_body_bytes: raw.scheduler.max_body_bytes,
+                max_batch: raw.scheduler.max_batch,
+                tokens: raw.scheduler.tokens,
+            },
+            worker: WorkerSettings {
+                id: worker_id,
+                slots: raw.worker.slots,
+                drain_timeout: Duration::from_secs(raw.worker.drain_timeout_s),
+                lease_ttl: Duration::from_secs(raw.worker.lease_ttl_s),
+                lease_renew: Duration::from_secs(raw.worker.lease_renew_s),
+                idle_poll_max: Duration::from_millis(raw.worker.idle_poll_max_ms),
+            },
+            sandbox: SandboxSettings {
+                bwrap: raw.sandbox.bwrap,
+                root: raw.sandbox.root,
+                max_output_bytes: raw.sandbox.max_output_bytes,
+                limit_address_space_bytes: raw.sandbox.limit_address_space_mb << 20,
+                limit_file_bytes: raw.sandbox.limit_file_mb << 20,
+                limit_open_files: raw.sandbox.limit_open_files,
+                network: raw.sandbox.network,
+            },
+            limits,
+            telemetry: TelemetrySettings {
+                log_format: raw.telemetry.log_format,
+                log_filter: raw.telemetry.log_filter,
+            },
+        })
+    }
+}
+
+fn is_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 48
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+fn is_tenant(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| is_tenant(h))
+        .unwrap_or_else(|| "worker".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let settings = Settings::from_toml("").unwrap();
+        assert_eq!(settings.namespace, "shoal");
+        assert_eq!(settings.worker.slots, 4);
+        assert_eq!(settings.broker.retry_tiers.len(), 4);
+    }
+
+    #[test]
+    fn unknown_keys_are_an_error_naming_the_key() {
+        let err = Settings::from_toml("[worker]\nslotz = 3\n").unwrap_err();
+        assert!(err.to_string().contains("slotz"), "{err}");
+        let err = Settings::from_toml("[wrker]\nslots = 3\n").unwrap_err();
+        assert!(err.to_string().contains("wrker"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_an_error_naming_the_key() {
+        let err = Settings::from_toml("[worker]\nslots = \"many\"\n").unwrap_err();
+        assert!(err.to_string().contains("slots"), "{err}");
+        let err = Settings::from_toml("[worker]\nslots = 0\n").unwrap_err();
+        assert!(err.to_string().contains("worker.slots"), "{err}");
+        let err = Settings::from_toml("[broker]\nurl = \"http://x\"\n").unwrap_err();
+        assert!(err.to_string().contains("broker.url"), "{err}");
+        let err = Settings::from_toml("[broker]\nretry_tiers_s = [30, 5]\n").unwrap_err();
+        assert!(err.to_string().contains("broker.retry_tiers_s"), "{err}");
+        let err = Settings::from_toml("namespace = \"Bad Name\"\n").unwrap_err();
+        assert!(err.to_string().contains("namespace"), "{err}");
+    }
+}

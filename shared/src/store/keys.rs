@@ -1,0 +1,56 @@
+use crate::task::TaskId;
+
+/// Every Redis key of one namespace. Per-task keys share the `{id}` hash tag, so
+/// a task's record, stream and lease live on one cluster slot.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    namespace: String,
+}
+
+impl Keys {
+    pub fn new(namespace: &str) -> Self {
+        Self {
+            namespace: namespace.to_owned(),
+        }
+    }
+
+    /// The task record hash.
+    pub fn task(&self, id: &TaskId) -> String {
+        format!("{}:task:{{{id}}}", self.namespace)
+    }
+
+    /// The task's full event log (stream).
+    pub fn task_events(&self, id: &TaskId) -> String {
+        format!("{}:task:{{{id}}}:events", self.namespace)
+    }
+
+    /// The lease a worker holds while the task runs.
+    pub fn lease(&self, id: &TaskId) -> String {
+        format!("{}:task:{{{id}}}:lease", self.namespace)
+    }
+
+    /// The fleet-wide firehose: one small entry per event.
+    pub fn firehose(&self) -> String {
+        format!("{}:events", self.namespace)
+    }
+
+    /// One entry per LLM call, for billing consumers.
+    pub fn costs(&self) -> String {
+        format!("{}:costs", self.namespace)
+    }
+
+    /// Idempotency key -> task id, per tenant.
+    pub fn idempotency(&self, tenant: &str, key: &str) -> String {
+        format!("{}:idem:{tenant}:{key}", self.namespace)
+    }
+
+    /// The dead-letter log: why each dead message died.
+    pub fn dead(&self) -> String {
+        format!("{}:dead", self.namespace)
+    }
+
+    /// A pattern matching every key of the namespace (for teardown).
+    pub fn pattern(&self) -> String {
+        format!("{}:*", self.namespace)
+    }
+}

@@ -1,0 +1,24 @@
+//! Redis: task records, their event streams, the fleet firehose, leases with
+//! fencing tokens, idempotency keys and the dead-letter log.
+//!
+//! Every state transition is one Lua script: it checks the current state (and
+//! the caller's fencing token), writes the new state, appends the event to the
+//! task's stream and the firehose, all atomically.
+
+mod keys;
+mod lease;
+mod scripts;
+mod tasks;
+
+pub use keys::Keys;
+pub use lease::{Lease, LeaseAttempt};
+pub use tasks::{Claim, DeadEntry, Store, Transition, TransitionOutcome};
+
+/// A Redis operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("stored data is damaged: {0}")]
+    Corrupt(String),
+}

@@ -1,0 +1,75 @@
+//! The Lua scripts behind atomic store operations.
+
+/// Creates a task record if absent, with its first event.
+/// KEYS: record, events, firehose. ARGV: event json, events maxlen, firehose
+/// maxlen, task id, event type, then field/value pairs.
+pub const CREATE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', ARGV[1])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'task', ARGV[4], 'type', ARGV[5])
+return 1
+"#;
+
+/// Moves a task to a new state if its current state is allowed and, when given,
+/// the fencing token matches. Fills `from` and `attempt` into the event.
+/// KEYS: record, events, firehose, lease.
+/// ARGV: 1 allowed states (comma separated), 2 new state, 3 event json,
+/// 4 events maxlen, 5 firehose maxlen, 6 fence ('' = unchecked), 7 attempts delta,
+/// 8 retention seconds applied when 9 = '1' (terminal), 10 release lease holder
+/// ('' = keep), then field/value pairs.
+pub const TRANSITION: &str = r#"
+local cur = redis.call('HGET', KEYS[1], 'state')
+if not cur then return {'missing', ''} end
+local allowed = false
+for s in string.gmatch(ARGV[1], '[^,]+') do
+  if s == cur then allowed = true end
+end
+if not allowed then return {'refused', cur} end
+if ARGV[6] ~= '' and redis.call('HGET', KEYS[1], 'fence') ~= ARGV[6] then
+  return {'fenced', cur}
+end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', tonumber(ARGV[7]))
+redis.call('HSET', KEYS[1], 'state', ARGV[2])
+if #ARGV >= 11 then redis.call('HSET', KEYS[1], unpack(ARGV, 11)) end
+local ev = cjson.decode(ARGV[3])
+ev['from'] = cur
+ev['attempt'] = attempts
+local sid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'event', cjson.encode(ev))
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'task', ev['task_id'], 'type', 'state_changed', 'to', ARGV[2])
+if ARGV[10] ~= '' and redis.call('GET', KEYS[4]) == ARGV[10] then
+  redis.call('DEL', KEYS[4])
+end
+if ARGV[9] == '1' and tonumber(ARGV[8]) > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[8])
+  redis.call('EXPIRE', KEYS[2], ARGV[8])
+end
+return {'ok', cur, tostring(attempts), sid}
+"#;
+
+/// Takes the lease if free and bumps the record's fencing token.
+/// KEYS: lease, record. ARGV: holder prefix, ttl ms.
+pub const LEASE_ACQUIRE: &str = r#"
+local holder = redis.call('GET', KEYS[1])
+if holder then return {0, holder} end
+local fence = redis.call('HINCRBY', KEYS[2], 'fence', 1)
+local value = ARGV[1] .. '/' .. fence
+redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
+return {1, tostring(fence)}
+"#;
+
+/// Extends the lease if still held by the caller. KEYS: lease. ARGV: value, ttl ms.
+pub const LEASE_RENEW: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"#;
+
+/// Drops the lease if still held by the caller. KEYS: lease. ARGV: value.
+pub const LEASE_RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;

@@ -1,0 +1,425 @@
+use std::collections::HashMap;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+
+use super::{scripts, Keys, Lease, StoreError};
+use crate::event::{Event, EventEnvelope};
+use crate::settings::RedisSettings;
+use crate::task::{TaskId, TaskRecord, TaskState};
+
+/// The Redis side of Shoal. Cheap to clone: one multiplexed, self-reconnecting
+/// connection underneath.
+#[derive(Clone)]
+pub struct Store {
+    pub(super) conn: ConnectionManager,
+    pub(super) keys: Keys,
+    events_maxlen: usize,
+    firehose_maxlen: usize,
+    retention: Duration,
+    idempotency_ttl: Duration,
+}
+
+/// A guarded state change.
+#[derive(Debug, Clone)]
+pub struct Transition {
+    pub id: TaskId,
+    pub to: TaskState,
+    /// The move is refused unless the current state is one of these.
+    pub from: Vec<TaskState>,
+    /// When set, the record's fencing token must still be this lease's.
+    pub lease: Option<Lease>,
+    /// Release the lease in the same step.
+    pub release_lease: bool,
+    pub attempts_delta: i64,
+    pub reason: Option<String>,
+    pub fields: Vec<(&'static str, String)>,
+    /// Who is making the change (`worker:<id>`, `scheduler`).
+    pub source: String,
+}
+
+impl Transition {
+    /// A move to `to` from any state the state machine allows.
+    pub fn to(id: TaskId, to: TaskState, source: impl Into<String>) -> Self {
+        Self {
+            id,
+            to,
+            from: TaskState::sources_of(to),
+            lease: None,
+            release_lease: false,
+            attempts_delta: 0,
+            reason: None,
+            fields: Vec::new(),
+            source: source.into(),
+        }
+    }
+
+    pub fn fenced(mut self, lease: &Lease) -> Self {
+        self.lease = Some(lease.clone());
+        self
+    }
+
+    pub fn releasing(mut self) -> Self {
+        self.release_lease = true;
+        self
+    }
+
+    pub fn reason(mut self, reason: impl Into<String>) -> Self {
+        self.reason = Some(reason.into());
+        self
+    }
+
+    pub fn field(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.fields.push((name, value.into()));
+        self
+    }
+}
+
+/// What became of a transition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransitionOutcome {
+    Applied {
+        from: TaskState,
+        attempts: u32,
+    },
+    /// The current state does not allow the move.
+    Refused {
+        current: TaskState,
+    },
+    /// The caller's lease is no longer the task's current one.
+    Fenced {
+        current: TaskState,
+    },
+    Missing,
+}
+
+/// The result of claiming an idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    Claimed,
+    Existing(TaskId),
+}
+
+/// Why a message was dead-lettered, for operators.
+#[derive(Debug, Clone)]
+pub struct DeadEntry {
+    pub task_id: Option<TaskId>,
+    pub reason: String,
+    pub error: String,
+    pub attempts: u32,
+    pub worker: String,
+    /// The first bytes of the message body, lossily decoded.
+    pub body_preview: String,
+}
+
+impl Store {
+    pub async fn connect(settings: &RedisSettings, namespace: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(settings.url.as_str())?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(10)));
+        let conn = ConnectionManager::new_with_config(client, config).await?;
+        Ok(Self {
+            conn,
+            keys: Keys::new(namespace),
+            events_maxlen: settings.task_events_maxlen,
+            firehose_maxlen: settings.firehose_maxlen,
+            retention: settings.retention,
+            idempotency_ttl: settings.idempotency_ttl,
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// A raw connection, for tools and tests.
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Creates the record with its first event unless it already exists.
+    /// Returns whether it was created.
+    pub async fn create(
+        &self,
+        record: &TaskRecord,
+        event: &EventEnvelope,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let created: i64 = self
+            .create_invocation(record, event)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(created == 1)
+    }
+
+    /// Creates many records in one pipeline (the batch submit path).
+    pub async fn create_many(
+        &self,
+        items: &[(TaskRecord, EventEnvelope)],
+    ) -> Result<(), StoreError> {
+        let script = Script::new(scripts::CREATE);
+        // Load once so the pipeline can use EVALSHA for every record.
+        let mut conn = self.conn.clone();
+        let _: String = script.prepare_invoke().load_async(&mut conn).await?;
+        let mut pipe = redis::pipe();
+        for (record, event) in items {
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(script.get_hash()).arg(3);
+            self.create_args(&mut cmd, record, event);
+            pipe.add_command(cmd).ignore();
+        }
+        let _: () = pipe.query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    fn create_invocation(
+        &self,
+        record: &TaskRecord,
+        event: &EventEnvelope,
+    ) -> redis::ScriptInvocation<'static> {
+        // A `Script` must outlive its invocation; the scripts are static text, so
+        // a leaked-free approach is to build the invocation from a fresh script.
+        let script: &'static Script = create_script();
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(self.keys.task(&record.id))
+            .key(self.keys.task_events(&record.id))
+            .key(self.keys.firehose())
+            .arg(event.to_json())
+            .arg(self.events_maxlen)
+            .arg(self.firehose_maxlen)
+            .arg(record.id.to_string())
+            .arg(event.event.type_name());
+        for (name, value) in record.to_fields() {
+            invocation.arg(name).arg(value);
+        }
+        invocation
+    }
+
+    fn create_args(&self, cmd: &mut redis::Cmd, record: &TaskRecord, event: &EventEnvelope) {
+        cmd.arg(self.keys.task(&record.id))
+            .arg(self.keys.task_events(&record.id))
+            .arg(self.keys.firehose())
+            .arg(event.to_json())
+            .arg(self.events_maxlen)
+            .arg(self.firehose_maxlen)
+            .arg(record.id.to_string())
+            .arg(event.event.type_name());
+        for (name, value) in record.to_fields() {
+            cmd.arg(name).arg(value);
+        }
+    }
+
+    /// The record, if it exists.
+    pub async fn get(&self, id: &TaskId) -> Result<Option<TaskRecord>, StoreError> {
+        let mut conn = self.conn.clone();
+        let fields: HashMap<String, String> = conn.hgetall(self.keys.task(id)).await?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        TaskRecord::from_fields(&fields)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt(format!("task {id}: {e}")))
+    }
+
+    /// Applies a guarded transition atomically with its event.
+    pub async fn transition(&self, t: &Transition) -> Result<TransitionOutcome, StoreError> {
+        let event = EventEnvelope::now(
+            t.id,
+            t.source.clone(),
+            Event::StateChanged {
+                from: None,
+                to: t.to,
+                attempt: 0,
+                reason: t.reason.clone(),
+            },
+        );
+        let allowed: Vec<&str> = t.from.iter().map(|s| s.as_str()).collect();
+        let now = crate::task::format_time(chrono::Utc::now());
+        let script: &'static Script = transition_script();
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(self.keys.task(&t.id))
+            .key(self.keys.task_events(&t.id))
+            .key(self.keys.firehose())
+            .key(self.keys.lease(&t.id))
+            .arg(allowed.join(","))
+            .arg(t.to.as_str())
+            .arg(event.to_json())
+            .arg(self.events_maxlen)
+            .arg(self.firehose_maxlen)
+            .arg(
+                t.lease
+                    .as_ref()
+                    .map(|l| l.fence.to_string())
+                    .unwrap_or_default(),
+            )
+            .arg(t.attempts_delta)
+            .arg(self.retention.as_secs())
+            .arg(if t.to.is_terminal() { "1" } else { "0" })
+            .arg(match (&t.lease, t.release_lease) {
+                (Some(lease), true) => lease.holder.clone(),
+                _ => String::new(),
+            })
+            .arg("updated_at")
+            .arg(&now);
+        if t.to.is_terminal() {
+            invocation.arg("finished_at").arg(&now);
+        }
+        for (name, value) in &t.fields {
+            invocation.arg(*name).arg(value);
+        }
+        let mut conn = self.conn.clone();
+        let reply: Vec<String> = invocation.invoke_async(&mut conn).await?;
+        let state = |s: Option<&String>| -> Result<TaskState, StoreError> {
+            s.and_then(|s| s.parse().ok())
+                .ok_or_else(|| StoreError::Corrupt(format!("task {}: bad state {s:?}", t.id)))
+        };
+        match reply.first().map(String::as_str) {
+            Some("ok") => Ok(TransitionOutcome::Applied {
+                from: state(reply.get(1))?,
+                attempts: reply.get(2).and_then(|a| a.parse().ok()).unwrap_or(0),
+            }),
+            Some("refused") => Ok(TransitionOutcome::Refused {
+                current: state(reply.get(1))?,
+            }),
+            Some("fenced") => Ok(TransitionOutcome::Fenced {
+                current: state(reply.get(1))?,
+            }),
+            Some("missing") => Ok(TransitionOutcome::Missing),
+            other => Err(StoreError::Corrupt(format!("transition reply {other:?}"))),
+        }
+    }
+
+    /// Appends a non-transition event to the task's stream and the firehose.
+    pub async fn append(&self, event: &EventEnvelope) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: () = redis::pipe()
+            .cmd("XADD")
+            .arg(self.keys.task_events(&event.task_id))
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(self.events_maxlen)
+            .arg("*")
+            .arg("event")
+            .arg(event.to_json())
+            .ignore()
+            .cmd("XADD")
+            .arg(self.keys.firehose())
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(self.firehose_maxlen)
+            .arg("*")
+            .arg("task")
+            .arg(event.task_id.to_string())
+            .arg("type")
+            .arg(event.event.type_name())
+            .ignore()
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// The task's events in order, up to `limit`.
+    pub async fn events(
+        &self,
+        id: &TaskId,
+        limit: usize,
+    ) -> Result<Vec<(String, EventEnvelope)>, StoreError> {
+        let mut conn = self.conn.clone();
+        let reply: redis::streams::StreamRangeReply = conn
+            .xrange_count(self.keys.task_events(id), "-", "+", limit)
+            .await?;
+        let mut events = Vec::with_capacity(reply.ids.len());
+        for entry in reply.ids {
+            let json: String = entry
+                .get("event")
+                .ok_or_else(|| StoreError::Corrupt(format!("event {} has no body", entry.id)))?;
+            let envelope = serde_json::from_str(&json)
+                .map_err(|e| StoreError::Corrupt(format!("event {}: {e}", entry.id)))?;
+            events.push((entry.id, envelope));
+        }
+        Ok(events)
+    }
+
+    /// Claims `key` for `id` unless the tenant already used it.
+    pub async fn claim_idempotency(
+        &self,
+        tenant: &str,
+        key: &str,
+        id: &TaskId,
+    ) -> Result<Claim, StoreError> {
+        let mut conn = self.conn.clone();
+        let redis_key = self.keys.idempotency(tenant, key);
+        let set: Option<String> = redis::cmd("SET")
+            .arg(&redis_key)
+            .arg(id.to_string())
+            .arg("NX")
+            .arg("EX")
+            .arg(self.idempotency_ttl.as_secs())
+            .query_async(&mut conn)
+            .await?;
+        if set.is_some() {
+            return Ok(Claim::Claimed);
+        }
+        let existing: Option<String> = conn.get(&redis_key).await?;
+        match existing.and_then(|v| v.parse().ok()) {
+            Some(existing) => Ok(Claim::Existing(existing)),
+            // Expired between the two calls: try once more.
+            None => Box::pin(self.claim_idempotency(tenant, key, id)).await,
+        }
+    }
+
+    /// Frees a key whose task was never published.
+    pub async fn release_idempotency(&self, tenant: &str, key: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = conn.del(self.keys.idempotency(tenant, key)).await?;
+        Ok(())
+    }
+
+    /// Records why a message was dead-lettered.
+    pub async fn record_dead(&self, entry: &DeadEntry) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: String = redis::cmd("XADD")
+            .arg(self.keys.dead())
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(self.firehose_maxlen)
+            .arg("*")
+            .arg("task")
+            .arg(entry.task_id.map(|id| id.to_string()).unwrap_or_default())
+            .arg("reason")
+            .arg(&entry.reason)
+            .arg("error")
+            .arg(&entry.error)
+            .arg("attempts")
+            .arg(entry.attempts)
+            .arg("worker")
+            .arg(&entry.worker)
+            .arg("ts")
+            .arg(crate::task::format_time(chrono::Utc::now()))
+            .arg("body_preview")
+            .arg(&entry.body_preview)
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+}
+
+fn create_script() -> &'static Script {
+    static SCRIPT: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
+    SCRIPT.get_or_init(|| Script::new(scripts::CREATE))
+}
+
+fn transition_script() -> &'static Script {
+    static SCRIPT: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
+    SCRIPT.get_or_init(|| Script::new(scripts::TRANSITION))
+}

@@ -1,0 +1,16 @@
+//! The task model: what a user submits ([`TaskSpec`]), how it is identified
+//! ([`TaskId`]), the state machine it moves through ([`TaskState`]) and the record
+//! kept for it ([`TaskRecord`]).
+
+mod id;
+mod record;
+mod spec;
+mod state;
+
+pub use id::{ParseTaskIdError, TaskId};
+pub use record::{format_time, ExecResult, RecordError, TaskRecord, TaskResult};
+pub use spec::{
+    AgentLimits, AgentSpec, ExecSpec, FileSpec, Language, Priority, RepoSpec, SpecError,
+    SpecLimits, TaskKind, TaskSpec,
+};
+pub use state::TaskState;

@@ -1,0 +1,224 @@
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::{Priority, TaskId, TaskSpec, TaskState};
+
+/// What Shoal knows about a task: its state and history in brief. Stored as the
+/// Redis hash `{ns}:task:{id}`; this is also the API's view of a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub id: TaskId,
+    pub state: TaskState,
+    pub kind: String,
+    pub tenant: String,
+    pub priority: Priority,
+    /// How many times a worker has started the task.
+    pub attempts: u32,
+    pub max_attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<TaskResult>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// The outcome data of a finished task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum TaskResult {
+    Exec(ExecResult),
+}
+
+/// What an `exec` task produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecResult {
+    /// `None` when the process was killed by a signal (or timed out).
+    pub exit_code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub duration_ms: u64,
+    /// The output was longer than the cap; what is kept is the head.
+    #[serde(default)]
+    pub stdout_truncated: bool,
+    #[serde(default)]
+    pub stderr_truncated: bool,
+    #[serde(default)]
+    pub timed_out: bool,
+}
+
+/// A stored record could not be read back.
+#[derive(Debug, thiserror::Error)]
+#[error("task record field `{field}` is missing or invalid")]
+pub struct RecordError {
+    pub field: &'static str,
+}
+
+/// Timestamps are stored as RFC 3339 with milliseconds.
+pub fn format_time(time: DateTime<Utc>) -> String {
+    time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+impl TaskRecord {
+    /// A record for a task that has just been confirmed by the broker.
+    pub fn queued(id: TaskId, spec: &TaskSpec, tenant: &str, now: DateTime<Utc>) -> Self {
+        Self {
+            id,
+            state: TaskState::Queued,
+            kind: spec.kind.name().to_owned(),
+            tenant: tenant.to_owned(),
+            priority: spec.priority,
+            attempts: 0,
+            max_attempts: spec.max_attempts,
+            worker: None,
+            sandbox_id: None,
+            created_at: now,
+            updated_at: now,
+            started_at: None,
+            finished_at: None,
+            result: None,
+            last_error: None,
+        }
+    }
+
+    /// The hash fields that create this record.
+    pub fn to_fields(&self) -> Vec<(&'static str, String)> {
+        let mut fields = vec![
+            ("id", self.id.to_string()),
+            ("state", self.state.as_str().to_owned()),
+            ("kind", self.kind.clone()),
+            ("tenant", self.tenant.clone()),
+            ("priority", self.priority.as_str().to_owned()),
+            ("attempts", self.attempts.to_string()),
+            ("max_attempts", self.max_attempts.to_string()),
+            ("created_at", format_time(self.created_at)),
+            ("updated_at", format_time(self.updated_at)),
+        ];
+        if let Some(result) = &self.result {
+            fields.push(("result", serde_json::to_string(result).unwrap_or_default()));
+        }
+        fields
+    }
+
+    /// Reads a record back from its hash fields.
+    pub fn from_fields(fields: &HashMap<String, String>) -> Result<Self, RecordError> {
+        fn required<'a>(
+            fields: &'a HashMap<String, String>,
+            field: &'static str,
+        ) -> Result<&'a str, RecordError> {
+            fields
+                .get(field)
+                .map(String::as_str)
+                .ok_or(RecordError { field })
+        }
+        fn parse<T: std::str::FromStr>(
+            fields: &HashMap<String, String>,
+            field: &'static str,
+        ) -> Result<T, RecordError> {
+            required(fields, field)?
+                .parse()
+                .map_err(|_| RecordError { field })
+        }
+        fn time(
+            fields: &HashMap<String, String>,
+            field: &'static str,
+        ) -> Result<Option<DateTime<Utc>>, RecordError> {
+            fields
+                .get(field)
+                .filter(|value| !value.is_empty())
+                .map(|value| {
+                    DateTime::parse_from_rfc3339(value)
+                        .map(|t| t.with_timezone(&Utc))
+                        .map_err(|_| RecordError { field })
+                })
+                .transpose()
+        }
+        fn text(fields: &HashMap<String, String>, field: &str) -> Option<String> {
+            fields.get(field).filter(|value| !value.is_empty()).cloned()
+        }
+        let priority = match required(fields, "priority")? {
+            "high" => Priority::High,
+            "normal" => Priority::Normal,
+            "low" => Priority::Low,
+            _ => return Err(RecordError { field: "priority" }),
+        };
+        let result = fields
+            .get("result")
+            .filter(|value| !value.is_empty())
+            .map(|value| serde_json::from_str(value).map_err(|_| RecordError { field: "result" }))
+            .transpose()?;
+        Ok(Self {
+            id: parse(fields, "id")?,
+            state: parse(fields, "state")?,
+            kind: required(fields, "kind")?.to_owned(),
+            tenant: required(fields, "tenant")?.to_owned(),
+            priority,
+            attempts: parse(fields, "attempts")?,
+            max_attempts: parse(fields, "max_attempts")?,
+            worker: text(fields, "worker"),
+            sandbox_id: text(fields, "sandbox_id"),
+            created_at: time(fields, "created_at")?.ok_or(RecordError {
+                field: "created_at",
+            })?,
+            updated_at: time(fields, "updated_at")?.ok_or(RecordError {
+                field: "updated_at",
+            })?,
+            started_at: time(fields, "started_at")?,
+            finished_at: time(fields, "finished_at")?,
+            result,
+            last_error: text(fields, "last_error"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_round_trips_through_hash_fields() {
+        let spec = TaskSpec::exec("echo hi");
+        let mut record = TaskRecord::queued(TaskId::new(), &spec, "acme", Utc::now());
+        record.result = Some(TaskResult::Exec(ExecResult {
+            exit_code: Some(0),
+            stdout: "hi\n".into(),
+            stderr: String::new(),
+            duration_ms: 12,
+            stdout_truncated: false,
+            stderr_truncated: false,
+            timed_out: false,
+        }));
+        let fields: HashMap<String, String> = record
+            .to_fields()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        let back = TaskRecord::from_fields(&fields).unwrap();
+        assert_eq!(back.id, record.id);
+        assert_eq!(back.result, record.result);
+        assert_eq!(back.tenant, "acme");
+        // Millisecond precision survives; finer precision is not stored.
+        assert_eq!(
+            back.created_at.timestamp_millis(),
+            record.created_at.timestamp_millis()
+        );
+    }
+
+    #[test]
+    fn a_damaged_record_names_the_bad_field() {
+        let mut fields = HashMap::new();
+        fields.insert("priority".to_owned(), "normal".to_owned());
+        fields.insert("id".to_owned(), "nope".to_owned());
+        assert_eq!(TaskRecord::from_fields(&fields).unwrap_err().field, "id");
+    }
+}

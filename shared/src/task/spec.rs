@@ -1,0 +1,577 @@
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// What a user asks Shoal to run. Secrets are named, never carried: the worker
+/// resolves the names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    /// The work itself.
+    pub kind: TaskKind,
+    /// Who the task belongs to; the scheduler sets it from the caller's token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    #[serde(default)]
+    pub priority: Priority,
+    /// Free-form labels for filtering and accounting.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// A resubmission with the same key (per tenant) returns the first task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// Do not start before this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<DateTime<Utc>>,
+    /// How many times the task may be started before it is declared dead.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// The sandbox template to lease from.
+    #[serde(default = "default_sandbox")]
+    pub sandbox: String,
+    /// Non-secret environment variables for the sandbox.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Names of secrets the worker resolves and injects; never values.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
+}
+
+fn default_max_attempts() -> u32 {
+    3
+}
+
+fn default_sandbox() -> String {
+    "default".to_owned()
+}
+
+/// The two kinds of work.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum TaskKind {
+    /// An agent conversation on a prompt (and optionally a repository).
+    Agent(AgentSpec),
+    /// Run a command, or code in a language, in a sandbox and return its output.
+    Exec(ExecSpec),
+}
+
+impl TaskKind {
+    /// `agent` or `exec`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Agent(_) => "agent",
+            Self::Exec(_) => "exec",
+        }
+    }
+
+    /// The wall-clock limit the task runs under, in seconds.
+    pub fn timeout_s(&self) -> u64 {
+        match self {
+            Self::Agent(agent) => agent.limits.timeout_s,
+            Self::Exec(exec) => exec.timeout_s,
+        }
+    }
+}
+
+/// An agent conversation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSpec {
+    pub prompt: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo: Option<RepoSpec>,
+    /// A model profile name from the worker's configuration.
+    #[serde(default = "default_model")]
+    pub model: String,
+    /// Tool names; empty means the default tool set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<String>,
+    #[serde(default)]
+    pub limits: AgentLimits,
+}
+
+fn default_model() -> String {
+    "default".to_owned()
+}
+
+/// A repository to clone into the sandbox before the conversation starts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepoSpec {
+    pub url: String,
+    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub git_ref: Option<String>,
+}
+
+/// Where an agent conversation must stop.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentLimits {
+    #[serde(default = "default_max_iterations")]
+    pub max_iterations: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cost_usd: Option<f64>,
+    #[serde(default = "default_agent_timeout")]
+    pub timeout_s: u64,
+}
+
+fn default_max_iterations() -> u32 {
+    500
+}
+
+fn default_agent_timeout() -> u64 {
+    3600
+}
+
+impl Default for AgentLimits {
+    fn default() -> Self {
+        Self {
+            max_iterations: default_max_iterations(),
+            max_cost_usd: None,
+            timeout_s: default_agent_timeout(),
+        }
+    }
+}
+
+/// A command or a piece of code to run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecSpec {
+    /// A shell command line (run by `sh -c`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// The language of `code`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<Language>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// Files written into the workspace before the run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<FileSpec>,
+    #[serde(default = "default_exec_timeout")]
+    pub timeout_s: u64,
+}
+
+fn default_exec_timeout() -> u64 {
+    60
+}
+
+impl ExecSpec {
+    /// A plain command with the default timeout.
+    pub fn command(command: impl Into<String>) -> Self {
+        Self {
+            command: Some(command.into()),
+            language: None,
+            code: None,
+            files: Vec::new(),
+            timeout_s: default_exec_timeout(),
+        }
+    }
+}
+
+/// Languages `exec` can run code in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Language {
+    Python,
+    Bash,
+    Sh,
+    Node,
+}
+
+impl Language {
+    /// The file the code is written to and the interpreter that runs it.
+    pub fn entrypoint(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Python => ("main.py", "python3"),
+            Self::Bash => ("main.sh", "bash"),
+            Self::Sh => ("main.sh", "sh"),
+            Self::Node => ("main.js", "node"),
+        }
+    }
+}
+
+/// A file placed in the workspace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSpec {
+    /// Relative to the workspace; no `..`, no absolute paths.
+    pub path: String,
+    pub content: String,
+}
+
+/// How urgent a task is. Under a backlog, `high` starts before `normal` before `low`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    High,
+    #[default]
+    Normal,
+    Low,
+}
+
+impl Priority {
+    /// Highest first: the order workers take work in.
+    pub const ALL: [Priority; 3] = [Self::High, Self::Normal, Self::Low];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::High => "high",
+            Self::Normal => "normal",
+            Self::Low => "low",
+        }
+    }
+}
+
+/// Bounds a spec must respect; set by operators in configuration.
+#[derive(Debug, Clone)]
+pub struct SpecLimits {
+    pub max_timeout_s: u64,
+    pub max_attempts: u32,
+    pub max_command_bytes: usize,
+    pub max_files: usize,
+    pub max_file_bytes: usize,
+    pub max_prompt_bytes: usize,
+    pub max_labels: usize,
+}
+
+impl Default for SpecLimits {
+    fn default() -> Self {
+        Self {
+            max_timeout_s: 7200,
+            max_attempts: 10,
+            max_command_bytes: 64 * 1024,
+            max_files: 64,
+            max_file_bytes: 256 * 1024,
+            max_prompt_bytes: 256 * 1024,
+            max_labels: 32,
+        }
+    }
+}
+
+/// A spec broke a rule; `field` names where, as a JSON path.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct SpecError {
+    pub field: String,
+    pub message: String,
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> SpecError {
+    SpecError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+impl TaskSpec {
+    /// An `exec` task running `command` with every other field at its default.
+    pub fn exec(command: impl Into<String>) -> Self {
+        Self::new(TaskKind::Exec(ExecSpec::command(command)))
+    }
+
+    /// A task of `kind` with every other field at its default.
+    pub fn new(kind: TaskKind) -> Self {
+        Self {
+            kind,
+            tenant: None,
+            priority: Priority::default(),
+            labels: BTreeMap::new(),
+            idempotency_key: None,
+            not_before: None,
+            max_attempts: default_max_attempts(),
+            sandbox: default_sandbox(),
+            env: BTreeMap::new(),
+            secrets: Vec::new(),
+        }
+    }
+
+    /// Checks every rule a spec must obey before it may be queued.
+    pub fn validate(&self, limits: &SpecLimits) -> Result<(), SpecError> {
+        match &self.kind {
+            TaskKind::Exec(exec) => validate_exec(exec, limits)?,
+            TaskKind::Agent(agent) => validate_agent(agent, limits)?,
+        }
+        if self.max_attempts == 0 || self.max_attempts > limits.max_attempts {
+            return Err(invalid(
+                "max_attempts",
+                format!("must be between 1 and {}", limits.max_attempts),
+            ));
+        }
+        if self.labels.len() > limits.max_labels {
+            return Err(invalid(
+                "labels",
+                format!("at most {} labels", limits.max_labels),
+            ));
+        }
+        for (key, value) in &self.labels {
+            if key.is_empty() || key.len() > 128 || value.len() > 1024 {
+                return Err(invalid(
+                    format!("labels.{key}"),
+                    "keys are 1-128 bytes, values at most 1024",
+                ));
+            }
+        }
+        if let Some(key) = &self.idempotency_key {
+            if key.is_empty() || key.len() > 256 {
+                return Err(invalid("idempotency_key", "must be 1-256 bytes"));
+            }
+        }
+        if !is_name(&self.sandbox) {
+            return Err(invalid(
+                "sandbox",
+                "must be a template name ([A-Za-z0-9_.-], 1-64 bytes)",
+            ));
+        }
+        for (key, value) in &self.env {
+            if !is_env_name(key) {
+                return Err(invalid(
+                    format!("env.{key}"),
+                    "not a valid environment variable name",
+                ));
+            }
+            if value.contains('\0') {
+                return Err(invalid(format!("env.{key}"), "value contains a NUL byte"));
+            }
+        }
+        for (index, name) in self.secrets.iter().enumerate() {
+            if !is_env_name(name) {
+                return Err(invalid(
+                    format!("secrets[{index}]"),
+                    "a secret is named like an environment variable",
+                ));
+            }
+        }
+        if let Some(tenant) = &self.tenant {
+            if !is_name(tenant) {
+                return Err(invalid("tenant", "must match [A-Za-z0-9_.-], 1-64 bytes"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn validate_exec(exec: &ExecSpec, limits: &SpecLimits) -> Result<(), SpecError> {
+    match (&exec.command, &exec.language, &exec.code) {
+        (Some(command), None, None) => {
+            if command.trim().is_empty() {
+                return Err(invalid("kind.command", "must not be empty"));
+            }
+            if command.len() > limits.max_command_bytes {
+                return Err(invalid(
+                    "kind.command",
+                    format!("longer than {} bytes", limits.max_command_bytes),
+                ));
+            }
+            if command.contains('\0') {
+                return Err(invalid("kind.command", "contains a NUL byte"));
+            }
+        }
+        (None, Some(_), Some(code)) => {
+            if code.len() > limits.max_file_bytes {
+                return Err(invalid(
+                    "kind.code",
+                    format!("longer than {} bytes", limits.max_file_bytes),
+                ));
+            }
+        }
+        (None, None, None) => {
+            return Err(invalid(
+                "kind",
+                "an exec task needs `command`, or `language` and `code`",
+            ))
+        }
+        (None, Some(_), None) => return Err(invalid("kind.code", "`language` needs `code`")),
+        (None, None, Some(_)) => return Err(invalid("kind.language", "`code` needs `language`")),
+        (Some(_), _, _) => {
+            return Err(invalid(
+                "kind.command",
+                "give either `command` or `language` and `code`, not both",
+            ))
+        }
+    }
+    validate_timeout("kind.timeout_s", exec.timeout_s, limits)?;
+    if exec.files.len() > limits.max_files {
+        return Err(invalid(
+            "kind.files",
+            format!("at most {} files", limits.max_files),
+        ));
+    }
+    for (index, file) in exec.files.iter().enumerate() {
+        let field = format!("kind.files[{index}]");
+        validate_relative_path(&file.path).map_err(|message| invalid(&field, message))?;
+        if file.content.len() > limits.max_file_bytes {
+            return Err(invalid(
+                field,
+                format!("content longer than {} bytes", limits.max_file_bytes),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn validate_agent(agent: &AgentSpec, limits: &SpecLimits) -> Result<(), SpecError> {
+    if agent.prompt.trim().is_empty() {
+        return Err(invalid("kind.prompt", "must not be empty"));
+    }
+    if agent.prompt.len() > limits.max_prompt_bytes {
+        return Err(invalid(
+            "kind.prompt",
+            format!("longer than {} bytes", limits.max_prompt_bytes),
+        ));
+    }
+    if !is_name(&agent.model) {
+        return Err(invalid("kind.model", "must be a model profile name"));
+    }
+    if agent.limits.max_iterations == 0 {
+        return Err(invalid("kind.limits.max_iterations", "must be at least 1"));
+    }
+    if let Some(cost) = agent.limits.max_cost_usd {
+        if !cost.is_finite() || cost <= 0.0 {
+            return Err(invalid(
+                "kind.limits.max_cost_usd",
+                "must be a positive number",
+            ));
+        }
+    }
+    validate_timeout("kind.limits.timeout_s", agent.limits.timeout_s, limits)?;
+    if let Some(repo) = &agent.repo {
+        if repo.url.trim().is_empty() {
+            return Err(invalid("kind.repo.url", "must not be empty"));
+        }
+    }
+    Ok(())
+}
+
+fn validate_timeout(field: &str, timeout_s: u64, limits: &SpecLimits) -> Result<(), SpecError> {
+    if timeout_s == 0 || timeout_s > limits.max_timeout_s {
+        return Err(invalid(
+            field,
+            format!("must be between 1 and {} seconds", limits.max_timeout_s),
+        ));
+    }
+    Ok(())
+}
+
+/// A path inside the workspace: relative, no `..`, no NUL.
+pub(crate) fn validate_relative_path(path: &str) -> Result<(), &'static str> {
+    if path.is_empty() || path.len() > 1024 {
+        return Err("path must be 1-1024 bytes");
+    }
+    if path.starts_with('/') || path.contains('\0') {
+        return Err("path must be relative to the workspace");
+    }
+    if path.split('/').any(|part| part == "..") {
+        return Err("path must not contain `..`");
+    }
+    Ok(())
+}
+
+fn is_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+fn is_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && name.len() <= 128
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<TaskSpec, serde_json::Error> {
+        serde_json::from_str(json)
+    }
+
+    #[test]
+    fn minimal_exec_spec_takes_defaults() {
+        let spec = parse(r#"{"kind":{"type":"exec","command":"echo hi"}}"#).unwrap();
+        assert_eq!(spec.priority, Priority::Normal);
+        assert_eq!(spec.max_attempts, 3);
+        assert_eq!(spec.kind.timeout_s(), 60);
+        spec.validate(&SpecLimits::default()).unwrap();
+    }
+
+    #[test]
+    fn agent_spec_parses_with_limits() {
+        let spec = parse(
+            r#"{"kind":{"type":"agent","prompt":"fix it","limits":{"max_cost_usd":1.5}},"priority":"high"}"#,
+        )
+        .unwrap();
+        let TaskKind::Agent(agent) = &spec.kind else {
+            panic!("expected an agent task")
+        };
+        assert_eq!(agent.limits.max_iterations, 500);
+        assert_eq!(agent.limits.max_cost_usd, Some(1.5));
+        spec.validate(&SpecLimits::default()).unwrap();
+    }
+
+    #[test]
+    fn unknown_kind_and_unknown_fields_are_refused() {
+        let err = parse(r#"{"kind":{"type":"teleport"}}"#).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown variant `teleport`"),
+            "{err}"
+        );
+        let err = parse(r#"{"kind":{"type":"exec","command":"x"},"prioriti":"high"}"#).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown field `prioriti`"),
+            "{err}"
+        );
+        let err = parse(r#"{"kind":{"type":"exec","comand":"x"}}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `comand`"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let limits = SpecLimits::default();
+        let mut spec = TaskSpec::exec("   ");
+        assert_eq!(spec.validate(&limits).unwrap_err().field, "kind.command");
+
+        spec = TaskSpec::exec("true");
+        if let TaskKind::Exec(exec) = &mut spec.kind {
+            exec.timeout_s = 999_999;
+        }
+        assert_eq!(spec.validate(&limits).unwrap_err().field, "kind.timeout_s");
+
+        spec = TaskSpec::exec("true");
+        if let TaskKind::Exec(exec) = &mut spec.kind {
+            exec.files.push(FileSpec {
+                path: "../etc/passwd".into(),
+                content: String::new(),
+            });
+        }
+        assert_eq!(spec.validate(&limits).unwrap_err().field, "kind.files[0]");
+
+        spec = TaskSpec::exec("true");
+        spec.env.insert("1BAD".into(), "x".into());
+        assert_eq!(spec.validate(&limits).unwrap_err().field, "env.1BAD");
+
+        spec = TaskSpec::exec("true");
+        spec.max_attempts = 0;
+        assert_eq!(spec.validate(&limits).unwrap_err().field, "max_attempts");
+    }
+
+    #[test]
+    fn exec_needs_exactly_one_form() {
+        let limits = SpecLimits::default();
+        let both = parse(
+            r#"{"kind":{"type":"exec","command":"x","language":"python","code":"print(1)"}}"#,
+        )
+        .unwrap();
+        assert!(both.validate(&limits).is_err());
+        let code =
+            parse(r#"{"kind":{"type":"exec","language":"python","code":"print(1)"}}"#).unwrap();
+        code.validate(&limits).unwrap();
+        let neither = parse(r#"{"kind":{"type":"exec"}}"#).unwrap();
+        assert_eq!(neither.validate(&limits).unwrap_err().field, "kind");
+    }
+}

@@ -1,0 +1,255 @@
+//! One slot: a channel of its own, pulling the next task in priority order with
+//! `basic.get`, running it, and settling the delivery through one finalizer.
+//!
+//! Why pull and not push: with one quorum queue per priority (3.10 quorum
+//! queues have no priorities), push consumers on all three queues hold up to one
+//! message per queue per slot while a task runs, and releasing the extras with
+//! a requeue counts toward `x-delivery-limit`. Pulling high, then normal, then
+//! low, only when the slot is free, gives strict priority and holds nothing.
+//! Idle slots back off, and a doorbell from the scheduler wakes them at once
+//! (see ADR 0002).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicRejectOptions, ConfirmSelectOptions};
+use lapin::Channel;
+use shoal_shared::broker::{
+    publish_confirmed, Broker, OutgoingMessage, Topology, HEADER_ATTEMPTS, HEADER_LAST_ERROR,
+    HEADER_REASON, HEADER_WORKER,
+};
+use shoal_shared::store::DeadEntry;
+use shoal_shared::task::Priority;
+use shoal_shared::TaskMessage;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::outcome::Disposition;
+use crate::runner::TaskRunner;
+
+/// The shortest idle wait between polls; it doubles up to the configured max.
+const IDLE_POLL_MIN: Duration = Duration::from_millis(5);
+
+/// A task slot. Each slot owns one channel, so a broker `consumer_timeout`
+/// closing a channel affects one task only.
+pub struct Slot {
+    pub index: usize,
+    pub broker: Broker,
+    pub topology: Topology,
+    pub runner: Arc<TaskRunner>,
+    pub doorbell: Arc<Notify>,
+}
+
+impl Slot {
+    /// Pulls and runs tasks until `shutdown`; `abort` cuts a running task short.
+    pub async fn run(self, shutdown: CancellationToken, abort: CancellationToken) {
+        let mut channel: Option<Channel> = None;
+        let mut idle = IDLE_POLL_MIN;
+        let idle_max = self.runner.settings.worker.idle_poll_max;
+        while !shutdown.is_cancelled() {
+            let current = match channel.take() {
+                Some(c) if c.status().connected() => c,
+                _ => match self.open_channel(&shutdown).await {
+                    Some(c) => c,
+                    None => break,
+                },
+            };
+            match self.fetch(&current).await {
+                Ok(Some(delivery)) => {
+                    idle = IDLE_POLL_MIN;
+                    self.handle(&current, delivery, &abort).await;
+                }
+                Ok(None) => {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = self.doorbell.notified() => idle = IDLE_POLL_MIN,
+                        _ = tokio::time::sleep(idle) => idle = (idle * 2).min(idle_max),
+                    }
+                }
+                Err(error) => {
+                    warn!(slot = self.index, %error, "fetching failed; reopening the channel");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    }
+                    continue;
+                }
+            }
+            channel = Some(current);
+        }
+        if let Some(channel) = channel {
+            let _ = channel.close(200, "slot stopped".into()).await;
+        }
+        debug!(slot = self.index, "slot stopped");
+    }
+
+    async fn open_channel(&self, shutdown: &CancellationToken) -> Option<Channel> {
+        loop {
+            let opened = async {
+                let channel = self.broker.channel().await?;
+                channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await?;
+                Ok::<_, shoal_shared::broker::BrokerError>(channel)
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                opened = opened => match opened {
+                    Ok(channel) => return Some(channel),
+                    Err(error) => warn!(slot = self.index, %error, "cannot open a channel; retrying"),
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// The next message, highest priority first.
+    async fn fetch(&self, channel: &Channel) -> Result<Option<Delivery>, lapin::Error> {
+        for priority in Priority::ALL {
+            let queue = self.topology.work_queue(priority);
+            if let Some(message) = channel
+                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+                .await?
+            {
+                return Ok(Some(message.delivery));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn handle(&self, channel: &Channel, delivery: Delivery, abort: &CancellationToken) {
+        let settings = &self.runner.settings;
+        let disposition = match TaskMessage::decode(
+            &delivery.data,
+            settings.broker.max_message_bytes,
+            &settings.limits,
+        ) {
+            Ok(message) => {
+                let disposition = self.runner.run(&message, abort).await;
+                self.settle(channel, &delivery, Some(&message), disposition)
+                    .await;
+                return;
+            }
+            Err(error) => {
+                warn!(slot = self.index, reason = error.reason(), %error, "undecodable message dead-lettered");
+                Disposition::Dead {
+                    reason: error.reason().to_owned(),
+                    error: error.to_string(),
+                }
+            }
+        };
+        self.settle(channel, &delivery, None, disposition).await;
+    }
+
+    /// The single place a delivery is acknowledged, retried, dead-lettered or
+    /// requeued. A failure here leaves the message unacked: the broker
+    /// redelivers it and the runner recognises a finished task.
+    async fn settle(
+        &self,
+        channel: &Channel,
+        delivery: &Delivery,
+        message: Option<&TaskMessage>,
+        disposition: Disposition,
+    ) {
+        let worker = self.runner.settings.worker.id.clone();
+        let result = match &disposition {
+            Disposition::Ack => Ok(()),
+            Disposition::Retry { delay, reason } => {
+                let priority = message.map(|m| m.spec.priority).unwrap_or_default();
+                let outgoing = OutgoingMessage {
+                    exchange: self.topology.retry_exchange(),
+                    routing_key: Topology::retry_routing_key(priority, *delay),
+                    body: delivery.data.clone(),
+                    message_id: message.map(|m| m.id.to_string()),
+                    headers: vec![(HEADER_LAST_ERROR.into(), truncate(reason, 1024))],
+                };
+                info!(delay_s = delay.as_secs(), %reason, "task scheduled for retry");
+                publish_confirmed(channel, &[outgoing])
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Disposition::Dead { reason, error } => {
+                let attempts = self.attempts_of(message).await;
+                let outgoing = OutgoingMessage {
+                    exchange: self.topology.dead_exchange(),
+                    routing_key: String::new(),
+                    body: delivery.data.clone(),
+                    message_id: message.map(|m| m.id.to_string()),
+                    headers: vec![
+                        (HEADER_REASON.into(), reason.clone()),
+                        (HEADER_LAST_ERROR.into(), truncate(error, 4096)),
+                        (HEADER_ATTEMPTS.into(), attempts.to_string()),
+                        (HEADER_WORKER.into(), worker.clone()),
+                    ],
+                };
+                let published = publish_confirmed(channel, &[outgoing])
+                    .await
+                    .map_err(|e| e.to_string());
+                let entry = DeadEntry {
+                    task_id: message.map(|m| m.id),
+                    reason: reason.clone(),
+                    error: truncate(error, 4096),
+                    attempts,
+                    worker,
+                    body_preview: String::from_utf8_lossy(
+                        &delivery.data[..delivery.data.len().min(1024)],
+                    )
+                    .into_owned(),
+                };
+                if let Err(store_error) = self.runner.store.record_dead(&entry).await {
+                    warn!(%store_error, "dead letter not recorded in redis");
+                }
+                published
+            }
+            Disposition::Requeue { reason } => {
+                info!(%reason, "task requeued");
+                return log_settle(
+                    delivery
+                        .acker
+                        .reject(BasicRejectOptions { requeue: true })
+                        .await,
+                );
+            }
+        };
+        match result {
+            Ok(()) => log_settle(delivery.acker.ack(BasicAckOptions::default()).await),
+            Err(error) => {
+                // Not acked: the message comes back after the channel closes.
+                error!(%error, ?disposition, "settling failed; the message will be redelivered");
+                let _ = channel.close(500, "settle failed".into()).await;
+            }
+        }
+    }
+
+    async fn attempts_of(&self, message: Option<&TaskMessage>) -> u32 {
+        let Some(message) = message else { return 0 };
+        match self.runner.store.get(&message.id).await {
+            Ok(Some(record)) => record.attempts,
+            _ => 0,
+        }
+    }
+}
+
+fn log_settle(result: Result<bool, lapin::Error>) {
+    match result {
+        Ok(true) => {}
+        Ok(false) => warn!("delivery was already settled or its channel is gone"),
+        Err(error) => warn!(%error, "acknowledgement failed; the broker will redeliver"),
+    }
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}

@@ -1,0 +1,13 @@
+//! Shoal's worker: pulls tasks from RabbitMQ in priority order, runs each in a
+//! sandbox, records every transition and event in Redis, and acknowledges a
+//! message only after the task's terminal state is persisted.
+#![forbid(unsafe_code)]
+
+pub mod consumer;
+pub mod exec;
+pub mod outcome;
+pub mod runner;
+pub mod sandbox;
+mod worker;
+
+pub use worker::{run, Worker};

@@ -1,0 +1,199 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::StreamExt;
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use shoal_shared::broker::{Broker, Topology};
+use shoal_shared::settings::Settings;
+use shoal_shared::store::Store;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::consumer::Slot;
+use crate::runner::TaskRunner;
+use crate::sandbox::{LocalProvider, SandboxProvider};
+
+/// A running worker's parts, built by [`Worker::connect`].
+pub struct Worker {
+    settings: Settings,
+    broker: Broker,
+    topology: Topology,
+    runner: Arc<TaskRunner>,
+}
+
+/// Connects, then runs until `shutdown` is cancelled and the drain is over.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    Worker::connect(settings).await?.run(shutdown).await
+}
+
+impl Worker {
+    /// Connects to Redis and RabbitMQ (waiting up to a minute for each) and
+    /// declares the topology.
+    pub async fn connect(settings: Settings) -> anyhow::Result<Self> {
+        let store = Store::connect(&settings.redis, &settings.namespace)
+            .await
+            .context("connecting to redis")?;
+        let broker = Broker::new(
+            &settings.broker.url,
+            &format!("shoal-worker {}", settings.worker.id),
+        );
+        let topology = Topology::new(
+            &settings.namespace,
+            settings.broker.delivery_limit,
+            settings.broker.retry_tiers.clone(),
+        );
+        let channel = broker
+            .channel_with_retry(Duration::from_secs(60))
+            .await
+            .context("connecting to rabbitmq")?;
+        topology
+            .declare(&channel)
+            .await
+            .context("declaring the queue topology")?;
+        let _ = channel.close(200, "declared".into()).await;
+        let provider: Arc<dyn SandboxProvider> = Arc::new(
+            LocalProvider::new(settings.sandbox.clone(), &settings.worker.id)
+                .context("preparing the sandbox directory")?,
+        );
+        let runner = Arc::new(TaskRunner::new(store, provider, settings.clone()));
+        Ok(Self {
+            settings,
+            broker,
+            topology,
+            runner,
+        })
+    }
+
+    /// Runs the slots until `shutdown`, then drains: no new tasks; running ones
+    /// get `drain_timeout` to finish, after which they are stopped and requeued.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let slots = self.settings.worker.slots;
+        info!(worker = %self.settings.worker.id, slots, namespace = %self.settings.namespace, "worker started");
+        let abort = CancellationToken::new();
+        let doorbell = Arc::new(Notify::new());
+        let tracker = TaskTracker::new();
+        for index in 0..slots {
+            let slot = Slot {
+                index,
+                broker: self.broker.clone(),
+                topology: self.topology.clone(),
+                runner: self.runner.clone(),
+                doorbell: doorbell.clone(),
+            };
+            tracker.spawn(slot.run(shutdown.clone(), abort.clone()));
+        }
+        tracker.spawn(listen_doorbell(
+            self.broker.clone(),
+            self.topology.clone(),
+            doorbell,
+            shutdown.clone(),
+        ));
+        tracker.close();
+
+        shutdown.cancelled().await;
+        let grace = self.settings.worker.drain_timeout;
+        info!(
+            grace_s = grace.as_secs(),
+            "draining: no new tasks, waiting for running ones"
+        );
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            warn!("drain deadline passed; stopping and requeueing running tasks");
+            abort.cancel();
+            tracker.wait().await;
+        }
+        self.broker.close().await;
+        info!("worker stopped");
+        Ok(())
+    }
+}
+
+/// Wakes idle slots when the scheduler rings after publishing. Best effort: a
+/// missed ring costs at most one idle poll interval.
+async fn listen_doorbell(
+    broker: Broker,
+    topology: Topology,
+    doorbell: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    while !shutdown.is_cancelled() {
+        match consume_doorbell(&broker, &topology, &doorbell, &shutdown).await {
+            Ok(()) => return,
+            Err(error) => {
+                warn!(%error, "doorbell unavailable; relying on polling");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn consume_doorbell(
+    broker: &Broker,
+    topology: &Topology,
+    doorbell: &Notify,
+    shutdown: &CancellationToken,
+) -> Result<(), lapin::Error> {
+    let channel = broker.channel().await.map_err(|e| match e {
+        shoal_shared::broker::BrokerError::Connect(e)
+        | shoal_shared::broker::BrokerError::Amqp(e) => e,
+    })?;
+    // A private, self-deleting queue that keeps at most one ring.
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("drop-head".into()),
+    );
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            topology.doorbell_exchange().as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = channel.close(200, "stopping".into()).await;
+                return Ok(());
+            }
+            ring = consumer.next() => match ring {
+                Some(Ok(_)) => doorbell.notify_waiters(),
+                Some(Err(error)) => return Err(error),
+                None => return Err(lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
+                    lapin::ChannelState::Closed, "doorbell consumer ended"
+                ))),
+            }
+        }
+    }
+}
