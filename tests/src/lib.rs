@@ -1,1 +1,13 @@
+//! Test harness: runs Shoal's scheduler and workers against the **real**
+//! RabbitMQ and Redis that `deploy/local/services.sh up` started (their URLs
+//! come from `.local/env`, exported by `make test`). Each test gets its own
+//! namespace, so tests run in parallel on one broker without seeing each other.
+//!
+//! On teardown the harness fails the test if anything is left behind: a live
+//! lease, a message still in a work queue, a sandbox process, or a workspace.
 
+pub mod harness;
+pub mod wait;
+
+pub use harness::{TestEnv, WorkerProcess};
+pub use wait::wait_until;

@@ -1,0 +1,72 @@
+//! Broker restarts. These restart the shared RabbitMQ node, so `make test` runs
+//! this binary on its own after the other suites (see the Makefile).
+
+use std::time::Duration;
+
+use shoal_scheduler::client::Client;
+use shoal_shared::task::{TaskSpec, TaskState};
+use shoal_tests::TestEnv;
+
+async fn restart_rabbitmq() {
+    let script = std::env::var("SHOAL_SERVICES_SCRIPT")
+        .expect("SHOAL_SERVICES_SCRIPT is set by `make test` (from .local/env)");
+    let status = tokio::process::Command::new("bash")
+        .arg(&script)
+        .arg("restart-rabbitmq")
+        .status()
+        .await
+        .expect("run the services script");
+    assert!(status.success(), "restart-rabbitmq failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_confirmed_task_completes_across_broker_restarts() {
+    let mut env = TestEnv::new("chaos-restart", "").await;
+    let url = env.start_scheduler().await;
+    let client = Client::new(&url, None);
+
+    // Queued and confirmed while no worker runs; then the broker restarts.
+    let queued: Vec<TaskSpec> = (0..30)
+        .map(|i| TaskSpec::exec(format!("echo q{i}")))
+        .collect();
+    let queued = client.submit_batch(&queued).await.expect("confirmed");
+    restart_rabbitmq().await;
+
+    // A worker drains them; a second restart hits while tasks are running.
+    env.start_worker("w1", 2).await;
+    let running: Vec<TaskSpec> = (0..30)
+        .map(|i| TaskSpec::exec(format!("sleep 0.2; echo r{i}")))
+        .collect();
+    let running = shoal_tests::wait_until(
+        "the scheduler to accept again",
+        Duration::from_secs(60),
+        || {
+            let client = client.clone();
+            let specs = running.clone();
+            async move { client.submit_batch(&specs).await.ok() }
+        },
+    )
+    .await;
+    env.wait_state(&running[0].id, TaskState::Running, Duration::from_secs(60))
+        .await;
+    restart_rabbitmq().await;
+
+    for (prefix, records) in [("q", &queued), ("r", &running)] {
+        for (i, record) in records.iter().enumerate() {
+            let done = env
+                .wait_terminal(&record.id, Duration::from_secs(180))
+                .await;
+            assert_eq!(
+                done.state,
+                TaskState::Succeeded,
+                "{prefix}{i}: {:?}",
+                done.last_error
+            );
+            let Some(shoal_shared::task::TaskResult::Exec(result)) = &done.result else {
+                panic!("no result")
+            };
+            assert_eq!(result.stdout, format!("{prefix}{i}\n"));
+        }
+    }
+    env.teardown().await;
+}
