@@ -178,7 +178,7 @@ POLICY_RC_D=/usr/sbin/policy-rc.d
 
 cmd_install() {
   local missing=() b
-  for b in rabbitmq-server redis-server redis-cli bwrap prometheus; do
+  for b in rabbitmq-server redis-server redis-cli bwrap prometheus prlimit python3; do
     have "$b" || missing+=("$b")
   done
   if ((${#missing[@]} == 0)); then
@@ -197,7 +197,7 @@ cmd_install() {
   fi
   apt-get update
   DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-    rabbitmq-server redis-server redis-tools bubblewrap prometheus
+    rabbitmq-server redis-server redis-tools bubblewrap prometheus util-linux python3
   if [[ $own_policy -eq 1 ]]; then
     rm -f "$POLICY_RC_D"
     trap - EXIT

@@ -7,7 +7,7 @@
 //! a requeue counts toward `x-delivery-limit`. Pulling high, then normal, then
 //! low, only when the slot is free, gives strict priority and holds nothing.
 //! Idle slots back off, and a doorbell from the scheduler wakes them at once
-//! (see ADR 0002).
+//! (see docs/adr/0001).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,0 +1,42 @@
+# Shoal — the commands a newcomer and CI use. See README.md.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+SERVICES := deploy/local/services.sh
+ENV_FILE := .local/env
+CARGO ?= cargo
+
+.PHONY: help setup up down build demo test test-only lint fmt bench clean-local
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+setup: ## install the system packages Shoal needs (apt-get; only what is missing)
+	bash $(SERVICES) install
+
+up: setup ## start RabbitMQ and Redis locally (project-local data, non-default ports)
+	bash $(SERVICES) up
+
+down: ## stop RabbitMQ and Redis
+	bash $(SERVICES) down
+
+build: ## build every binary
+	$(CARGO) build --workspace --bins
+
+demo: setup build ## run a task end to end: services, scheduler, worker, submit, watch
+	bash deploy/local/demo.sh
+
+test: setup ## build, start the services, run every suite, stop what it started
+	bash tests/run.sh
+
+lint: ## rustfmt check and clippy with warnings as errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt: ## format the code
+	$(CARGO) fmt --all
+
+bench: setup ## run the benchmarks and write docs/BENCHMARKS.md
+	bash benches/run.sh
+
+clean-local: down ## remove the local service data (.local/)
+	rm -rf .local

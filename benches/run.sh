@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# `make bench`: release build, real local services, every benchmark side by
+# side, report in docs/BENCHMARKS.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+services=deploy/local/services.sh
+
+started=0
+if ! bash "$services" status >/dev/null 2>&1; then
+  bash "$services" up
+  started=1
+fi
+trap '[ "$started" = 1 ] && bash "$services" down' EXIT
+
+set -a
+# shellcheck source=/dev/null
+. "$(bash "$services" env)"
+set +a
+
+cargo build --release -p shoal-tests --bin shoal-bench
+./target/release/shoal-bench "$@"
+cat docs/BENCHMARKS.md

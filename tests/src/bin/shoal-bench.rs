@@ -1,0 +1,314 @@
+//! `shoal-bench`: benchmarks run side by side in one process against the real
+//! local services, writing `docs/BENCHMARKS.md`. A report, not a test: it
+//! prints numbers and ratios, it asserts nothing about speed.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use futures::future::try_join_all;
+use shoal_scheduler::client::Client;
+use shoal_shared::broker::{publish_confirmed, Broker, OutgoingMessage, Topology};
+use shoal_shared::settings::Settings;
+use shoal_shared::task::{TaskId, TaskSpec};
+use shoal_shared::TaskMessage;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(about = "Shoal benchmarks; writes a markdown report")]
+struct Args {
+    /// Tasks per measured run.
+    #[arg(long, default_value_t = 20_000)]
+    tasks: usize,
+    /// Tasks per batch (per HTTP request, and per raw confirm round).
+    #[arg(long, default_value_t = 1_000)]
+    batch: usize,
+    /// Batches in flight at once.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Measured rounds of each side (alternating); medians are reported.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Where the report goes.
+    #[arg(long, default_value = "docs/BENCHMARKS.md")]
+    out: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let broker_url =
+        std::env::var("SHOAL__BROKER__URL").context("SHOAL__BROKER__URL (run via `make bench`)")?;
+    let redis_url =
+        std::env::var("SHOAL__REDIS__URL").context("SHOAL__REDIS__URL (run via `make bench`)")?;
+
+    let mut raw = Vec::new();
+    let mut shoal = Vec::new();
+    // One warm-up of each, then alternate so drift hits both sides alike.
+    for round in 0..=args.rounds {
+        let r = raw_publish(&broker_url, &args).await?;
+        let s = shoal_submit(&broker_url, &redis_url, &args).await?;
+        if round > 0 {
+            eprintln!("round {round}: raw {r:.0} msg/s, shoal {s:.0} tasks/s");
+            raw.push(r);
+            shoal.push(s);
+        }
+    }
+    let raw_median = median(&mut raw);
+    let shoal_median = median(&mut shoal);
+
+    let mut report = String::new();
+    writeln!(report, "# Benchmarks\n")?;
+    writeln!(report, "Written by `make bench` (`tests/src/bin/shoal-bench.rs`). Numbers are medians of {} alternating rounds after one warm-up round; the machines are shared and noisy, so read the **ratios**, which compare runs made side by side in the same process against the same broker.\n", args.rounds)?;
+    writeln!(
+        report,
+        "- date: {}",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
+    )?;
+    writeln!(report, "- machine: {}", machine())?;
+    writeln!(report, "- services: {}\n", services())?;
+    writeln!(report, "## Submit throughput (issue 2)\n")?;
+    writeln!(report, "{} tasks per run, batches of {}, {} batches in flight. Both sides publish persistent messages to a quorum queue (same arguments as Shoal's work queues) and wait for publisher confirms. The Shoal side is the whole submit path: HTTP `POST /v1/tasks/batch` -> JSON parse -> validation -> publish with confirms -> Redis records and events (one pipeline per batch) -> response.\n", args.tasks, args.batch, args.concurrency)?;
+    writeln!(report, "| path | median | rounds |")?;
+    writeln!(report, "|---|---:|---|")?;
+    writeln!(
+        report,
+        "| raw lapin publish + confirms (broker limit) | {raw_median:.0} msg/s | {} |",
+        fmt_rounds(&raw)
+    )?;
+    writeln!(
+        report,
+        "| Shoal batch submit (HTTP -> confirmed + recorded) | {shoal_median:.0} tasks/s | {} |",
+        fmt_rounds(&shoal)
+    )?;
+    writeln!(
+        report,
+        "\n**Ratio: Shoal submit reaches {:.0}% of the raw publish rate** (target: at least 70%).",
+        100.0 * shoal_median / raw_median
+    )?;
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, report)?;
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
+
+fn namespace(tag: &str) -> String {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    format!("bench-{tag}-{}", &id[id.len() - 8..])
+}
+
+fn bench_settings(broker: &str, redis: &str, namespace: &str) -> anyhow::Result<Settings> {
+    Ok(Settings::from_toml(&format!(
+        "namespace = \"{namespace}\"\nbroker.url = \"{broker}\"\nredis.url = \"{redis}\"\nscheduler.max_batch = 10000\n"
+    ))?)
+}
+
+/// The same message bodies Shoal publishes, straight through lapin.
+async fn raw_publish(broker_url: &str, args: &Args) -> anyhow::Result<f64> {
+    let ns = namespace("raw");
+    let topology = Topology::new(&ns, 20, vec![Duration::from_secs(5)]);
+    let broker = Broker::new(broker_url, "shoal-bench raw");
+    let channel = broker.channel().await?;
+    topology.declare(&channel).await?;
+    channel.confirm_select(Default::default()).await?;
+    let messages: Vec<OutgoingMessage> = (0..args.tasks)
+        .map(|i| {
+            let message = TaskMessage::new(
+                TaskId::new(),
+                "bench".into(),
+                TaskSpec::exec(format!("echo {i}")),
+            );
+            OutgoingMessage {
+                exchange: topology.work_exchange(),
+                routing_key: "normal".into(),
+                body: message.to_bytes(),
+                message_id: Some(message.id.to_string()),
+                headers: Vec::new(),
+            }
+        })
+        .collect();
+    let started = Instant::now();
+    for wave in messages.chunks(args.batch * args.concurrency) {
+        try_join_all(
+            wave.chunks(args.batch)
+                .map(|batch| publish_confirmed(&channel, batch)),
+        )
+        .await?;
+    }
+    let rate = args.tasks as f64 / started.elapsed().as_secs_f64();
+    cleanup(&broker, &topology, None).await;
+    Ok(rate)
+}
+
+/// Shoal's whole submit path through a scheduler running in this process.
+async fn shoal_submit(broker_url: &str, redis_url: &str, args: &Args) -> anyhow::Result<f64> {
+    let ns = namespace("shoal");
+    let settings = bench_settings(broker_url, redis_url, &ns)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(shoal_scheduler::run(
+        settings.clone(),
+        listener,
+        shutdown.clone(),
+    ));
+    let client = Client::new(&url, None);
+    // Wait for readiness.
+    let http = reqwest::Client::new();
+    for _ in 0..300 {
+        if http
+            .get(format!("{url}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let specs: Vec<TaskSpec> = (0..args.tasks)
+        .map(|i| TaskSpec::exec(format!("echo {i}")))
+        .collect();
+    let started = Instant::now();
+    for wave in specs.chunks(args.batch * args.concurrency) {
+        try_join_all(
+            wave.chunks(args.batch)
+                .map(|batch| client.submit_batch(batch)),
+        )
+        .await?;
+    }
+    let rate = args.tasks as f64 / started.elapsed().as_secs_f64();
+    shutdown.cancel();
+    server.await??;
+    let topology = Topology::new(
+        &ns,
+        settings.broker.delivery_limit,
+        settings.broker.retry_tiers.clone(),
+    );
+    cleanup(
+        &Broker::new(broker_url, "shoal-bench cleanup"),
+        &topology,
+        Some(&settings),
+    )
+    .await;
+    Ok(rate)
+}
+
+async fn cleanup(broker: &Broker, topology: &Topology, settings: Option<&Settings>) {
+    if let Ok(channel) = broker.channel().await {
+        for queue in topology.all_queues() {
+            let _ = channel
+                .queue_delete(queue.as_str().into(), Default::default())
+                .await;
+        }
+        for exchange in topology.all_exchanges() {
+            let _ = channel
+                .exchange_delete(exchange.as_str().into(), Default::default())
+                .await;
+        }
+    }
+    broker.close().await;
+    if let Some(settings) = settings {
+        if let Ok(client) = redis::Client::open(settings.redis.url.as_str()) {
+            if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
+                let pattern = format!("{}:*", settings.namespace);
+                let mut cursor: u64 = 0;
+                loop {
+                    let Ok((next, keys)): Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut conn)
+                        .await
+                    else {
+                        break;
+                    };
+                    if !keys.is_empty() {
+                        let _: Result<(), _> =
+                            redis::cmd("UNLINK").arg(&keys).query_async(&mut conn).await;
+                    }
+                    if next == 0 {
+                        break;
+                    }
+                    cursor = next;
+                }
+            }
+        }
+    }
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    let n = values.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+fn fmt_rounds(values: &[f64]) -> String {
+    values
+        .iter()
+        .map(|v| format!("{v:.0}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown cpu".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0 / 1024.0)
+        .unwrap_or(0.0);
+    format!(
+        "{cores} cores ({cpu}), {mem_gib:.0} GiB RAM, {}",
+        std::env::consts::OS
+    )
+}
+
+fn services() -> String {
+    let version = |cmd: &str, args: &[&str]| {
+        std::process::Command::new(cmd)
+            .args(args)
+            .output()
+            .ok()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_owned()
+            })
+            .unwrap_or_default()
+    };
+    let rabbit = version("dpkg-query", &["-W", "-f", "${Version}", "rabbitmq-server"]);
+    let redis = version("redis-server", &["--version"]);
+    format!("RabbitMQ {rabbit} (Debian package), {redis}")
+}
