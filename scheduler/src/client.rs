@@ -2,7 +2,7 @@
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use shoal_shared::task::{TaskId, TaskRecord, TaskSpec};
+use shoal_shared::task::{TaskId, TaskRecord, TaskRef, TaskSpec};
 
 /// A call to the scheduler failed.
 #[derive(Debug, thiserror::Error)]
@@ -54,10 +54,10 @@ impl Client {
     }
 
     /// Submits many tasks in one all-or-nothing batch.
-    pub async fn submit_batch(&self, specs: &[TaskSpec]) -> Result<Vec<TaskRecord>, ClientError> {
+    pub async fn submit_batch(&self, specs: &[TaskSpec]) -> Result<Vec<TaskRef>, ClientError> {
         #[derive(Deserialize)]
         struct Batch {
-            tasks: Vec<TaskRecord>,
+            tasks: Vec<TaskRef>,
         }
         let request = self
             .http

@@ -1,9 +1,7 @@
 //! The submit path: validate, claim idempotency keys, publish with confirms,
 //! then record. A task is reported `queued` only after the broker confirmed it.
 
-use chrono::Utc;
 use shoal_shared::broker::{Broker, OutgoingMessage, PublishError, Publisher, Topology};
-use shoal_shared::event::{Event, EventEnvelope};
 use shoal_shared::store::{Claim, Store, StoreError};
 use shoal_shared::task::{SpecError, SpecLimits, TaskId, TaskRecord, TaskSpec};
 use shoal_shared::TaskMessage;
@@ -136,27 +134,16 @@ impl Submitter {
 
         // Confirmed: now record. If Redis fails here the tasks are still queued
         // and the worker creates the records from the messages.
-        let now = Utc::now();
-        let created: Vec<(TaskRecord, EventEnvelope)> = messages
+        let created: Vec<TaskRecord> = messages
             .iter()
             .map(|message| {
-                let record = TaskRecord::queued(message.id, &message.spec, tenant, now);
-                let event = EventEnvelope::now(
-                    message.id,
-                    "scheduler",
-                    Event::Submitted {
-                        kind: record.kind.clone(),
-                        priority: record.priority,
-                        tenant: tenant.to_owned(),
-                    },
-                );
-                (record, event)
+                TaskRecord::queued(message.id, &message.spec, tenant, message.submitted_at)
             })
             .collect();
         if let Err(error) = self.store.create_many(&created).await {
             warn!(%error, tasks = created.len(), "confirmed tasks not recorded; workers will record them");
         }
-        let mut fresh = created.into_iter().map(|(record, _)| record);
+        let mut fresh = created.into_iter();
         Ok(slots
             .into_iter()
             .map(|slot| match slot {

@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::task::{Priority, TaskId, TaskState};
+use crate::task::{TaskId, TaskState};
 
 /// The version of the event schema; bumped when a change is not additive.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -45,12 +45,6 @@ impl EventEnvelope {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
-    /// The broker confirmed the task; it is queued.
-    Submitted {
-        kind: String,
-        priority: Priority,
-        tenant: String,
-    },
     /// The task moved from one state to another. `from` is filled in by the store
     /// at the moment of the atomic transition.
     StateChanged {
@@ -95,7 +89,6 @@ impl Event {
     /// The `type` tag of this event.
     pub fn type_name(&self) -> &'static str {
         match self {
-            Self::Submitted { .. } => "submitted",
             Self::StateChanged { .. } => "state_changed",
             Self::SandboxLeased { .. } => "sandbox_leased",
             Self::ExecStarted { .. } => "exec_started",

@@ -189,7 +189,6 @@ async fn events_record_the_lifecycle_in_order() {
     assert_eq!(
         kinds,
         [
-            "submitted",
             "state:leased",
             "sandbox_leased",
             "state:running",

@@ -70,19 +70,7 @@ impl TaskRunner {
         // The scheduler writes the record after the broker confirmed; the
         // message may arrive first, so create it if absent.
         let record = TaskRecord::queued(id, &message.spec, &message.tenant, message.submitted_at);
-        let submitted = EventEnvelope::now(
-            id,
-            self.source.clone(),
-            Event::Submitted {
-                kind: record.kind.clone(),
-                priority: record.priority,
-                tenant: record.tenant.clone(),
-            },
-        );
-        self.store
-            .create(&record, &submitted)
-            .await
-            .map_err(retryable)?;
+        self.store.create(&record).await.map_err(retryable)?;
         let current = self
             .store
             .get(&id)

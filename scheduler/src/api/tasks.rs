@@ -5,7 +5,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use shoal_shared::task::{TaskId, TaskRecord, TaskSpec};
+use shoal_shared::task::{TaskId, TaskRecord, TaskRef, TaskSpec};
 
 use super::auth::Tenant;
 use super::body::JsonBody;
@@ -54,10 +54,11 @@ pub struct BatchRequest {
 
 #[derive(Debug, Serialize)]
 pub struct BatchResponse {
-    tasks: Vec<TaskRecord>,
+    tasks: Vec<TaskRef>,
 }
 
-/// `POST /v1/tasks/batch`: all or nothing. Every spec is validated before any
+/// `POST /v1/tasks/batch`: all or nothing, answered with `{id, state,
+/// created}` per task in submission order (fetch a record for more). Every spec is validated before any
 /// is queued; a 422 names the index and field of the first invalid one.
 pub async fn submit_batch(
     State(state): State<AppState>,
@@ -108,7 +109,14 @@ pub async fn submit_batch(
     Ok((
         StatusCode::CREATED,
         Json(BatchResponse {
-            tasks: submitted.into_iter().map(|s| s.record).collect(),
+            tasks: submitted
+                .into_iter()
+                .map(|s| TaskRef {
+                    id: s.record.id,
+                    state: s.record.state,
+                    created: s.created,
+                })
+                .collect(),
         }),
     ))
 }

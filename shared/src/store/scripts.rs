@@ -1,13 +1,12 @@
 //! The Lua scripts behind atomic store operations.
 
-/// Creates a task record if absent, with its first event.
-/// KEYS: record, events, firehose. ARGV: event json, events maxlen, firehose
-/// maxlen, task id, event type, then field/value pairs.
+/// Creates a task record if absent and announces it on the firehose.
+/// KEYS: record, firehose. ARGV: firehose maxlen, task id, event type, then
+/// field/value pairs.
 pub const CREATE: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', ARGV[1])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'task', ARGV[4], 'type', ARGV[5])
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'task', ARGV[2], 'type', ARGV[3])
 return 1
 "#;
 

@@ -145,77 +145,71 @@ impl Store {
         Ok(())
     }
 
-    /// Creates the record with its first event unless it already exists.
-    /// Returns whether it was created.
-    pub async fn create(
-        &self,
-        record: &TaskRecord,
-        event: &EventEnvelope,
-    ) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
-        let created: i64 = self
-            .create_invocation(record, event)
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(created == 1)
-    }
-
-    /// Creates many records in one pipeline (the batch submit path).
-    pub async fn create_many(
-        &self,
-        items: &[(TaskRecord, EventEnvelope)],
-    ) -> Result<(), StoreError> {
-        let script = Script::new(scripts::CREATE);
-        // Load once so the pipeline can use EVALSHA for every record.
-        let mut conn = self.conn.clone();
-        let _: String = script.prepare_invoke().load_async(&mut conn).await?;
-        let mut pipe = redis::pipe();
-        for (record, event) in items {
-            let mut cmd = redis::cmd("EVALSHA");
-            cmd.arg(script.get_hash()).arg(3);
-            self.create_args(&mut cmd, record, event);
-            pipe.add_command(cmd).ignore();
-        }
-        let _: () = pipe.query_async(&mut conn).await?;
-        Ok(())
-    }
-
-    fn create_invocation(
-        &self,
-        record: &TaskRecord,
-        event: &EventEnvelope,
-    ) -> redis::ScriptInvocation<'static> {
-        // A `Script` must outlive its invocation; the scripts are static text, so
-        // a leaked-free approach is to build the invocation from a fresh script.
+    /// Creates the record unless it already exists, announcing it on the
+    /// firehose. Returns whether it was created.
+    ///
+    /// The task's own stream starts with its first transition: the record
+    /// already holds what submission established (kind, tenant, priority,
+    /// `created_at`), and not creating a stream per task at submit time is a
+    /// third of the submit path's Redis cost (see docs/BENCHMARKS.md).
+    pub async fn create(&self, record: &TaskRecord) -> Result<bool, StoreError> {
         let script: &'static Script = create_script();
         let mut invocation = script.prepare_invoke();
         invocation
             .key(self.keys.task(&record.id))
-            .key(self.keys.task_events(&record.id))
             .key(self.keys.firehose())
-            .arg(event.to_json())
-            .arg(self.events_maxlen)
             .arg(self.firehose_maxlen)
             .arg(record.id.to_string())
-            .arg(event.event.type_name());
+            .arg(SUBMITTED);
         for (name, value) in record.to_fields() {
             invocation.arg(name).arg(value);
         }
-        invocation
+        let mut conn = self.conn.clone();
+        let created: i64 = invocation.invoke_async(&mut conn).await?;
+        Ok(created == 1)
     }
 
-    fn create_args(&self, cmd: &mut redis::Cmd, record: &TaskRecord, event: &EventEnvelope) {
-        cmd.arg(self.keys.task(&record.id))
-            .arg(self.keys.task_events(&record.id))
-            .arg(self.keys.firehose())
-            .arg(event.to_json())
-            .arg(self.events_maxlen)
-            .arg(self.firehose_maxlen)
-            .arg(record.id.to_string())
-            .arg(event.event.type_name());
-        for (name, value) in record.to_fields() {
-            cmd.arg(name).arg(value);
+    /// Creates many records in one pipeline (the batch submit path), with
+    /// plain commands instead of the script: a fresh id's static fields are
+    /// the same whoever writes them, and `state` is written with `HSETNX`, so
+    /// a worker that already created (and moved) the record is never
+    /// overwritten. `attempts` and `updated_at` are left to the first
+    /// transition (a record without them reads as 0 attempts, updated when
+    /// created).
+    pub async fn create_many(&self, records: &[TaskRecord]) -> Result<(), StoreError> {
+        const SKIPPED: [&str; 2] = ["attempts", "updated_at"];
+        let mut pipe = redis::pipe();
+        for record in records {
+            let key = self.keys.task(&record.id);
+            let fields = record.to_fields();
+            let hset = pipe.cmd("HSET").arg(&key);
+            for (name, value) in fields
+                .iter()
+                .filter(|(n, _)| *n != "state" && !SKIPPED.contains(n))
+            {
+                hset.arg(*name).arg(value);
+            }
+            hset.ignore();
+            pipe.cmd("HSETNX")
+                .arg(&key)
+                .arg("state")
+                .arg(record.state.as_str())
+                .ignore();
+            pipe.cmd("XADD")
+                .arg(self.keys.firehose())
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(self.firehose_maxlen)
+                .arg("*")
+                .arg("task")
+                .arg(record.id.to_string())
+                .arg("type")
+                .arg(SUBMITTED)
+                .ignore();
         }
+        let mut conn = self.conn.clone();
+        let _: () = pipe.query_async(&mut conn).await?;
+        Ok(())
     }
 
     /// The record, if it exists.
@@ -413,6 +407,9 @@ impl Store {
         Ok(())
     }
 }
+
+/// The firehose `type` of a new task.
+const SUBMITTED: &str = "submitted";
 
 fn create_script() -> &'static Script {
     static SCRIPT: std::sync::OnceLock<Script> = std::sync::OnceLock::new();

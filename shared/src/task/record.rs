@@ -33,6 +33,15 @@ pub struct TaskRecord {
     pub last_error: Option<String>,
 }
 
+/// A task in brief, as a batch submission answers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRef {
+    pub id: TaskId,
+    pub state: TaskState,
+    /// `false` when an idempotency key returned an existing task.
+    pub created: bool,
+}
+
 /// The outcome data of a finished task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -163,16 +172,22 @@ impl TaskRecord {
             kind: required(fields, "kind")?.to_owned(),
             tenant: required(fields, "tenant")?.to_owned(),
             priority,
-            attempts: parse(fields, "attempts")?,
+            attempts: match fields.get("attempts") {
+                Some(_) => parse(fields, "attempts")?,
+                None => 0,
+            },
             max_attempts: parse(fields, "max_attempts")?,
             worker: text(fields, "worker"),
             sandbox_id: text(fields, "sandbox_id"),
             created_at: time(fields, "created_at")?.ok_or(RecordError {
                 field: "created_at",
             })?,
-            updated_at: time(fields, "updated_at")?.ok_or(RecordError {
-                field: "updated_at",
-            })?,
+            updated_at: match time(fields, "updated_at")? {
+                Some(updated) => updated,
+                None => time(fields, "created_at")?.ok_or(RecordError {
+                    field: "created_at",
+                })?,
+            },
             started_at: time(fields, "started_at")?,
             finished_at: time(fields, "finished_at")?,
             result,

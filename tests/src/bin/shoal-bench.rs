@@ -46,14 +46,21 @@ async fn main() -> anyhow::Result<()> {
 
     let mut raw = Vec::new();
     let mut shoal = Vec::new();
+    let mut raw_cpu = CpuTally::default();
+    let mut shoal_cpu = CpuTally::default();
     // One warm-up of each, then alternate so drift hits both sides alike.
     for round in 0..=args.rounds {
+        let before = CpuSample::take();
         let r = raw_publish(&broker_url, &args).await?;
+        let middle = CpuSample::take();
         let s = shoal_submit(&broker_url, &redis_url, &args).await?;
+        let after = CpuSample::take();
         if round > 0 {
             eprintln!("round {round}: raw {r:.0} msg/s, shoal {s:.0} tasks/s");
             raw.push(r);
             shoal.push(s);
+            raw_cpu.add(&before, &middle);
+            shoal_cpu.add(&middle, &after);
         }
     }
     let raw_median = median(&mut raw);
@@ -85,9 +92,29 @@ async fn main() -> anyhow::Result<()> {
     )?;
     writeln!(
         report,
-        "\n**Ratio: Shoal submit reaches {:.0}% of the raw publish rate** (target: at least 70%).",
+        "\n**Ratio: Shoal submit reaches {:.0}% of the raw publish rate** (target: at least 70%).\n",
         100.0 * shoal_median / raw_median
     )?;
+    let per_k = |cpu: f64| 1000.0 * cpu / (args.tasks * args.rounds) as f64 * 1000.0;
+    writeln!(
+        report,
+        "CPU per 1000 tasks by process, over the measured rounds (ms; {} cores shared by all three):\n",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    )?;
+    writeln!(
+        report,
+        "| path | RabbitMQ (beam) | Redis | bench process (client + scheduler) |"
+    )?;
+    writeln!(report, "|---|---:|---:|---:|")?;
+    for (name, cpu) in [("raw publish", &raw_cpu), ("Shoal submit", &shoal_cpu)] {
+        writeln!(
+            report,
+            "| {name} | {:.0} | {:.0} | {:.0} |",
+            per_k(cpu.beam),
+            per_k(cpu.redis),
+            per_k(cpu.own)
+        )?;
+    }
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -241,6 +268,58 @@ async fn cleanup(broker: &Broker, topology: &Topology, settings: Option<&Setting
             }
         }
     }
+}
+
+/// CPU seconds used so far by the broker, Redis and this process.
+#[derive(Default, Clone, Copy)]
+struct CpuSample {
+    beam: f64,
+    redis: f64,
+    own: f64,
+}
+
+impl CpuSample {
+    fn take() -> Self {
+        let pid_of = |file: &str| {
+            std::fs::read_to_string(file)
+                .ok()
+                .map(|p| p.trim().to_owned())
+        };
+        Self {
+            beam: pid_of(".local/rabbitmq/rabbitmq.pid").map_or(0.0, |p| cpu_seconds(&p)),
+            redis: pid_of(".local/redis/redis.pid").map_or(0.0, |p| cpu_seconds(&p)),
+            own: cpu_seconds("self"),
+        }
+    }
+}
+
+#[derive(Default)]
+struct CpuTally {
+    beam: f64,
+    redis: f64,
+    own: f64,
+}
+
+impl CpuTally {
+    fn add(&mut self, from: &CpuSample, to: &CpuSample) {
+        self.beam += to.beam - from.beam;
+        self.redis += to.redis - from.redis;
+        self.own += to.own - from.own;
+    }
+}
+
+/// utime + stime of a process from /proc, in seconds (100 ticks per second).
+fn cpu_seconds(pid: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let rest = stat.rsplit_once(") ")?.1.to_owned();
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let user: f64 = fields.get(11)?.parse().ok()?;
+            let system: f64 = fields.get(12)?.parse().ok()?;
+            Some((user + system) / 100.0)
+        })
+        .unwrap_or(0.0)
 }
 
 fn median(values: &mut [f64]) -> f64 {
