@@ -202,7 +202,7 @@ impl TaskRunner {
         let lease_started = Instant::now();
         let sandbox = self
             .provider
-            .create(&message.spec.sandbox)
+            .create(&crate::sandbox::Template::local_default())
             .await
             .map_err(|e| RunError::Retryable(e.to_string()))?;
         let lease_ms = lease_started.elapsed().as_secs_f64() * 1000.0;
@@ -227,7 +227,9 @@ impl TaskRunner {
             Ok(other) => Err(RunError::Retryable(format!("cannot start: {other:?}"))),
             Err(error) => Err(retryable(error)),
         };
-        if let Err(error) = self.provider.destroy(sandbox).await {
+        let sandbox_id = sandbox.id().to_owned();
+        drop(sandbox);
+        if let Err(error) = self.provider.destroy(&sandbox_id).await {
             warn!(%error, "destroying sandbox failed");
         }
         outcome
@@ -253,8 +255,8 @@ impl TaskRunner {
                 let output = run_exec(sandbox, &message.spec, exec, cancel)
                     .await
                     .map_err(|e| match e {
-                        crate::sandbox::SandboxError::Path { .. } => RunError::Fatal(e.to_string()),
-                        other => RunError::Retryable(other.to_string()),
+                        e if e.is_retryable() => RunError::Retryable(e.to_string()),
+                        e => RunError::Fatal(e.to_string()),
                     })?;
                 if output.cancelled {
                     return Ok(Finish::Interrupted);

@@ -18,7 +18,10 @@ use shoal_shared::settings::SandboxSettings;
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
-use super::{CappedOutput, ExecOutput, ExecRequest, Sandbox, SandboxError, SandboxProvider};
+use super::{
+    CappedOutput, ExecOutput, ExecRequest, FileEntry, OwnedSandbox, Sandbox, SandboxError,
+    SandboxErrorKind, SandboxProvider, ShellSession, Template,
+};
 
 /// Creates bubblewrap sandboxes under `<root>/<owner>/`.
 pub struct LocalProvider {
@@ -47,19 +50,21 @@ impl LocalProvider {
 
 #[async_trait]
 impl SandboxProvider for LocalProvider {
-    async fn create(&self, template: &str) -> Result<Box<dyn Sandbox>, SandboxError> {
-        if template != "default" {
-            return Err(SandboxError::Create(format!(
-                "unknown sandbox template {template:?} (this worker offers `default`)"
-            )));
-        }
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    async fn create(&self, _template: &Template) -> Result<Box<dyn Sandbox>, SandboxError> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let id = format!("local-{}-{n}", uuid::Uuid::now_v7().simple());
         let dir = self.owner_dir.join(&id);
         let workspace = dir.join("workspace");
-        tokio::fs::create_dir_all(&workspace)
-            .await
-            .map_err(|e| SandboxError::Create(format!("workspace {}: {e}", workspace.display())))?;
+        tokio::fs::create_dir_all(&workspace).await.map_err(|e| {
+            SandboxError::new(
+                SandboxErrorKind::Create,
+                format!("workspace {}: {e}", workspace.display()),
+            )
+        })?;
         let workspace = tokio::fs::canonicalize(&workspace).await?;
         Ok(Box::new(LocalSandbox {
             id,
@@ -69,10 +74,19 @@ impl SandboxProvider for LocalProvider {
         }))
     }
 
-    async fn destroy(&self, sandbox: Box<dyn Sandbox>) -> Result<(), SandboxError> {
-        // Every command's process tree is already dead when `exec` returns;
-        // what is left is the directory.
-        let dir = self.owner_dir.join(sandbox.id());
+    async fn reattach(&self, id: &str) -> Result<Box<dyn Sandbox>, SandboxError> {
+        Err(SandboxError::new(
+            SandboxErrorKind::NotFound,
+            format!("local sandbox {id} cannot be reattached yet"),
+        ))
+    }
+
+    async fn list_owned(&self) -> Result<Vec<OwnedSandbox>, SandboxError> {
+        Ok(Vec::new())
+    }
+
+    async fn destroy(&self, id: &str) -> Result<(), SandboxError> {
+        let dir = self.owner_dir.join(id);
         match tokio::fs::remove_dir_all(&dir).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -92,9 +106,14 @@ impl LocalSandbox {
     /// Maps a workspace-relative path to the host, refusing anything that
     /// escapes: absolute paths, `..`, and symlinks pointing outside.
     fn host_path(&self, path: &str) -> Result<PathBuf, SandboxError> {
-        let refuse = |reason| SandboxError::Path {
-            path: path.chars().take(256).collect(),
-            reason,
+        let refuse = |reason: &str| {
+            SandboxError::new(
+                SandboxErrorKind::Path,
+                format!(
+                    "path {:?} is not allowed: {reason}",
+                    path.chars().take(256).collect::<String>()
+                ),
+            )
         };
         let relative = Path::new(path);
         if path.is_empty() || path.contains('\0') {
@@ -212,7 +231,7 @@ impl Sandbox for LocalSandbox {
         let mut child = self
             .command(request)?
             .spawn()
-            .map_err(|e| SandboxError::Spawn(format!("bubblewrap: {e}")))?;
+            .map_err(|e| SandboxError::new(SandboxErrorKind::Create, format!("bubblewrap: {e}")))?;
         let cap = self.settings.max_output_bytes;
         // Readers run on their own so that output written before a timeout is
         // kept; the pipes close once every process of the sandbox is gone.
@@ -264,6 +283,36 @@ impl Sandbox for LocalSandbox {
     async fn read_file(&self, path: &str) -> Result<Vec<u8>, SandboxError> {
         let full = self.host_path(path)?;
         Ok(tokio::fs::read(&full).await?)
+    }
+
+    async fn shell(&self) -> Result<Box<dyn ShellSession>, SandboxError> {
+        Err(SandboxError::new(
+            SandboxErrorKind::Rejected,
+            "shell sessions are not available yet",
+        ))
+    }
+
+    async fn list_files(&self, _path: &str) -> Result<Vec<FileEntry>, SandboxError> {
+        Err(SandboxError::new(
+            SandboxErrorKind::Rejected,
+            "listing is not available yet",
+        ))
+    }
+
+    async fn git_clone(
+        &self,
+        _url: &str,
+        _git_ref: Option<&str>,
+        _dest: &str,
+    ) -> Result<(), SandboxError> {
+        Err(SandboxError::new(
+            SandboxErrorKind::Rejected,
+            "git clone is not available yet",
+        ))
+    }
+
+    async fn health(&self) -> Result<(), SandboxError> {
+        Ok(())
     }
 }
 
