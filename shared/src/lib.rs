@@ -10,6 +10,7 @@ pub mod settings;
 pub mod signal;
 pub mod store;
 pub mod task;
+pub mod template;
 pub mod telemetry;
 
 pub use event::{Event, EventEnvelope};

@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::task::SpecLimits;
+use crate::template::{DaytonaTemplate, Limits, PoolSizing, ProviderKind, Template};
 
 /// Configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -88,14 +89,16 @@ pub struct WorkerSettings {
 #[derive(Debug, Clone)]
 pub struct SandboxSettings {
     pub bwrap: PathBuf,
-    /// Where private workspaces are created.
+    /// Where private workspaces are created (one folder per worker).
     pub root: PathBuf,
     /// Per stream; output beyond it is drained and dropped.
     pub max_output_bytes: usize,
-    pub limit_address_space_bytes: u64,
-    pub limit_file_bytes: u64,
-    pub limit_open_files: u64,
-    pub network: bool,
+    /// Local sandboxes run as uids `uid_base .. uid_base + uid_count`, one per
+    /// sandbox, so process limits and the final kill are per sandbox.
+    pub uid_base: u32,
+    pub uid_count: u32,
+    /// Templates by name; `default` always exists.
+    pub templates: BTreeMap<String, Template>,
 }
 
 #[derive(Debug, Clone)]
@@ -233,10 +236,9 @@ struct RawSandbox {
     bwrap: PathBuf,
     root: PathBuf,
     max_output_bytes: usize,
-    limit_address_space_mb: u64,
-    limit_file_mb: u64,
-    limit_open_files: u64,
-    network: bool,
+    uid_base: u32,
+    uid_count: u32,
+    templates: BTreeMap<String, RawTemplate>,
 }
 
 impl Default for RawSandbox {
@@ -245,11 +247,125 @@ impl Default for RawSandbox {
             bwrap: "bwrap".into(),
             root: std::env::temp_dir().join("shoal-sandboxes"),
             max_output_bytes: 1 << 20,
-            limit_address_space_mb: 4096,
-            limit_file_mb: 1024,
-            limit_open_files: 1024,
-            network: false,
+            uid_base: 200_000,
+            uid_count: 50_000,
+            templates: BTreeMap::new(),
         }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTemplate {
+    provider: ProviderKind,
+    network: bool,
+    reuse: bool,
+    setup: Vec<String>,
+    image_root: Option<PathBuf>,
+    env: BTreeMap<String, String>,
+    min_idle: usize,
+    max_total: usize,
+    create_concurrency: usize,
+    lease_timeout_s: u64,
+    limit_address_space_mb: u64,
+    limit_file_mb: u64,
+    limit_open_files: u64,
+    limit_processes: u64,
+    limit_cpu_s: u64,
+    workspace_mb: u64,
+    tmp_mb: u64,
+    snapshot: Option<String>,
+    cpu: Option<u32>,
+    memory_gib: Option<u32>,
+    disk_gib: Option<u32>,
+    auto_stop_minutes: u32,
+    auto_archive_minutes: u32,
+    auto_delete_minutes: i32,
+}
+
+impl Default for RawTemplate {
+    fn default() -> Self {
+        let template = Template::local_default();
+        Self {
+            provider: template.provider,
+            network: template.network,
+            reuse: template.reuse,
+            setup: Vec::new(),
+            image_root: None,
+            env: BTreeMap::new(),
+            min_idle: template.pool.min_idle,
+            max_total: template.pool.max_total,
+            create_concurrency: template.pool.create_concurrency,
+            lease_timeout_s: template.pool.lease_timeout.as_secs(),
+            limit_address_space_mb: template.limits.address_space_bytes >> 20,
+            limit_file_mb: template.limits.file_bytes >> 20,
+            limit_open_files: template.limits.open_files,
+            limit_processes: template.limits.processes,
+            limit_cpu_s: template.limits.cpu_seconds,
+            workspace_mb: template.limits.workspace_bytes >> 20,
+            tmp_mb: template.limits.tmp_bytes >> 20,
+            snapshot: None,
+            cpu: None,
+            memory_gib: None,
+            disk_gib: None,
+            auto_stop_minutes: template.daytona.auto_stop_minutes,
+            auto_archive_minutes: template.daytona.auto_archive_minutes,
+            auto_delete_minutes: template.daytona.auto_delete_minutes,
+        }
+    }
+}
+
+impl RawTemplate {
+    fn into_template(self, name: &str) -> Result<Template, SettingsError> {
+        let key = "sandbox.templates";
+        if !is_tenant(name) {
+            return Err(invalid(key, format!("bad template name {name:?}")));
+        }
+        if self.max_total == 0 || self.min_idle > self.max_total {
+            return Err(invalid(
+                key,
+                format!("template {name}: need 0 <= min_idle <= max_total and max_total >= 1"),
+            ));
+        }
+        if self.create_concurrency == 0 || self.limit_processes == 0 || self.workspace_mb == 0 {
+            return Err(invalid(
+                key,
+                format!("template {name}: create_concurrency, limit_processes and workspace_mb must be positive"),
+            ));
+        }
+        Ok(Template {
+            name: name.to_owned(),
+            provider: self.provider,
+            network: self.network,
+            reuse: self.reuse,
+            setup: self.setup,
+            image_root: self.image_root,
+            limits: Limits {
+                address_space_bytes: self.limit_address_space_mb << 20,
+                file_bytes: self.limit_file_mb << 20,
+                open_files: self.limit_open_files,
+                processes: self.limit_processes,
+                cpu_seconds: self.limit_cpu_s,
+                workspace_bytes: self.workspace_mb << 20,
+                tmp_bytes: self.tmp_mb << 20,
+            },
+            pool: PoolSizing {
+                min_idle: self.min_idle,
+                max_total: self.max_total,
+                create_concurrency: self.create_concurrency,
+                lease_timeout: Duration::from_secs(self.lease_timeout_s.max(1)),
+            },
+            env: self.env,
+            daytona: DaytonaTemplate {
+                snapshot: self.snapshot,
+                cpu: self.cpu,
+                memory_gib: self.memory_gib,
+                disk_gib: self.disk_gib,
+                auto_stop_minutes: self.auto_stop_minutes,
+                auto_archive_minutes: self.auto_archive_minutes,
+                auto_delete_minutes: self.auto_delete_minutes,
+            },
+        })
     }
 }
 
@@ -397,6 +513,20 @@ impl Settings {
         if raw.sandbox.max_output_bytes == 0 {
             return Err(invalid("sandbox.max_output_bytes", "must be positive"));
         }
+        if raw.sandbox.uid_base < 1000 || raw.sandbox.uid_count == 0 {
+            return Err(invalid(
+                "sandbox.uid_base",
+                "uid_base must be at least 1000 and uid_count positive",
+            ));
+        }
+        let mut templates = BTreeMap::new();
+        for (name, raw_template) in raw.sandbox.templates {
+            let template = raw_template.into_template(&name)?;
+            templates.insert(name, template);
+        }
+        templates
+            .entry("default".to_owned())
+            .or_insert_with(Template::local_default);
         if raw.limits.max_timeout_s == 0 {
             return Err(invalid("limits.max_timeout_s", "must be positive"));
         }
@@ -446,10 +576,9 @@ impl Settings {
                 bwrap: raw.sandbox.bwrap,
                 root: raw.sandbox.root,
                 max_output_bytes: raw.sandbox.max_output_bytes,
-                limit_address_space_bytes: raw.sandbox.limit_address_space_mb << 20,
-                limit_file_bytes: raw.sandbox.limit_file_mb << 20,
-                limit_open_files: raw.sandbox.limit_open_files,
-                network: raw.sandbox.network,
+                uid_base: raw.sandbox.uid_base,
+                uid_count: raw.sandbox.uid_count,
+                templates,
             },
             limits,
             telemetry: TelemetrySettings {
@@ -495,6 +624,24 @@ mod tests {
         assert_eq!(settings.namespace, "shoal");
         assert_eq!(settings.worker.slots, 4);
         assert_eq!(settings.broker.retry_tiers.len(), 4);
+    }
+
+    #[test]
+    fn templates_are_read_and_default_always_exists() {
+        let settings = Settings::from_toml(
+            "[sandbox.templates.rl]\nreuse = true\nmin_idle = 8\nmax_total = 16\nlimit_processes = 64\n",
+        )
+        .unwrap();
+        let rl = &settings.sandbox.templates["rl"];
+        assert!(rl.reuse);
+        assert_eq!(rl.pool.min_idle, 8);
+        assert_eq!(rl.limits.processes, 64);
+        assert!(settings.sandbox.templates.contains_key("default"));
+        let err = Settings::from_toml("[sandbox.templates.x]\nmin_idle = 9\nmax_total = 2\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("sandbox.templates"), "{err}");
+        let err = Settings::from_toml("[sandbox.templates.x]\nnetwrk = true\n").unwrap_err();
+        assert!(err.to_string().contains("netwrk"), "{err}");
     }
 
     #[test]

@@ -7,7 +7,6 @@
 
 mod local;
 mod output;
-mod template;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -17,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use local::LocalProvider;
 pub use output::CappedOutput;
-pub use template::{DaytonaTemplate, Limits, PoolSizing, ProviderKind, Template};
+pub use shoal_shared::template::{DaytonaTemplate, Limits, PoolSizing, ProviderKind, Template};
 
 /// What kind of sandbox failure this is; callers decide on the kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,11 +1,13 @@
-//! Sandbox templates: what a task's `sandbox` name stands for.
+//! Sandbox templates: what a task's `sandbox` name stands for. Configured under
+//! `[sandbox.templates.<name>]`; the built-in `default` is a local sandbox.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 /// Which provider builds a template's sandboxes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ProviderKind {
     /// bubblewrap on this host.
     Local,
@@ -71,7 +73,7 @@ impl Default for PoolSizing {
 }
 
 /// Daytona-specific template fields.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DaytonaTemplate {
     /// Snapshot to create from (Daytona's default when `None`).
     pub snapshot: Option<String>,
@@ -82,6 +84,22 @@ pub struct DaytonaTemplate {
     pub auto_stop_minutes: u32,
     pub auto_archive_minutes: u32,
     pub auto_delete_minutes: i32,
+}
+
+impl Default for DaytonaTemplate {
+    /// Intervals are always set, so a sandbox leaked by a crashed fleet stops,
+    /// archives and deletes itself even if no reaper ever runs again.
+    fn default() -> Self {
+        Self {
+            snapshot: None,
+            cpu: None,
+            memory_gib: None,
+            disk_gib: None,
+            auto_stop_minutes: 15,
+            auto_archive_minutes: 60,
+            auto_delete_minutes: 240,
+        }
+    }
 }
 
 /// A named recipe for sandboxes.
