@@ -10,8 +10,8 @@ pub mod settings;
 pub mod signal;
 pub mod store;
 pub mod task;
-pub mod template;
 pub mod telemetry;
+pub mod template;
 
 pub use event::{Event, EventEnvelope};
 pub use message::TaskMessage;

@@ -57,6 +57,7 @@ impl Worker {
         let _ = channel.close(200, "declared".into()).await;
         let provider: Arc<dyn SandboxProvider> = Arc::new(
             LocalProvider::new(settings.sandbox.clone(), &settings.worker.id)
+                .await
                 .context("preparing the sandbox directory")?,
         );
         let runner = Arc::new(TaskRunner::new(store, provider, settings.clone()));

@@ -1,0 +1,340 @@
+//! The embedded provider: bubblewrap sandboxes on this host.
+//!
+//! Each sandbox gets its own host uid (process limit and final kill are per
+//! sandbox), a size-capped tmpfs holding `/workspace` and `/tmp`, and runs
+//! every command in fresh user, pid, net, ipc, uts and cgroup namespaces with
+//! the host's `/usr` read-only, a read-only root, a cleared environment and
+//! rlimits. Sandboxes live under `<root>/<owner>/<id>/`; a provider starting
+//! up destroys what a dead predecessor left behind (processes by uid, mounts,
+//! directories, uid claims).
+
+mod command;
+mod files;
+mod process;
+mod sandbox;
+mod shell;
+mod uids;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use serde::{Deserialize, Serialize};
+use shoal_shared::settings::SandboxSettings;
+use shoal_shared::template::Template;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use self::sandbox::LocalSandbox;
+use self::uids::UidAllocator;
+use super::{OwnedSandbox, Sandbox, SandboxError, SandboxErrorKind, SandboxProvider};
+
+/// How long a setup command or the readiness probe may run.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(600);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The file in an owner directory naming the live process that owns it.
+const OWNER_FILE: &str = "owner";
+/// The file in a sandbox directory describing it.
+const META_FILE: &str = "sandbox.json";
+
+/// What is recorded about a sandbox on disk, so a later process can clean up.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Meta {
+    id: String,
+    uid: u32,
+    template: String,
+    owner: String,
+    mounted: bool,
+}
+
+/// Creates bubblewrap sandboxes under `<root>/<owner>/`.
+pub struct LocalProvider {
+    settings: SandboxSettings,
+    owner: String,
+    owner_dir: PathBuf,
+    uids: UidAllocator,
+    /// Root can mount a size-capped tmpfs per sandbox; others get a plain directory.
+    can_mount: bool,
+}
+
+impl LocalProvider {
+    /// Prepares `<root>/<owner>/`, first destroying whatever an earlier
+    /// process with the same owner name, or any dead owner, left behind.
+    pub async fn new(settings: SandboxSettings, owner: &str) -> Result<Self, SandboxError> {
+        let root = settings.root.clone();
+        std::fs::create_dir_all(&root)?;
+        let uids = UidAllocator::new(root.join(".uids"), settings.uid_base, settings.uid_count)?;
+        let can_mount = nix::unistd::geteuid().is_root();
+        if !can_mount {
+            warn!("not root: sandbox workspaces are plain directories without a size cap");
+        }
+        let provider = Self {
+            owner_dir: root.join(owner),
+            owner: owner.to_owned(),
+            settings,
+            uids,
+            can_mount,
+        };
+        // A fresh process holds no leases: anything under our own name is an orphan.
+        let reaped = provider.reap_owner_dir(&provider.owner_dir).await;
+        let reaped_others = provider.reap_dead_owners().await;
+        if reaped + reaped_others > 0 {
+            info!(
+                reaped = reaped + reaped_others,
+                "destroyed sandboxes left by dead workers"
+            );
+        }
+        std::fs::create_dir_all(&provider.owner_dir)?;
+        let identity = process::identity(std::process::id()).unwrap_or_default();
+        std::fs::write(provider.owner_dir.join(OWNER_FILE), identity)?;
+        Ok(provider)
+    }
+
+    /// The directory holding this provider's sandboxes.
+    pub fn owner_dir(&self) -> &Path {
+        &self.owner_dir
+    }
+
+    fn template(&self, name: &str) -> Arc<Template> {
+        Arc::new(
+            self.settings
+                .templates
+                .get(name)
+                .cloned()
+                .unwrap_or_else(Template::local_default),
+        )
+    }
+
+    fn sandbox_from(&self, meta: &Meta, dir: PathBuf) -> LocalSandbox {
+        LocalSandbox {
+            id: meta.id.clone(),
+            dir,
+            uid: meta.uid,
+            template: self.template(&meta.template),
+            bwrap: self.settings.bwrap.clone(),
+            max_output_bytes: self.settings.max_output_bytes,
+        }
+    }
+
+    async fn prepare(&self, template: &Template) -> Result<LocalSandbox, SandboxError> {
+        let uid = self.uids.claim(&self.owner)?;
+        let id = format!("local-{}", uuid::Uuid::now_v7().simple());
+        let dir = self.owner_dir.join(&id);
+        let fs = dir.join("fs");
+        let meta = Meta {
+            id: id.clone(),
+            uid,
+            template: template.name.clone(),
+            owner: self.owner.clone(),
+            mounted: self.can_mount,
+        };
+        let create_error = |what: &str, e: &dyn std::fmt::Display| {
+            SandboxError::new(SandboxErrorKind::Create, format!("{what}: {e}"))
+        };
+        // Metadata first: from here on a crash leaves something the reaper can read.
+        std::fs::create_dir_all(&fs).map_err(|e| create_error("sandbox directory", &e))?;
+        let json = serde_json::to_vec(&meta).map_err(|e| create_error("metadata", &e))?;
+        std::fs::write(dir.join(META_FILE), json).map_err(|e| create_error("metadata", &e))?;
+        let sandbox = self.sandbox_from(&meta, dir);
+        if self.can_mount {
+            let size = template.limits.workspace_bytes + template.limits.tmp_bytes;
+            let options = format!("size={size},mode=0755,uid={uid},gid={uid}");
+            mount(
+                Some("shoal-sandbox"),
+                &fs,
+                Some("tmpfs"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                Some(options.as_str()),
+            )
+            .map_err(|e| create_error("mounting the workspace", &e))?;
+        }
+        for sub in ["workspace", "tmp"] {
+            let path = fs.join(sub);
+            std::fs::create_dir_all(&path).map_err(|e| create_error("workspace", &e))?;
+            std::os::unix::fs::chown(&path, Some(uid), Some(uid))
+                .map_err(|e| create_error("workspace owner", &e))?;
+        }
+        Ok(sandbox)
+    }
+
+    /// Runs the template's setup and a probe: a sandbox is offered only once
+    /// it has run a command.
+    async fn ready(&self, sandbox: &LocalSandbox, template: &Template) -> Result<(), SandboxError> {
+        let none = BTreeMap::new();
+        let cancel = CancellationToken::new();
+        for step in &template.setup {
+            let output = sandbox
+                .run(
+                    &["/bin/sh", "-c", step],
+                    "",
+                    &none,
+                    template.network,
+                    SETUP_TIMEOUT,
+                    &cancel,
+                )
+                .await?;
+            if output.exit_code != Some(0) {
+                return Err(SandboxError::new(
+                    SandboxErrorKind::Create,
+                    format!(
+                        "template {} setup step {step:?} failed ({:?}): {}",
+                        template.name,
+                        output.exit_code,
+                        output.stderr.text().trim()
+                    ),
+                ));
+            }
+        }
+        let probe = sandbox
+            .run(&["/bin/true"], "", &none, false, PROBE_TIMEOUT, &cancel)
+            .await?;
+        if probe.exit_code != Some(0) {
+            return Err(SandboxError::new(
+                SandboxErrorKind::Create,
+                format!(
+                    "sandbox does not run commands ({:?}): {}",
+                    probe.exit_code,
+                    probe.stderr.text().trim()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Destroys one sandbox directory: every process of its uid, its mount,
+    /// its files, its uid claim.
+    async fn destroy_dir(&self, dir: &Path) -> Result<(), SandboxError> {
+        let meta: Option<Meta> = std::fs::read(dir.join(META_FILE))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        if let Some(meta) = &meta {
+            let left = process::kill_all_of(meta.uid).await;
+            if left > 0 {
+                warn!(sandbox = %meta.id, uid = meta.uid, left, "processes survived the kill sweep");
+            }
+        }
+        let fs = dir.join("fs");
+        if self.can_mount {
+            // Not mounted (crash before the mount) is fine.
+            let _ = umount2(&fs, MntFlags::MNT_DETACH);
+        }
+        match tokio::fs::remove_dir_all(dir).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        if let Some(meta) = meta {
+            self.uids.release(meta.uid);
+        }
+        Ok(())
+    }
+
+    /// Destroys every sandbox in `owner_dir`; returns how many.
+    async fn reap_owner_dir(&self, owner_dir: &Path) -> usize {
+        let Ok(entries) = std::fs::read_dir(owner_dir) else {
+            return 0;
+        };
+        let mut reaped = 0;
+        for entry in entries.flatten().filter(|e| e.path().is_dir()) {
+            match self.destroy_dir(&entry.path()).await {
+                Ok(()) => reaped += 1,
+                Err(error) => warn!(%error, dir = %entry.path().display(), "reaping failed"),
+            }
+        }
+        reaped
+    }
+
+    /// Destroys the sandboxes of owners whose process is gone, and frees uid
+    /// claims whose owner is gone.
+    async fn reap_dead_owners(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.settings.root) else {
+            return 0;
+        };
+        let mut reaped = 0;
+        let mut live_owners = vec![self.owner.clone()];
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || !path.is_dir() || path == self.owner_dir {
+                continue;
+            }
+            let alive = std::fs::read_to_string(path.join(OWNER_FILE))
+                .is_ok_and(|identity| process::is_alive(&identity));
+            if alive {
+                live_owners.push(name);
+                continue;
+            }
+            reaped += self.reap_owner_dir(&path).await;
+            let _ = std::fs::remove_dir_all(&path);
+        }
+        for (uid, owner) in self.uids.claimed() {
+            if !live_owners.contains(&owner) || owner == self.owner {
+                process::kill_all_of(uid).await;
+                self.uids.release(uid);
+            }
+        }
+        reaped
+    }
+}
+
+#[async_trait]
+impl SandboxProvider for LocalProvider {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    async fn create(&self, template: &Template) -> Result<Box<dyn Sandbox>, SandboxError> {
+        let sandbox = match self.prepare(template).await {
+            Ok(sandbox) => sandbox,
+            Err(error) => {
+                return Err(error);
+            }
+        };
+        if let Err(error) = self.ready(&sandbox, template).await {
+            let _ = self.destroy_dir(&sandbox.dir).await;
+            return Err(error);
+        }
+        Ok(Box::new(sandbox))
+    }
+
+    async fn reattach(&self, id: &str) -> Result<Box<dyn Sandbox>, SandboxError> {
+        let dir = self.owner_dir.join(id);
+        let meta: Meta = std::fs::read(dir.join(META_FILE))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .ok_or_else(|| {
+                SandboxError::new(SandboxErrorKind::NotFound, format!("no local sandbox {id}"))
+            })?;
+        Ok(Box::new(self.sandbox_from(&meta, dir)))
+    }
+
+    async fn destroy(&self, id: &str) -> Result<(), SandboxError> {
+        if id.is_empty() || id.contains('/') || id.starts_with('.') {
+            return Err(SandboxError::new(
+                SandboxErrorKind::NotFound,
+                format!("not a local sandbox id: {id:?}"),
+            ));
+        }
+        self.destroy_dir(&self.owner_dir.join(id)).await
+    }
+
+    async fn list_owned(&self) -> Result<Vec<OwnedSandbox>, SandboxError> {
+        let mut owned = Vec::new();
+        for entry in std::fs::read_dir(&self.owner_dir)?.flatten() {
+            let Ok(bytes) = std::fs::read(entry.path().join(META_FILE)) else {
+                continue;
+            };
+            if let Ok(meta) = serde_json::from_slice::<Meta>(&bytes) {
+                owned.push(OwnedSandbox {
+                    id: meta.id,
+                    template: meta.template,
+                    owner: meta.owner,
+                });
+            }
+        }
+        Ok(owned)
+    }
+}

@@ -1,0 +1,283 @@
+//! One local sandbox: commands in bubblewrap as the sandbox's uid, a
+//! persistent shell on a pty, and kernel-confined file operations.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use shoal_shared::template::Template;
+use tokio_util::sync::CancellationToken;
+
+use super::command::{host_env, Jail};
+use super::files::Confined;
+use super::shell::LocalShell;
+use crate::sandbox::{
+    CappedOutput, ExecOutput, ExecRequest, FileEntry, Sandbox, SandboxError, SandboxErrorKind,
+    ShellSession,
+};
+
+/// How long to wait for output pipes to close after the command ended.
+const PIPE_GRACE: Duration = Duration::from_secs(2);
+/// The longest a `git clone` may take.
+const CLONE_TIMEOUT: Duration = Duration::from_secs(600);
+
+pub struct LocalSandbox {
+    pub(super) id: String,
+    /// `<owner dir>/<id>`: metadata and the `fs` mount.
+    pub(super) dir: PathBuf,
+    pub(super) uid: u32,
+    pub(super) template: Arc<Template>,
+    pub(super) bwrap: PathBuf,
+    pub(super) max_output_bytes: usize,
+}
+
+impl LocalSandbox {
+    fn fs_dir(&self) -> PathBuf {
+        self.dir.join("fs")
+    }
+
+    fn jail(&self, network: bool, new_session: bool) -> Jail<'_> {
+        Jail {
+            bwrap: &self.bwrap,
+            template: &self.template,
+            fs_dir: self.fs_dir(),
+            network,
+            new_session,
+        }
+    }
+
+    fn confined(&self) -> Confined {
+        Confined {
+            root: self.fs_dir().join("workspace"),
+            uid: self.uid,
+        }
+    }
+
+    /// Runs `program` in the sandbox with separate, capped stdout and stderr.
+    pub(super) async fn run(
+        &self,
+        program: &[&str],
+        cwd: &str,
+        env: &BTreeMap<String, String>,
+        network: bool,
+        timeout: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<ExecOutput, SandboxError> {
+        let (binary, args) = self.jail(network, true).argv(cwd, env, program);
+        let started = Instant::now();
+        let mut child = tokio::process::Command::new(binary)
+            .args(args)
+            .env_clear()
+            .envs(host_env())
+            .uid(self.uid)
+            .gid(self.uid)
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| {
+                SandboxError::new(
+                    SandboxErrorKind::Broken,
+                    format!("cannot start bubblewrap: {e}"),
+                )
+            })?;
+        let cap = self.max_output_bytes;
+        // Readers run on their own so output written before a timeout is
+        // kept; the pipes close once every process of the sandbox is gone.
+        let stdout = child
+            .stdout
+            .take()
+            .map(|pipe| tokio::spawn(CappedOutput::read_from(pipe, cap)));
+        let stderr = child
+            .stderr
+            .take()
+            .map(|pipe| tokio::spawn(CappedOutput::read_from(pipe, cap)));
+        let (mut timed_out, mut cancelled) = (false, false);
+        let status = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => { cancelled = true; None }
+            _ = tokio::time::sleep(timeout) => { timed_out = true; None }
+            status = child.wait() => Some(status?),
+        };
+        let status = match status {
+            Some(status) => Some(status),
+            None => {
+                // SIGKILL to bubblewrap: its pid namespace dies with it.
+                let _ = child.start_kill();
+                child.wait().await.ok();
+                None
+            }
+        };
+        Ok(ExecOutput {
+            exit_code: status.and_then(|s| s.code()),
+            stdout: collect(stdout).await,
+            stderr: collect(stderr).await,
+            duration: started.elapsed(),
+            timed_out,
+            cancelled,
+        })
+    }
+
+    fn cwd(request: &ExecRequest) -> Result<String, SandboxError> {
+        match &request.cwd {
+            None => Ok(String::new()),
+            Some(cwd) => {
+                if cwd.starts_with('/') || cwd.split('/').any(|p| p == "..") || cwd.contains('\0') {
+                    return Err(SandboxError::new(
+                        SandboxErrorKind::Path,
+                        format!("cwd {cwd:?} must be a path inside the workspace"),
+                    ));
+                }
+                Ok(cwd.trim_end_matches('/').to_owned())
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Sandbox for LocalSandbox {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    async fn exec(
+        &self,
+        request: &ExecRequest,
+        cancel: &CancellationToken,
+    ) -> Result<ExecOutput, SandboxError> {
+        let cwd = Self::cwd(request)?;
+        self.run(
+            &["/bin/sh", "-c", &request.command],
+            &cwd,
+            &request.env,
+            self.template.network,
+            request.timeout,
+            cancel,
+        )
+        .await
+    }
+
+    async fn shell(&self) -> Result<Box<dyn ShellSession>, SandboxError> {
+        let (binary, args) = self.jail(self.template.network, false).argv(
+            "",
+            &BTreeMap::new(),
+            &["/bin/bash", "--noprofile", "--norc", "-i"],
+        );
+        let command = pty_process::Command::new(binary)
+            .args(args)
+            .env_clear()
+            .envs(host_env())
+            .uid(self.uid)
+            .gid(self.uid)
+            .current_dir("/");
+        Ok(Box::new(LocalShell::start(command).await?))
+    }
+
+    async fn write_file(&self, path: &str, content: &[u8]) -> Result<(), SandboxError> {
+        let confined = self.confined();
+        let path = path.to_owned();
+        let content = content.to_vec();
+        blocking(move || confined.write(&path, &content)).await
+    }
+
+    async fn read_file(&self, path: &str) -> Result<Vec<u8>, SandboxError> {
+        let confined = self.confined();
+        let path = path.to_owned();
+        blocking(move || confined.read(&path)).await
+    }
+
+    async fn list_files(&self, path: &str) -> Result<Vec<FileEntry>, SandboxError> {
+        let confined = self.confined();
+        let path = path.to_owned();
+        blocking(move || confined.list(&path)).await
+    }
+
+    async fn git_clone(
+        &self,
+        url: &str,
+        git_ref: Option<&str>,
+        dest: &str,
+    ) -> Result<(), SandboxError> {
+        let dest = Self::cwd(&ExecRequest {
+            cwd: Some(dest.to_owned()),
+            ..ExecRequest::new("", CLONE_TIMEOUT)
+        })?;
+        let mut program = vec!["git", "clone", "--quiet"];
+        if let Some(git_ref) = git_ref {
+            program.extend(["--branch", git_ref]);
+        }
+        program.extend(["--", url, &dest]);
+        // Cloning needs the network even in a template without it; the clone
+        // runs before any task code, as the sandbox's uid, in the sandbox.
+        let output = self
+            .run(
+                &program,
+                "",
+                &BTreeMap::new(),
+                true,
+                CLONE_TIMEOUT,
+                &CancellationToken::new(),
+            )
+            .await?;
+        if output.exit_code == Some(0) {
+            Ok(())
+        } else {
+            Err(SandboxError::new(
+                SandboxErrorKind::Rejected,
+                format!(
+                    "git clone failed ({}): {}",
+                    output
+                        .exit_code
+                        .map_or("killed".into(), |c| format!("exit {c}")),
+                    output.stderr.text().trim()
+                ),
+            ))
+        }
+    }
+
+    async fn health(&self) -> Result<(), SandboxError> {
+        match tokio::fs::metadata(self.fs_dir().join("workspace")).await {
+            Ok(meta) if meta.is_dir() => Ok(()),
+            _ => Err(SandboxError::new(
+                SandboxErrorKind::Broken,
+                format!("sandbox {} lost its workspace", self.id),
+            )),
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, SandboxError> + Send + 'static,
+) -> Result<T, SandboxError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| SandboxError::new(SandboxErrorKind::Io, format!("file task failed: {e}")))?
+}
+
+async fn collect(
+    reader: Option<tokio::task::JoinHandle<std::io::Result<CappedOutput>>>,
+) -> CappedOutput {
+    let Some(reader) = reader else {
+        return CappedOutput::default();
+    };
+    match tokio::time::timeout(PIPE_GRACE, reader).await {
+        Ok(Ok(Ok(output))) => output,
+        Ok(Ok(Err(error))) => {
+            tracing::warn!(%error, "reading sandbox output failed");
+            CappedOutput::default()
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "sandbox output reader failed");
+            CappedOutput::default()
+        }
+        Err(_) => {
+            tracing::warn!("sandbox output pipe still open after the command ended");
+            CappedOutput::default()
+        }
+    }
+}

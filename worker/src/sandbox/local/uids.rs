@@ -1,0 +1,78 @@
+//! One host uid per local sandbox, claimed host-wide with marker files so two
+//! workers on one host never hand out the same uid. A dedicated uid makes
+//! RLIMIT_NPROC a per-sandbox limit and lets destroy kill every process the
+//! sandbox ever started, however it detached.
+
+use std::io::ErrorKind;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use super::super::{SandboxError, SandboxErrorKind};
+
+pub struct UidAllocator {
+    dir: PathBuf,
+    base: u32,
+    count: u32,
+    next: AtomicU32,
+}
+
+impl UidAllocator {
+    pub fn new(dir: PathBuf, base: u32, count: u32) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self {
+            dir,
+            base,
+            count,
+            next: AtomicU32::new(std::process::id() % count.max(1)),
+        })
+    }
+
+    /// Claims a free uid for `owner`.
+    pub fn claim(&self, owner: &str) -> Result<u32, SandboxError> {
+        for _ in 0..self.count {
+            let offset = self.next.fetch_add(1, Ordering::Relaxed) % self.count;
+            let uid = self.base + offset;
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(self.marker(uid))
+            {
+                Ok(file) => {
+                    use std::io::Write;
+                    let mut file = file;
+                    file.write_all(owner.as_bytes())?;
+                    return Ok(uid);
+                }
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(SandboxError::new(
+            SandboxErrorKind::Create,
+            format!("all {} sandbox uids are in use", self.count),
+        ))
+    }
+
+    pub fn release(&self, uid: u32) {
+        let _ = std::fs::remove_file(self.marker(uid));
+    }
+
+    /// Every claimed uid with the owner that claimed it.
+    pub fn claimed(&self) -> Vec<(u32, String)> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|entry| {
+                let uid: u32 = entry.file_name().to_str()?.parse().ok()?;
+                let owner = std::fs::read_to_string(entry.path()).ok()?;
+                Some((uid, owner))
+            })
+            .collect()
+    }
+
+    fn marker(&self, uid: u32) -> PathBuf {
+        self.dir.join(uid.to_string())
+    }
+}
