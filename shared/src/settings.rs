@@ -84,6 +84,8 @@ pub struct WorkerSettings {
     pub lease_renew: Duration,
     /// Longest wait between polls of empty queues.
     pub idle_poll_max: Duration,
+    /// Where `/metrics` is served; `None` (empty in config) turns it off.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -97,6 +99,8 @@ pub struct SandboxSettings {
     /// sandbox, so process limits and the final kill are per sandbox.
     pub uid_base: u32,
     pub uid_count: u32,
+    /// Host-wide directory of uid claims, shared by every worker on the host.
+    pub uid_dir: PathBuf,
     /// Templates by name; `default` always exists.
     pub templates: BTreeMap<String, Template>,
 }
@@ -215,6 +219,7 @@ struct RawWorker {
     lease_ttl_s: u64,
     lease_renew_s: u64,
     idle_poll_max_ms: u64,
+    metrics_listen: String,
 }
 
 impl Default for RawWorker {
@@ -226,6 +231,7 @@ impl Default for RawWorker {
             lease_ttl_s: 30,
             lease_renew_s: 10,
             idle_poll_max_ms: 200,
+            metrics_listen: "0.0.0.0:9464".into(),
         }
     }
 }
@@ -238,6 +244,7 @@ struct RawSandbox {
     max_output_bytes: usize,
     uid_base: u32,
     uid_count: u32,
+    uid_dir: PathBuf,
     templates: BTreeMap<String, RawTemplate>,
 }
 
@@ -249,6 +256,7 @@ impl Default for RawSandbox {
             max_output_bytes: 1 << 20,
             uid_base: 200_000,
             uid_count: 50_000,
+            uid_dir: std::env::temp_dir().join("shoal-sandbox-uids"),
             templates: BTreeMap::new(),
         }
     }
@@ -500,6 +508,15 @@ impl Settings {
         if raw.worker.idle_poll_max_ms == 0 {
             return Err(invalid("worker.idle_poll_max_ms", "must be positive"));
         }
+        let metrics_listen = match raw.worker.metrics_listen.trim() {
+            "" => None,
+            addr => Some(addr.parse().map_err(|_| {
+                invalid(
+                    "worker.metrics_listen",
+                    "must be an address like 0.0.0.0:9464, or empty",
+                )
+            })?),
+        };
         let worker_id = match raw.worker.id {
             Some(id) if !is_tenant(&id) => {
                 return Err(invalid(
@@ -571,6 +588,7 @@ impl Settings {
                 lease_ttl: Duration::from_secs(raw.worker.lease_ttl_s),
                 lease_renew: Duration::from_secs(raw.worker.lease_renew_s),
                 idle_poll_max: Duration::from_millis(raw.worker.idle_poll_max_ms),
+                metrics_listen,
             },
             sandbox: SandboxSettings {
                 bwrap: raw.sandbox.bwrap,
@@ -578,6 +596,7 @@ impl Settings {
                 max_output_bytes: raw.sandbox.max_output_bytes,
                 uid_base: raw.sandbox.uid_base,
                 uid_count: raw.sandbox.uid_count,
+                uid_dir: raw.sandbox.uid_dir,
                 templates,
             },
             limits,

@@ -65,7 +65,8 @@ impl TestEnv {
              broker.url = \"{broker}\"\n\
              redis.url = \"{redis}\"\n\
              sandbox.root = \"{root}\"\n\
-             worker.idle_poll_max_ms = 50\n",
+             worker.idle_poll_max_ms = 50\n\
+             worker.metrics_listen = \"127.0.0.1:0\"\n",
             broker = service_url(BROKER_ENV),
             redis = service_url(REDIS_ENV),
             root = sandbox_root.display(),
@@ -400,7 +401,7 @@ fn workspaces(root: &Path) -> Vec<PathBuf> {
     };
     for owner in owners.flatten().filter(|e| e.path().is_dir()) {
         if let Ok(sandboxes) = std::fs::read_dir(owner.path()) {
-            found.extend(sandboxes.flatten().map(|e| e.path()));
+            found.extend(sandboxes.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
         }
     }
     found

@@ -6,6 +6,7 @@
 pub mod consumer;
 pub mod exec;
 pub mod outcome;
+pub mod pool;
 pub mod runner;
 pub mod sandbox;
 mod worker;

@@ -2,9 +2,6 @@
 //! The broker side (ack, retry, dead letter) is the consumer's business; the
 //! runner answers with a [`Disposition`].
 
-use std::sync::Arc;
-use std::time::Instant;
-
 use chrono::Utc;
 use shoal_shared::event::{Event, EventEnvelope};
 use shoal_shared::settings::Settings;
@@ -16,12 +13,12 @@ use tracing::{info, instrument, warn};
 
 use crate::exec::{result_of, run_exec};
 use crate::outcome::{Disposition, RunError};
-use crate::sandbox::SandboxProvider;
+use crate::pool::{Pool, PoolError};
 
 /// Everything a slot needs to run tasks; shared by all slots of a worker.
 pub struct TaskRunner {
     pub store: Store,
-    pub provider: Arc<dyn SandboxProvider>,
+    pub pool: Pool,
     pub settings: Settings,
     /// `worker:<id>`, the source of this worker's events.
     pub source: String,
@@ -34,11 +31,11 @@ enum Finish {
 }
 
 impl TaskRunner {
-    pub fn new(store: Store, provider: Arc<dyn SandboxProvider>, settings: Settings) -> Self {
+    pub fn new(store: Store, pool: Pool, settings: Settings) -> Self {
         let source = format!("worker:{}", settings.worker.id);
         Self {
             store,
-            provider,
+            pool,
             settings,
             source,
         }
@@ -195,43 +192,42 @@ impl TaskRunner {
     async fn run_sandboxed(
         &self,
         message: &TaskMessage,
-        lease: &Lease,
+        task_lease: &Lease,
         cancel: &CancellationToken,
     ) -> Result<Finish, RunError> {
         let id = message.id;
-        let lease_started = Instant::now();
-        let sandbox = self
-            .provider
-            .create(&crate::sandbox::Template::local_default())
+        let lease = self
+            .pool
+            .lease(&message.spec.sandbox, &message.tenant)
             .await
-            .map_err(|e| RunError::Retryable(e.to_string()))?;
-        let lease_ms = lease_started.elapsed().as_secs_f64() * 1000.0;
+            .map_err(|error| match error {
+                PoolError::UnknownTemplate(_) => RunError::Fatal(error.to_string()),
+                PoolError::Sandbox(ref e) if !e.is_retryable() => {
+                    RunError::Fatal(error.to_string())
+                }
+                _ => RunError::Retryable(error.to_string()),
+            })?;
+        let sandbox = lease.sandbox();
         self.emit(EventEnvelope::now(
             id,
             self.source.clone(),
             Event::SandboxLeased {
                 sandbox_id: sandbox.id().to_owned(),
-                template: message.spec.sandbox.clone(),
-                warm: false,
-                lease_ms,
+                template: lease.template().to_owned(),
+                warm: lease.warm,
+                lease_ms: lease.waited.as_secs_f64() * 1000.0,
             },
         ))
         .await;
         let running = Transition::to(id, TaskState::Running, self.source.clone())
-            .fenced(lease)
+            .fenced(task_lease)
             .field("sandbox_id", sandbox.id().to_owned());
         let outcome = match self.store.transition(&running).await {
-            Ok(TransitionOutcome::Applied { .. }) => {
-                self.run_kind(message, &*sandbox, cancel).await
-            }
+            Ok(TransitionOutcome::Applied { .. }) => self.run_kind(message, sandbox, cancel).await,
             Ok(other) => Err(RunError::Retryable(format!("cannot start: {other:?}"))),
             Err(error) => Err(retryable(error)),
         };
-        let sandbox_id = sandbox.id().to_owned();
-        drop(sandbox);
-        if let Err(error) = self.provider.destroy(&sandbox_id).await {
-            warn!(%error, "destroying sandbox failed");
-        }
+        self.pool.release(lease).await;
         outcome
     }
 

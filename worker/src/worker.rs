@@ -14,8 +14,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::consumer::Slot;
+use crate::pool::{Pool, PoolMetrics};
 use crate::runner::TaskRunner;
-use crate::sandbox::{LocalProvider, SandboxProvider};
+use crate::sandbox::{LocalProvider, ProviderKind, SandboxProvider};
+use prometheus_client::registry::Registry;
 
 /// A running worker's parts, built by [`Worker::connect`].
 pub struct Worker {
@@ -23,7 +25,12 @@ pub struct Worker {
     broker: Broker,
     topology: Topology,
     runner: Arc<TaskRunner>,
+    pool: Pool,
+    registry: Arc<Registry>,
 }
+
+/// How often the pool's reaper looks for leaked sandboxes.
+const REAP_EVERY: Duration = Duration::from_secs(60);
 
 /// Connects, then runs until `shutdown` is cancelled and the drain is over.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -60,12 +67,23 @@ impl Worker {
                 .await
                 .context("preparing the sandbox directory")?,
         );
-        let runner = Arc::new(TaskRunner::new(store, provider, settings.clone()));
+        let mut registry = Registry::default();
+        let pool_metrics = PoolMetrics::new(&mut registry);
+        let local_templates = settings
+            .sandbox
+            .templates
+            .values()
+            .filter(|t| t.provider == ProviderKind::Local)
+            .cloned();
+        let pool = Pool::start(provider, local_templates, pool_metrics, REAP_EVERY);
+        let runner = Arc::new(TaskRunner::new(store, pool.clone(), settings.clone()));
         Ok(Self {
             settings,
             broker,
             topology,
             runner,
+            pool,
+            registry: Arc::new(registry),
         })
     }
 
@@ -75,6 +93,14 @@ impl Worker {
         let slots = self.settings.worker.slots;
         info!(worker = %self.settings.worker.id, slots, namespace = %self.settings.namespace, "worker started");
         let abort = CancellationToken::new();
+        let metrics_stop = CancellationToken::new();
+        if let Some(addr) = self.settings.worker.metrics_listen {
+            tokio::spawn(serve_metrics(
+                addr,
+                self.registry.clone(),
+                metrics_stop.clone(),
+            ));
+        }
         let doorbell = Arc::new(Notify::new());
         let tracker = TaskTracker::new();
         for index in 0..slots {
@@ -106,10 +132,51 @@ impl Worker {
             abort.cancel();
             tracker.wait().await;
         }
+        self.pool.drain(Duration::from_secs(30)).await;
+        metrics_stop.cancel();
         self.broker.close().await;
         info!("worker stopped");
         Ok(())
     }
+}
+
+/// Serves `/metrics` (Prometheus text format) until `stop`. A port that
+/// cannot be bound is logged; the worker runs on without metrics.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    registry: Arc<Registry>,
+    stop: CancellationToken,
+) {
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!(%addr, %error, "cannot serve metrics");
+            return;
+        }
+    };
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let registry = registry.clone();
+            async move {
+                let mut text = String::new();
+                if prometheus_client::encoding::text::encode(&mut text, &registry).is_err() {
+                    text.clear();
+                }
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    text,
+                )
+            }
+        }),
+    );
+    info!(%addr, "serving metrics");
+    let _ = axum::serve(listener, app)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await;
 }
 
 /// Wakes idle slots when the scheduler rings after publishing. Best effort: a

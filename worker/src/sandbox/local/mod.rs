@@ -66,7 +66,13 @@ impl LocalProvider {
     pub async fn new(settings: SandboxSettings, owner: &str) -> Result<Self, SandboxError> {
         let root = settings.root.clone();
         std::fs::create_dir_all(&root)?;
-        let uids = UidAllocator::new(root.join(".uids"), settings.uid_base, settings.uid_count)?;
+        let identity = process::identity(std::process::id()).unwrap_or_default();
+        let uids = UidAllocator::new(
+            settings.uid_dir.clone(),
+            settings.uid_base,
+            settings.uid_count,
+            identity.clone(),
+        )?;
         let can_mount = nix::unistd::geteuid().is_root();
         if !can_mount {
             warn!("not root: sandbox workspaces are plain directories without a size cap");
@@ -88,7 +94,6 @@ impl LocalProvider {
             );
         }
         std::fs::create_dir_all(&provider.owner_dir)?;
-        let identity = process::identity(std::process::id()).unwrap_or_default();
         std::fs::write(provider.owner_dir.join(OWNER_FILE), identity)?;
         Ok(provider)
     }
@@ -120,7 +125,7 @@ impl LocalProvider {
     }
 
     async fn prepare(&self, template: &Template) -> Result<LocalSandbox, SandboxError> {
-        let uid = self.uids.claim(&self.owner)?;
+        let uid = self.uids.claim()?;
         let id = format!("local-{}", uuid::Uuid::now_v7().simple());
         let dir = self.owner_dir.join(&id);
         let fs = dir.join("fs");
@@ -248,13 +253,12 @@ impl LocalProvider {
     }
 
     /// Destroys the sandboxes of owners whose process is gone, and frees uid
-    /// claims whose owner is gone.
+    /// claims (host-wide) whose claiming process is gone.
     async fn reap_dead_owners(&self) -> usize {
         let Ok(entries) = std::fs::read_dir(&self.settings.root) else {
             return 0;
         };
         let mut reaped = 0;
-        let mut live_owners = vec![self.owner.clone()];
         for entry in entries.flatten() {
             let path = entry.path();
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -264,14 +268,13 @@ impl LocalProvider {
             let alive = std::fs::read_to_string(path.join(OWNER_FILE))
                 .is_ok_and(|identity| process::is_alive(&identity));
             if alive {
-                live_owners.push(name);
                 continue;
             }
             reaped += self.reap_owner_dir(&path).await;
             let _ = std::fs::remove_dir_all(&path);
         }
-        for (uid, owner) in self.uids.claimed() {
-            if !live_owners.contains(&owner) || owner == self.owner {
+        for (uid, claimant) in self.uids.claimed() {
+            if !process::is_alive(&claimant) {
                 process::kill_all_of(uid).await;
                 self.uids.release(uid);
             }

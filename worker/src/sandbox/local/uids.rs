@@ -14,35 +14,37 @@ pub struct UidAllocator {
     base: u32,
     count: u32,
     next: AtomicU32,
+    /// Written into each claim: the claiming process's identity ("pid start").
+    claimant: String,
 }
 
 impl UidAllocator {
-    pub fn new(dir: PathBuf, base: u32, count: u32) -> std::io::Result<Self> {
+    pub fn new(dir: PathBuf, base: u32, count: u32, claimant: String) -> std::io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
         Ok(Self {
             dir,
             base,
             count,
             next: AtomicU32::new(std::process::id() % count.max(1)),
+            claimant,
         })
     }
 
-    /// Claims a free uid for `owner`.
-    pub fn claim(&self, owner: &str) -> Result<u32, SandboxError> {
+    /// Claims a free uid for this process.
+    pub fn claim(&self) -> Result<u32, SandboxError> {
         for _ in 0..self.count {
             let offset = self.next.fetch_add(1, Ordering::Relaxed) % self.count;
             let uid = self.base + offset;
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(self.marker(uid))
-            {
-                Ok(file) => {
-                    use std::io::Write;
-                    let mut file = file;
-                    file.write_all(owner.as_bytes())?;
-                    return Ok(uid);
-                }
+            // Write the claim aside, then link it into place: the link is the
+            // atomic claim, and a reader never sees a claim without its claimant.
+            let staged = self
+                .dir
+                .join(format!(".claim-{}-{uid}", std::process::id()));
+            std::fs::write(&staged, self.claimant.as_bytes())?;
+            let claimed = std::fs::hard_link(&staged, self.marker(uid));
+            let _ = std::fs::remove_file(&staged);
+            match claimed {
+                Ok(()) => return Ok(uid),
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(e.into()),
             }
@@ -57,7 +59,7 @@ impl UidAllocator {
         let _ = std::fs::remove_file(self.marker(uid));
     }
 
-    /// Every claimed uid with the owner that claimed it.
+    /// Every claimed uid with the identity of the process that claimed it.
     pub fn claimed(&self) -> Vec<(u32, String)> {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return Vec::new();
@@ -65,6 +67,7 @@ impl UidAllocator {
         entries
             .flatten()
             .filter_map(|entry| {
+                // Staged claims (".claim-*") are not claims yet.
                 let uid: u32 = entry.file_name().to_str()?.parse().ok()?;
                 let owner = std::fs::read_to_string(entry.path()).ok()?;
                 Some((uid, owner))
