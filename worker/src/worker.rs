@@ -75,7 +75,7 @@ impl Worker {
             .values()
             .filter(|t| t.provider == ProviderKind::Local)
             .cloned();
-        let pool = Pool::start(provider, local_templates, pool_metrics, REAP_EVERY);
+        let pool = Pool::start(provider, local_templates, pool_metrics, REAP_EVERY).await;
         let runner = Arc::new(TaskRunner::new(store, pool.clone(), settings.clone()));
         Ok(Self {
             settings,

@@ -116,8 +116,10 @@ enum Take {
 }
 
 impl Pool {
-    /// Builds the pool and starts a replenisher per template and the reaper.
-    pub fn start(
+    /// Reaps what a previous incarnation leaked (before anything is created,
+    /// so nothing in creation can be mistaken for a leak), then starts a
+    /// replenisher per template and the periodic reaper.
+    pub async fn start(
         provider: Arc<dyn SandboxProvider>,
         templates: impl IntoIterator<Item = Template>,
         metrics: PoolMetrics,
@@ -150,6 +152,7 @@ impl Pool {
                 tracker: TaskTracker::new(),
             }),
         };
+        pool.reap(true).await;
         for template in pool.inner.templates.values() {
             pool.inner
                 .tracker
@@ -495,7 +498,6 @@ impl Pool {
     }
 
     async fn reap_loop(self, every: Duration) {
-        self.reap(true).await;
         loop {
             tokio::select! {
                 _ = self.inner.shutdown.cancelled() => return,
