@@ -64,6 +64,7 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<api::AppState> {
         Publisher::new(broker),
         topology,
         settings.limits.clone(),
+        settings.sandbox.templates.keys().cloned().collect(),
     );
     Ok(api::AppState {
         submitter: Arc::new(submitter),

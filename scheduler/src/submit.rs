@@ -35,6 +35,8 @@ pub struct Submitter {
     publisher: Publisher,
     topology: Topology,
     limits: SpecLimits,
+    /// Sandbox templates the fleet offers; a spec naming another is refused.
+    templates: Vec<String>,
 }
 
 impl Submitter {
@@ -44,6 +46,7 @@ impl Submitter {
         publisher: Publisher,
         topology: Topology,
         limits: SpecLimits,
+        templates: Vec<String>,
     ) -> Self {
         Self {
             store,
@@ -51,6 +54,7 @@ impl Submitter {
             publisher,
             topology,
             limits,
+            templates,
         }
     }
 
@@ -73,6 +77,19 @@ impl Submitter {
         for (index, spec) in specs.iter().enumerate() {
             spec.validate(&self.limits)
                 .map_err(|error| SubmitError::Invalid { index, error })?;
+            if !self.templates.contains(&spec.sandbox) {
+                return Err(SubmitError::Invalid {
+                    index,
+                    error: SpecError {
+                        field: "sandbox".into(),
+                        message: format!(
+                            "unknown sandbox template {:?}; this fleet offers {}",
+                            spec.sandbox,
+                            self.templates.join(", ")
+                        ),
+                    },
+                });
+            }
         }
 
         // Claim idempotency keys first; replays return the existing task.

@@ -331,6 +331,11 @@ impl WorkerProcess {
         assert!(status.success(), "kill -TERM failed");
     }
 
+    /// SIGKILL: the crash case.
+    pub async fn kill(&mut self) {
+        self.child.kill().await.expect("kill -9 the worker");
+    }
+
     /// Waits for the process to exit and returns its exit code.
     pub async fn wait(mut self, timeout: Duration) -> Option<i32> {
         tokio::time::timeout(timeout, self.child.wait())

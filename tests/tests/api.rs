@@ -112,6 +112,21 @@ async fn bad_requests_get_the_documented_problem_details() {
         "application/json",
     );
 
+    let (s, b, m) = post(
+        &tasks,
+        r#"{"kind":{"type":"exec","command":"true"},"sandbox":"gpu-xl"}"#,
+        json,
+    )
+    .await;
+    assert_problem(
+        s,
+        &b,
+        &m,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "unknown sandbox template",
+    );
+    assert_eq!(b["field"], "sandbox");
+
     let (s, b, m) = post(&format!("{base}/v1/tasks/batch"), r#"{"tasks":[]}"#, json).await;
     assert_problem(
         s,

@@ -203,6 +203,30 @@ async fn events_record_the_lifecycle_in_order() {
     };
     assert_eq!(*from, Some(TaskState::Running));
     assert_eq!(*attempt, 1);
+
+    // With the pool warmed up, a lease is a hand-over: the event says so.
+    shoal_tests::wait_until("a warm pool", Duration::from_secs(20), || async {
+        let record = client
+            .submit(&TaskSpec::exec("true"), None)
+            .await
+            .expect("submit");
+        let done = env.wait_terminal(&record.id, Duration::from_secs(30)).await;
+        let events = env.store.events(&done.id, 100).await.expect("events");
+        events.iter().find_map(|(_, e)| match &e.event {
+            Event::SandboxLeased {
+                warm: true,
+                lease_ms,
+                template,
+                ..
+            } => {
+                assert_eq!(template, "default");
+                assert!(*lease_ms < 100.0, "warm lease took {lease_ms} ms");
+                Some(())
+            }
+            _ => None,
+        })
+    })
+    .await;
     env.teardown().await;
 }
 

@@ -52,7 +52,10 @@ impl Fixture {
             if now == idle {
                 return;
             }
-            assert!(Instant::now() < deadline, "idle stayed at {now}, expected {idle}");
+            assert!(
+                Instant::now() < deadline,
+                "idle stayed at {now}, expected {idle}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -74,15 +77,29 @@ async fn leases_are_warm_returns_are_destroyed_and_the_pool_refills() {
     f.wait_idle(2).await;
     let lease = f.pool.lease("default", "t1").await.expect("lease");
     assert!(lease.warm, "a pre-warmed pool serves from idle");
-    assert!(lease.waited < Duration::from_millis(50), "warm lease took {:?}", lease.waited);
+    assert!(
+        lease.waited < Duration::from_millis(50),
+        "warm lease took {:?}",
+        lease.waited
+    );
     let id = lease.sandbox().id().to_owned();
     // The pool refills to min_idle behind the lease.
     f.wait_idle(2).await;
     assert_eq!(f.pool.counts("default").expect("counts").1, 1);
     f.pool.release(lease).await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while f.provider.list_owned().await.expect("list").iter().any(|s| s.id == id) {
-        assert!(Instant::now() < deadline, "a returned sandbox was not destroyed");
+    while f
+        .provider
+        .list_owned()
+        .await
+        .expect("list")
+        .iter()
+        .any(|s| s.id == id)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "a returned sandbox was not destroyed"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(f.owned().await, 2);
@@ -91,7 +108,11 @@ async fn leases_are_warm_returns_are_destroyed_and_the_pool_refills() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_total_holds_under_a_burst_and_waiters_get_freed_sandboxes() {
-    let f = fixture("burst", "min_idle = 0\nmax_total = 3\ncreate_concurrency = 2\nlease_timeout_s = 2").await;
+    let f = fixture(
+        "burst",
+        "min_idle = 0\nmax_total = 3\ncreate_concurrency = 2\nlease_timeout_s = 2",
+    )
+    .await;
     let pool = f.pool.clone();
     let burst = (0..6).map(|i| {
         let pool = pool.clone();
@@ -101,7 +122,11 @@ async fn max_total_holds_under_a_burst_and_waiters_get_freed_sandboxes() {
     let (leases, errors): (Vec<_>, Vec<_>) = results.into_iter().partition(Result::is_ok);
     assert_eq!(leases.len(), 3, "exactly max_total leases succeed");
     for error in errors {
-        assert!(matches!(error, Err(PoolError::Timeout { .. })), "{:?}", error.err());
+        assert!(
+            matches!(error, Err(PoolError::Timeout { .. })),
+            "{:?}",
+            error.err()
+        );
     }
     assert_eq!(f.owned().await, 3);
     // A waiter is served as soon as a lease comes back.
@@ -112,7 +137,10 @@ async fn max_total_holds_under_a_burst_and_waiters_get_freed_sandboxes() {
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
     f.pool.release(leases.pop().expect("lease")).await;
-    let late = waiter.await.expect("join").expect("the waiter gets a sandbox");
+    let late = waiter
+        .await
+        .expect("join")
+        .expect("the waiter gets a sandbox");
     assert!(f.owned().await <= 3);
     f.pool.release(late).await;
     for lease in leases {
@@ -131,10 +159,24 @@ async fn a_sandbox_failing_its_health_check_is_discarded_and_replaced() {
     let workspace = f.provider.owner_dir().join(&broken).join("fs/workspace");
     std::fs::remove_dir_all(&workspace).expect("break the sandbox");
     let lease = f.pool.lease("default", "t").await.expect("lease");
-    assert_ne!(lease.sandbox().id(), broken, "the broken sandbox was handed out");
+    assert_ne!(
+        lease.sandbox().id(),
+        broken,
+        "the broken sandbox was handed out"
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
-    while f.provider.list_owned().await.expect("list").iter().any(|s| s.id == broken) {
-        assert!(Instant::now() < deadline, "the broken sandbox was not destroyed");
+    while f
+        .provider
+        .list_owned()
+        .await
+        .expect("list")
+        .iter()
+        .any(|s| s.id == broken)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the broken sandbox was not destroyed"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     f.pool.release(lease).await;
@@ -146,14 +188,21 @@ async fn reuse_templates_hand_a_sandbox_back_only_to_the_same_tenant() {
     let f = fixture("reuse", "min_idle = 0\nmax_total = 4\nreuse = true").await;
     let first = f.pool.lease("default", "alice").await.expect("lease");
     let id = first.sandbox().id().to_owned();
-    first.sandbox().write_file("state.txt", b"alice was here").await.expect("write");
+    first
+        .sandbox()
+        .write_file("state.txt", b"alice was here")
+        .await
+        .expect("write");
     f.pool.release(first).await;
     let bob = f.pool.lease("default", "bob").await.expect("lease");
     assert_ne!(bob.sandbox().id(), id, "another tenant got alice's sandbox");
     let again = f.pool.lease("default", "alice").await.expect("lease");
     assert_eq!(again.sandbox().id(), id);
     assert!(again.warm);
-    assert_eq!(again.sandbox().read_file("state.txt").await.expect("read"), b"alice was here");
+    assert_eq!(
+        again.sandbox().read_file("state.txt").await.expect("read"),
+        b"alice was here"
+    );
     f.pool.release(bob).await;
     f.pool.release(again).await;
     f.finish().await;

@@ -94,3 +94,34 @@ async fn sigterm_past_the_deadline_requeues_the_task_and_another_worker_complete
     assert_eq!(second.wait(Duration::from_secs(30)).await, Some(0));
     env.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_kill_9_a_restarted_worker_leaves_no_stray_process_or_workspace() {
+    // Short leases so the orphaned task is picked up again quickly.
+    let mut env = TestEnv::new("kill9", "worker.lease_ttl_s = 3\nworker.lease_renew_s = 1").await;
+    let url = env.start_scheduler().await;
+    let client = Client::new(&url, None);
+    let mut doomed = env.spawn_worker_process("crashy", 1, 30);
+    let record = client
+        .submit(&TaskSpec::exec("sleep 3; echo survived"), None)
+        .await
+        .expect("submit");
+    env.wait_state(&record.id, TaskState::Running, Duration::from_secs(30))
+        .await;
+    doomed.kill().await;
+
+    // The same worker comes back (same id, same sandbox root): its reaper
+    // destroys what the dead process held, and the task is run again.
+    let revived = env.spawn_worker_process("crashy", 1, 30);
+    let done = env.wait_terminal(&record.id, Duration::from_secs(90)).await;
+    assert_eq!(done.state, TaskState::Succeeded, "{:?}", done.last_error);
+    let Some(TaskResult::Exec(result)) = &done.result else {
+        panic!("no result")
+    };
+    assert_eq!(result.stdout, "survived\n");
+    assert_eq!(done.attempts, 2, "the crashed run counts as an attempt");
+    revived.terminate().await;
+    assert_eq!(revived.wait(Duration::from_secs(30)).await, Some(0));
+    // teardown fails on any leftover process, workspace, lease or message.
+    env.teardown().await;
+}
