@@ -1,13 +1,10 @@
-//! `shoal-bench`: benchmarks run side by side in one process against the real
-//! local services, writing `docs/BENCHMARKS.md`. A report, not a test: it
-//! prints numbers and ratios, it asserts nothing about speed.
+//! Submit throughput: Shoal's whole submit path against raw lapin
+//! publish-with-confirms on the same broker.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::Parser;
 use futures::future::try_join_all;
 use shoal_scheduler::client::Client;
 use shoal_shared::broker::{publish_confirmed, Broker, OutgoingMessage, Topology};
@@ -16,29 +13,11 @@ use shoal_shared::task::{TaskId, TaskSpec};
 use shoal_shared::TaskMessage;
 use tokio_util::sync::CancellationToken;
 
-#[derive(Parser)]
-#[command(about = "Shoal benchmarks; writes a markdown report")]
-struct Args {
-    /// Tasks per measured run.
-    #[arg(long, default_value_t = 20_000)]
-    tasks: usize,
-    /// Tasks per batch (per HTTP request, and per raw confirm round).
-    #[arg(long, default_value_t = 1_000)]
-    batch: usize,
-    /// Batches in flight at once.
-    #[arg(long, default_value_t = 4)]
-    concurrency: usize,
-    /// Measured rounds of each side (alternating); medians are reported.
-    #[arg(long, default_value_t = 5)]
-    rounds: usize,
-    /// Where the report goes.
-    #[arg(long, default_value = "docs/BENCHMARKS.md")]
-    out: PathBuf,
-}
+use crate::stats::{fmt_rounds, median};
+use crate::Args;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+/// Issue 2: Shoal's submit path against raw publish-with-confirms.
+pub async fn section(args: &Args, report: &mut String) -> anyhow::Result<()> {
     let broker_url =
         std::env::var("SHOAL__BROKER__URL").context("SHOAL__BROKER__URL (run via `make bench`)")?;
     let redis_url =
@@ -51,9 +30,9 @@ async fn main() -> anyhow::Result<()> {
     // One warm-up of each, then alternate so drift hits both sides alike.
     for round in 0..=args.rounds {
         let before = CpuSample::take();
-        let r = raw_publish(&broker_url, &args).await?;
+        let r = raw_publish(&broker_url, args).await?;
         let middle = CpuSample::take();
-        let s = shoal_submit(&broker_url, &redis_url, &args).await?;
+        let s = shoal_submit(&broker_url, &redis_url, args).await?;
         let after = CpuSample::take();
         if round > 0 {
             eprintln!("round {round}: raw {r:.0} msg/s, shoal {s:.0} tasks/s");
@@ -66,16 +45,6 @@ async fn main() -> anyhow::Result<()> {
     let raw_median = median(&mut raw);
     let shoal_median = median(&mut shoal);
 
-    let mut report = String::new();
-    writeln!(report, "# Benchmarks\n")?;
-    writeln!(report, "Written by `make bench` (`tests/src/bin/shoal-bench.rs`). Numbers are medians of {} alternating rounds after one warm-up round; the machines are shared and noisy, so read the **ratios**, which compare runs made side by side in the same process against the same broker.\n", args.rounds)?;
-    writeln!(
-        report,
-        "- date: {}",
-        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
-    )?;
-    writeln!(report, "- machine: {}", machine())?;
-    writeln!(report, "- services: {}\n", services())?;
     writeln!(report, "## Submit throughput (issue 2)\n")?;
     writeln!(report, "{} tasks per run, batches of {}, {} batches in flight. Both sides publish persistent messages to a quorum queue (same arguments as Shoal's work queues) and wait for publisher confirms. The Shoal side is the whole submit path: HTTP `POST /v1/tasks/batch` -> JSON parse -> validation -> publish with confirms -> Redis records and events (one pipeline per batch) -> response.\n", args.tasks, args.batch, args.concurrency)?;
     writeln!(report, "| path | median | rounds |")?;
@@ -115,11 +84,6 @@ async fn main() -> anyhow::Result<()> {
             per_k(cpu.own)
         )?;
     }
-    if let Some(dir) = args.out.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&args.out, report)?;
-    eprintln!("wrote {}", args.out.display());
     Ok(())
 }
 
@@ -320,74 +284,4 @@ fn cpu_seconds(pid: &str) -> f64 {
             Some((user + system) / 100.0)
         })
         .unwrap_or(0.0)
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    let n = values.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
-}
-
-fn fmt_rounds(values: &[f64]) -> String {
-    values
-        .iter()
-        .map(|v| format!("{v:.0}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown cpu".into());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let mem_gib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .next()
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0 / 1024.0)
-        .unwrap_or(0.0);
-    format!(
-        "{cores} cores ({cpu}), {mem_gib:.0} GiB RAM, {}",
-        std::env::consts::OS
-    )
-}
-
-fn services() -> String {
-    let version = |cmd: &str, args: &[&str]| {
-        std::process::Command::new(cmd)
-            .args(args)
-            .output()
-            .ok()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .to_owned()
-            })
-            .unwrap_or_default()
-    };
-    let rabbit = version("dpkg-query", &["-W", "-f", "${Version}", "rabbitmq-server"]);
-    let redis = version("redis-server", &["--version"]);
-    format!("RabbitMQ {rabbit} (Debian package), {redis}")
 }
