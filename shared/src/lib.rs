@@ -4,8 +4,10 @@
 #![forbid(unsafe_code)]
 
 pub mod broker;
+pub mod cost;
 pub mod event;
 pub mod message;
+pub mod model;
 pub mod settings;
 pub mod signal;
 pub mod store;

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::cost::Prices;
+use crate::model::{FunctionCalling, LlmProvider, ModelProfile};
 use crate::task::SpecLimits;
 use crate::template::{DaytonaTemplate, Limits, PoolSizing, ProviderKind, Template};
 
@@ -41,6 +43,20 @@ pub struct Settings {
     pub sandbox: SandboxSettings,
     pub limits: SpecLimits,
     pub telemetry: TelemetrySettings,
+    pub agent: AgentSettings,
+    /// Model profiles by name (the built-in `local`, `openai`, `anthropic`
+    /// unless overridden).
+    pub models: BTreeMap<String, ModelProfile>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    /// The profile a task's `model = "default"` means.
+    pub default_model: String,
+    /// A terminal command with no new output for this long returns (still running).
+    pub no_output_timeout: Duration,
+    /// History size (characters) above which the condenser summarises.
+    pub condense_chars: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -140,11 +156,79 @@ struct Raw {
     limits: RawLimits,
     #[serde(default)]
     telemetry: RawTelemetry,
+    #[serde(default)]
+    agent: RawAgent,
+    #[serde(default)]
+    models: BTreeMap<String, RawModel>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAgent {
+    default_model: String,
+    no_output_timeout_s: u64,
+    condense_chars: usize,
+}
+
+impl Default for RawAgent {
+    fn default() -> Self {
+        Self {
+            default_model: "local".into(),
+            no_output_timeout_s: 30,
+            condense_chars: 120_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    provider: LlmProvider,
+    base_url: String,
+    model: String,
+    #[serde(default)]
+    api_key_env: Option<String>,
+    #[serde(default = "d::native")]
+    function_calling: FunctionCalling,
+    #[serde(default = "d::max_tokens")]
+    max_tokens: u32,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default = "d::timeout_s")]
+    timeout_s: u64,
+    #[serde(default = "d::max_retries")]
+    max_retries: u32,
+    #[serde(default = "d::yes")]
+    prompt_caching: bool,
+    /// USD per million tokens.
+    #[serde(default)]
+    price_input: Option<f64>,
+    #[serde(default)]
+    price_output: Option<f64>,
+    #[serde(default)]
+    price_cache_read: Option<f64>,
+    #[serde(default)]
+    price_cache_write: Option<f64>,
 }
 
 mod d {
     pub fn namespace() -> String {
         "shoal".into()
+    }
+    pub fn native() -> super::FunctionCalling {
+        super::FunctionCalling::Native
+    }
+    pub fn max_tokens() -> u32 {
+        4096
+    }
+    pub fn timeout_s() -> u64 {
+        120
+    }
+    pub fn max_retries() -> u32 {
+        5
+    }
+    pub fn yes() -> bool {
+        true
     }
 }
 
@@ -550,6 +634,65 @@ impl Settings {
         if raw.limits.max_attempts == 0 {
             return Err(invalid("limits.max_attempts", "must be positive"));
         }
+        let mut models: BTreeMap<String, ModelProfile> = ModelProfile::builtin()
+            .into_iter()
+            .map(|m| (m.name.clone(), m))
+            .collect();
+        for (name, raw_model) in raw.models {
+            if !is_tenant(&name) || name == "default" {
+                return Err(invalid(
+                    "models",
+                    format!("bad model profile name {name:?}"),
+                ));
+            }
+            if !(raw_model.base_url.starts_with("http://")
+                || raw_model.base_url.starts_with("https://"))
+            {
+                return Err(invalid(
+                    "models",
+                    format!("models.{name}.base_url must be an http(s) URL"),
+                ));
+            }
+            let any_price = raw_model.price_input.is_some()
+                || raw_model.price_output.is_some()
+                || raw_model.price_cache_read.is_some()
+                || raw_model.price_cache_write.is_some();
+            let per_mtok =
+                |usd: Option<f64>| (usd.unwrap_or(0.0).max(0.0) * 1_000_000.0).round() as u64;
+            models.insert(
+                name.clone(),
+                ModelProfile {
+                    name,
+                    provider: raw_model.provider,
+                    base_url: raw_model.base_url.trim_end_matches('/').to_owned(),
+                    model: raw_model.model,
+                    api_key_env: raw_model.api_key_env,
+                    function_calling: raw_model.function_calling,
+                    max_tokens: raw_model.max_tokens,
+                    temperature: raw_model.temperature,
+                    timeout: Duration::from_secs(raw_model.timeout_s.max(1)),
+                    max_retries: raw_model.max_retries,
+                    prompt_caching: raw_model.prompt_caching,
+                    prices: any_price.then(|| Prices {
+                        input: per_mtok(raw_model.price_input),
+                        output: per_mtok(raw_model.price_output),
+                        cache_read: per_mtok(raw_model.price_cache_read),
+                        cache_write: per_mtok(raw_model.price_cache_write),
+                    }),
+                },
+            );
+        }
+        if !models.contains_key(&raw.agent.default_model) {
+            return Err(invalid(
+                "agent.default_model",
+                format!("no model profile {:?}", raw.agent.default_model),
+            ));
+        }
+        let agent = AgentSettings {
+            default_model: raw.agent.default_model,
+            no_output_timeout: Duration::from_secs(raw.agent.no_output_timeout_s.max(1)),
+            condense_chars: raw.agent.condense_chars.max(1000),
+        };
         let limits = SpecLimits {
             max_timeout_s: raw.limits.max_timeout_s,
             max_attempts: raw.limits.max_attempts,
@@ -604,6 +747,8 @@ impl Settings {
                 log_format: raw.telemetry.log_format,
                 log_filter: raw.telemetry.log_filter,
             },
+            agent,
+            models,
         })
     }
 }
@@ -661,6 +806,26 @@ mod tests {
         assert!(err.to_string().contains("sandbox.templates"), "{err}");
         let err = Settings::from_toml("[sandbox.templates.x]\nnetwrk = true\n").unwrap_err();
         assert!(err.to_string().contains("netwrk"), "{err}");
+    }
+
+    #[test]
+    fn model_profiles_extend_the_builtins() {
+        let settings = Settings::from_toml(
+            "agent.default_model = \"vllm\"\n[models.vllm]\nprovider = \"openai\"\nbase_url = \"http://gpu:8000/v1/\"\nmodel = \"qwen\"\nfunction_calling = \"emulated\"\nprice_input = 0.5\n",
+        )
+        .unwrap();
+        let vllm = &settings.models["vllm"];
+        assert_eq!(vllm.base_url, "http://gpu:8000/v1");
+        assert_eq!(vllm.function_calling, FunctionCalling::Emulated);
+        assert_eq!(vllm.effective_prices().input, 500_000);
+        assert!(settings.models.contains_key("openai"));
+        let err = Settings::from_toml("agent.default_model = \"nope\"\n").unwrap_err();
+        assert!(err.to_string().contains("agent.default_model"), "{err}");
+        let err = Settings::from_toml(
+            "[models.x]\nprovider = \"cohere\"\nbase_url = \"http://x\"\nmodel = \"m\"\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("cohere"), "{err}");
     }
 
     #[test]

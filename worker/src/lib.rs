@@ -3,6 +3,7 @@
 //! message only after the task's terminal state is persisted.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod consumer;
 pub mod exec;
 pub mod outcome;

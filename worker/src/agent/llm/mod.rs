@@ -1,0 +1,182 @@
+//! LLM clients behind one trait: OpenAI-compatible chat completions and
+//! Anthropic Messages, native or emulated tool calls, retries with backoff,
+//! errors classified once.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use shoal_shared::cost::Usage;
+use tokio_util::sync::CancellationToken;
+
+/// Who said a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+    /// The result of a tool call (`tool_call_id` says which).
+    Tool,
+}
+
+/// A tool call as the model asked for it. `arguments` is the raw JSON text
+/// the model produced; it may be malformed, and the loop reports that back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    pub arguments: String,
+}
+
+/// One message of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: Role,
+    /// Text content (may be empty for an assistant message with tool calls).
+    pub content: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// For `Role::Tool`: the call this answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatMessage {
+    pub fn system(content: impl Into<String>) -> Self {
+        Self::text(Role::System, content)
+    }
+
+    pub fn user(content: impl Into<String>) -> Self {
+        Self::text(Role::User, content)
+    }
+
+    pub fn assistant(content: impl Into<String>) -> Self {
+        Self::text(Role::Assistant, content)
+    }
+
+    pub fn tool_result(call_id: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: Role::Tool,
+            content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: Some(call_id.into()),
+        }
+    }
+
+    fn text(role: Role, content: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
+}
+
+/// A tool the model may call, described by a JSON Schema for its arguments.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolSpec {
+    pub name: String,
+    pub description: String,
+    pub parameters: serde_json::Value,
+}
+
+/// One completion request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlmRequest {
+    pub messages: Vec<ChatMessage>,
+    pub tools: Vec<ToolSpec>,
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+}
+
+/// The model's answer to one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlmResponse {
+    /// Always `Role::Assistant`.
+    pub message: ChatMessage,
+    pub usage: Usage,
+    /// Wall time of the successful call (retries excluded).
+    pub latency: Duration,
+    /// The model name the provider reported.
+    pub model: String,
+    /// `stop`, `tool_calls`, `length`, `end_turn`, ... as the provider said.
+    pub finish_reason: Option<String>,
+    /// Attempts it took (1 = no retry).
+    pub attempts: u32,
+}
+
+/// Classes of LLM failure; the loop reacts to the class, never to a string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LlmErrorKind {
+    /// 429 / overloaded (Anthropic 529).
+    RateLimit,
+    /// The prompt is longer than the model's context window.
+    ContextWindowExceeded,
+    /// 401 / 403: a bad or missing key.
+    Auth,
+    /// 400 and other client errors the provider will refuse again.
+    BadRequest,
+    /// 5xx.
+    Server,
+    Timeout,
+    /// The connection failed or broke.
+    Connection,
+    /// A 2xx answer that is not what the API promises (truncated JSON, ...).
+    InvalidResponse,
+    /// The caller cancelled.
+    Cancelled,
+}
+
+impl LlmErrorKind {
+    /// Whether the client retries this class by itself.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            Self::RateLimit
+                | Self::Server
+                | Self::Timeout
+                | Self::Connection
+                | Self::InvalidResponse
+        )
+    }
+}
+
+/// An LLM call failed (after the client's own retries).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{kind:?}: {message}")]
+pub struct LlmError {
+    pub kind: LlmErrorKind,
+    pub message: String,
+    /// HTTP status, when there was one.
+    pub status: Option<u16>,
+    /// What the provider asked us to wait (`Retry-After`).
+    pub retry_after: Option<Duration>,
+}
+
+impl LlmError {
+    pub fn new(kind: LlmErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            status: None,
+            retry_after: None,
+        }
+    }
+}
+
+/// A chat model.
+#[async_trait]
+pub trait LlmClient: Send + Sync {
+    /// The configured model name (for cost and events).
+    fn model(&self) -> &str;
+
+    /// One completion, with the client's retries; `cancel` aborts at once.
+    async fn complete(
+        &self,
+        request: &LlmRequest,
+        cancel: &CancellationToken,
+    ) -> Result<LlmResponse, LlmError>;
+}
