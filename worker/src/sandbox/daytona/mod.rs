@@ -409,7 +409,10 @@ impl SandboxProvider for DaytonaProvider {
                 format!("sandbox {id} is not owned by {}", self.owner()),
             ));
         }
-        if dto.state() == "destroyed" {
+        if classify(dto.state()) == StateClass::Gone
+            || dto.desired_state.as_deref() == Some("destroyed")
+        {
+            // Already on its way out.
             return Ok(());
         }
         // 409 (a state change in progress) is retried by the client.

@@ -160,10 +160,11 @@ fn run_dir(run_id: &str) -> String {
 }
 
 /// A command (for `process/execute`) that kills the process group of run
-/// `run_id`: the command, everything it started, and its `timeout`.
+/// `run_id`: the command, everything it started, and its `timeout`. (No `--`:
+/// dash's `kill` refuses it; `-<pgid>` after the signal is a group.)
 pub(crate) fn kill_command(run_id: &str) -> String {
     format!(
-        "sh -c 'p=$(cat {}/pid 2>/dev/null) && kill -KILL -- -$p $p 2>/dev/null; true'",
+        "sh -c 'p=$(cat {}/pid 2>/dev/null) && kill -KILL -$p $p 2>/dev/null; true'",
         run_dir(run_id)
     )
 }
