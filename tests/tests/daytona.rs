@@ -254,6 +254,33 @@ async fn a_502_after_create_is_resolved_by_name_without_a_duplicate() {
 }
 
 #[tokio::test]
+async fn slow_answers_time_out_and_are_resolved_without_duplicates() {
+    let fake = FakeDaytona::start().await;
+    let mut config = config(&fake, "fleet-a");
+    config.request_timeout = Duration::from_millis(400);
+    let provider = DaytonaProvider::new(config).expect("provider");
+    // The create happens but its answer comes too late; one poll is slow too.
+    fake.slow("createSandbox", 1, Duration::from_secs(2));
+    fake.slow("getSandbox", 1, Duration::from_secs(2));
+    let sandbox = provider
+        .create(&template())
+        .await
+        .expect("create despite timeouts");
+    assert_eq!(fake.sandboxes().len(), 1, "a duplicate was created");
+    assert_eq!(fake.calls("createSandbox").len(), 1);
+    assert!(fake.calls("getSandbox").len() >= 2);
+    assert_eq!(
+        exec(&*sandbox, "echo ok", Duration::from_secs(20))
+            .await
+            .stdout
+            .text(),
+        "ok\n"
+    );
+    provider.destroy(sandbox.id()).await.expect("destroy");
+    fake.assert_no_violations();
+}
+
+#[tokio::test]
 async fn a_sandbox_stuck_in_creating_fails_the_create_and_is_destroyed() {
     let fake = FakeDaytona::start().await;
     fake.stick_in_creating(true);
@@ -328,6 +355,52 @@ async fn reattach_starts_a_stopped_sandbox() {
         .expect("unknown");
     assert_eq!(error.kind, SandboxErrorKind::NotFound);
     provider.destroy(&id).await.expect("destroy");
+    fake.assert_no_violations();
+}
+
+#[tokio::test]
+async fn an_exec_that_got_an_answer_is_never_replayed() {
+    let fake = FakeDaytona::start().await;
+    let provider = provider(&fake, "fleet-a");
+    let sandbox = provider.create(&template()).await.expect("create");
+    let workspace = fake.workspace_of(sandbox.id()).expect("workspace");
+    // A gateway error for the exec: an idempotent call would be retried.
+    fake.conflict("ExecuteCommand", 1);
+    fake.rate_limit("SessionExecuteCommand", 1, 0);
+    let error = sandbox
+        .exec(
+            &ExecRequest::new("echo run >> runs", Duration::from_secs(20)),
+            &CancellationToken::new(),
+        )
+        .await
+        .expect_err("no replay");
+    assert_eq!(error.kind, SandboxErrorKind::Rejected, "{error}");
+    let error = sandbox
+        .exec(
+            &ExecRequest::new("echo run >> runs", Duration::from_secs(120)),
+            &CancellationToken::new(),
+        )
+        .await
+        .expect_err("no replay in a session either");
+    assert_eq!(error.kind, SandboxErrorKind::Unavailable, "{error}");
+    assert_eq!(fake.calls("SessionExecuteCommand").len(), 1);
+    // The first exec call, then the kill sent after the failure: no second exec.
+    let statuses: Vec<u16> = fake
+        .calls("ExecuteCommand")
+        .iter()
+        .map(|c| c.status)
+        .collect();
+    assert_eq!(statuses[0], 409);
+    assert!(!workspace.join("runs").exists());
+    // Reads are retried.
+    fake.rate_limit("ListFiles", 2, 0);
+    assert!(sandbox
+        .list_files("")
+        .await
+        .expect("list after 429s")
+        .is_empty());
+    assert_eq!(fake.calls("ListFiles").len(), 3);
+    provider.destroy(sandbox.id()).await.expect("destroy");
     fake.assert_no_violations();
 }
 

@@ -59,8 +59,8 @@ struct Faults {
     rate_limited: HashMap<String, (u32, u64)>,
     /// Answer 409 (a state change in progress).
     conflicts: HashMap<String, u32>,
-    /// Sleep before answering.
-    slow: HashMap<String, Duration>,
+    /// `(remaining, delay)`: do the work, then wait before answering.
+    slow: HashMap<String, (u32, Duration)>,
     /// Creates that create, then answer 502 with an empty body.
     create_502: u32,
     /// New sandboxes stay `creating`.
@@ -192,11 +192,12 @@ impl FakeDaytona {
             .insert(operation.into(), times);
     }
 
-    /// Calls of `operation` are answered after `delay`.
-    pub fn slow(&self, operation: &str, delay: Duration) {
+    /// The next `times` calls of `operation` do their work, then answer
+    /// after `delay` (a client that gives up first does not see the answer).
+    pub fn slow(&self, operation: &str, times: u32, delay: Duration) {
         lock(&self.state.faults)
             .slow
-            .insert(operation.into(), delay);
+            .insert(operation.into(), (times, delay));
     }
 
     /// The next `times` creates create the sandbox, then answer 502 with an
@@ -389,10 +390,6 @@ async fn handle(State(state): State<Arc<FakeState>>, request: Request) -> Respon
     } else if let Some(fault) = state.fault(&op.id) {
         fault
     } else {
-        let delay = lock(&state.faults).slow.get(&op.id).copied();
-        if let Some(delay) = delay {
-            tokio::time::sleep(delay).await;
-        }
         match &sandbox {
             None => sandboxes::dispatch(&state, &op.id, &incoming),
             Some(id) => toolbox::dispatch(&state, id, &op.id, incoming).await,
@@ -409,6 +406,19 @@ async fn handle(State(state): State<Arc<FakeState>>, request: Request) -> Respon
         status: reply.status,
         at: Instant::now(),
     });
+    let delay = {
+        let mut faults = lock(&state.faults);
+        match faults.slow.get_mut(&op.id) {
+            Some((left, delay)) if *left > 0 => {
+                *left -= 1;
+                Some(*delay)
+            }
+            _ => None,
+        }
+    };
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
     respond(reply)
 }
 

@@ -112,12 +112,9 @@ pub(crate) struct Sandboxes {
 impl Sandboxes {
     /// A live sandbox by id or name.
     pub fn find(&mut self, id_or_name: &str) -> Option<&mut FakeSandbox> {
+        self.all.iter_mut().for_each(FakeSandbox::advance);
         self.all
             .iter_mut()
-            .map(|s| {
-                s.advance();
-                s
-            })
             .find(|s| !s.is_gone() && (s.id == id_or_name || s.name == id_or_name))
     }
 
@@ -282,13 +279,10 @@ fn list(sandboxes: &mut Sandboxes, request: &Incoming, base: &str) -> Reply {
         .query("cursor")
         .and_then(|c| c.parse::<usize>().ok())
         .unwrap_or(0);
+    sandboxes.all.iter_mut().for_each(FakeSandbox::advance);
     let matching: Vec<Value> = sandboxes
         .all
-        .iter_mut()
-        .map(|s| {
-            s.advance();
-            s
-        })
+        .iter()
         .filter(|s| include_deleted || (s.desired != "destroyed" && !s.is_gone()))
         .filter(|s| wanted.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
         .map(|s| s.to_json(base, true))

@@ -178,11 +178,10 @@ pub async fn check_request(
             problems.push("a body was sent but the operation takes none".into())
         }
         None => {}
-        Some(spec_body) if body.is_empty() => {
-            if spec_body.required {
-                problems.push("the required body is missing".into());
-            }
+        Some(spec_body) if body.is_empty() && spec_body.required => {
+            problems.push("the required body is missing".into());
         }
+        Some(_) if body.is_empty() => {}
         Some(spec_body) => {
             let media = media.unwrap_or_default();
             if !spec_body
