@@ -66,7 +66,7 @@ pub(crate) fn encoded(script: &str) -> String {
 
 /// Checks environment variable names (they become `export NAME=...`).
 pub(crate) fn check_env(env: &BTreeMap<String, String>) -> Result<(), SandboxError> {
-    for key in env.keys() {
+    for (key, value) in env {
         let mut chars = key.chars();
         let valid = chars
             .next()
@@ -78,7 +78,7 @@ pub(crate) fn check_env(env: &BTreeMap<String, String>) -> Result<(), SandboxErr
                 format!("invalid environment variable name {key:?}"),
             ));
         }
-        if env[key].contains('\0') {
+        if value.contains('\0') {
             return Err(SandboxError::new(
                 SandboxErrorKind::Rejected,
                 format!("environment variable {key} contains NUL"),
