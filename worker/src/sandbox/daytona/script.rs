@@ -160,11 +160,12 @@ fn run_dir(run_id: &str) -> String {
 }
 
 /// A command (for `process/execute`) that kills the process group of run
-/// `run_id`: the command, everything it started, and its `timeout`. (No `--`:
+/// `run_id` (the command, everything it started, and its `timeout`) and
+/// removes the run's files. (No `--`:
 /// dash's `kill` refuses it; `-<pgid>` after the signal is a group.)
 pub(crate) fn kill_command(run_id: &str) -> String {
     format!(
-        "sh -c 'p=$(cat {}/pid 2>/dev/null) && kill -KILL -$p $p 2>/dev/null; true'",
+        "sh -c 'd={}; p=$(cat $d/pid 2>/dev/null) && kill -KILL -$p $p 2>/dev/null; rm -rf $d; true'",
         run_dir(run_id)
     )
 }
