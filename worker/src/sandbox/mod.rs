@@ -5,6 +5,7 @@
 //! moves files. Providers: `local` (bubblewrap on this host, the default) and
 //! `daytona` (Daytona's REST API). The warm pool (`crate::pool`) sits on top.
 
+pub mod daytona;
 mod local;
 mod output;
 
@@ -14,6 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
+pub use daytona::{DaytonaConfig, DaytonaProvider};
 pub use local::LocalProvider;
 pub use output::CappedOutput;
 pub use shoal_shared::template::{DaytonaTemplate, Limits, PoolSizing, ProviderKind, Template};

@@ -1,0 +1,427 @@
+//! HTTP to Daytona: bearer auth, timeouts, and retries with jittered
+//! exponential backoff that honour `Retry-After` and rate-limit reset headers.
+//!
+//! Nothing here logs a body, a header value or a query: commands, file
+//! contents and environment values (secrets) travel in bodies, and the key in
+//! a header.
+
+use std::time::{Duration, SystemTime};
+
+use backon::{ExponentialBuilder, Retryable};
+use reqwest::header::{HeaderMap, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::{Method, StatusCode, Url};
+use serde::de::DeserializeOwned;
+
+use super::config::{ApiKey, RetrySettings};
+use crate::sandbox::{SandboxError, SandboxErrorKind};
+
+/// Statuses worth another attempt (when the call may be replayed).
+pub(crate) const RETRY_STATUSES: &[u16] = &[429, 409, 502, 503, 504];
+/// The same without 409, for calls where 409 has a meaning of its own.
+pub(crate) const RETRY_STATUSES_NO_CONFLICT: &[u16] = &[429, 502, 503, 504];
+
+/// Whether a call may be sent again after a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Replay {
+    /// Reads, deletes, state changes, uploads: sending twice does no harm.
+    Idempotent,
+    /// Runs something (exec, session exec, git clone, input). Sent again only
+    /// when the connection failed before the request left this host; once a
+    /// response (any byte of it) arrived, or the request may have reached the
+    /// server, it is never replayed.
+    Once,
+}
+
+/// The body of a call.
+#[derive(Debug, Clone)]
+pub(crate) enum Body {
+    None,
+    Json(serde_json::Value),
+    /// `multipart/form-data` with one part named `file`.
+    File(Vec<u8>),
+}
+
+/// One HTTP call, rebuilt for each attempt.
+#[derive(Debug, Clone)]
+pub(crate) struct Call {
+    pub method: Method,
+    pub url: Url,
+    pub body: Body,
+    pub replay: Replay,
+    pub retry_statuses: &'static [u16],
+    /// Overrides the client's request timeout.
+    pub timeout: Option<Duration>,
+}
+
+impl Call {
+    pub fn new(method: Method, url: Url) -> Self {
+        Self {
+            method,
+            url,
+            body: Body::None,
+            replay: Replay::Idempotent,
+            retry_statuses: RETRY_STATUSES,
+            timeout: None,
+        }
+    }
+
+    pub fn json(mut self, body: &impl serde::Serialize) -> Self {
+        self.body = Body::Json(serde_json::to_value(body).unwrap_or(serde_json::Value::Null));
+        self
+    }
+
+    pub fn once(mut self) -> Self {
+        self.replay = Replay::Once;
+        self
+    }
+
+    pub fn retry_on(mut self, statuses: &'static [u16]) -> Self {
+        self.retry_statuses = statuses;
+        self
+    }
+
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+}
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HttpError {
+    #[error("HTTP {status}: {body}")]
+    Status {
+        status: StatusCode,
+        /// The start of the response body (error messages).
+        body: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("transport: {message}")]
+    Transport {
+        /// The connection failed before the request was sent.
+        connect: bool,
+        timeout: bool,
+        message: String,
+    },
+    #[error("unexpected response: {0}")]
+    Decode(String),
+}
+
+impl HttpError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Status { status, .. } => Some(status.as_u16()),
+            _ => None,
+        }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        self.status() == Some(404)
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// Whether `call` may be attempted again after this error.
+    fn retryable(&self, call: &Call) -> bool {
+        match (self, call.replay) {
+            (Self::Transport { connect: true, .. }, _) => true,
+            (_, Replay::Once) => false,
+            (Self::Transport { .. }, Replay::Idempotent) => true,
+            (Self::Status { status, .. }, Replay::Idempotent) => {
+                call.retry_statuses.contains(&status.as_u16())
+            }
+            (Self::Decode(_), _) => false,
+        }
+    }
+
+    /// As a sandbox error; `context` says what was being done.
+    pub fn into_sandbox(self, context: &str) -> SandboxError {
+        let kind = match &self {
+            Self::Status { status, .. } => match status.as_u16() {
+                404 | 410 => SandboxErrorKind::NotFound,
+                408 | 429 | 502 | 503 | 504 => SandboxErrorKind::Unavailable,
+                400..=499 => SandboxErrorKind::Rejected,
+                _ => SandboxErrorKind::Unavailable,
+            },
+            Self::Transport { .. } => SandboxErrorKind::Unavailable,
+            Self::Decode(_) => SandboxErrorKind::Broken,
+        };
+        let message = format!("{context}: {self}");
+        SandboxError::new(kind, message).with_source(self)
+    }
+}
+
+/// A successful response, read to its end.
+#[derive(Debug)]
+pub(crate) struct Reply {
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, HttpError> {
+        serde_json::from_slice(&self.body).map_err(|e| HttpError::Decode(e.to_string()))
+    }
+}
+
+/// An authenticated client for both the main API and the toolbox.
+#[derive(Debug, Clone)]
+pub(crate) struct Http {
+    client: reqwest::Client,
+    key: ApiKey,
+    retry: RetrySettings,
+    request_timeout: Duration,
+}
+
+impl Http {
+    pub fn new(
+        key: ApiKey,
+        retry: RetrySettings,
+        request_timeout: Duration,
+    ) -> Result<Self, SandboxError> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("shoal-worker/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| {
+                SandboxError::new(SandboxErrorKind::Io, format!("HTTP client: {e}")).with_source(e)
+            })?;
+        Ok(Self {
+            client,
+            key,
+            retry,
+            request_timeout,
+        })
+    }
+
+    /// Sends `call`, retrying as its [`Replay`] allows.
+    pub async fn send(&self, call: &Call) -> Result<Reply, HttpError> {
+        let backoff = ExponentialBuilder::default()
+            .with_jitter()
+            .with_min_delay(self.retry.min_delay)
+            .with_max_delay(self.retry.max_delay)
+            .with_max_times(self.retry.max_retries);
+        let max_wait = self.retry.max_retry_after;
+        (|| self.attempt(call))
+            .retry(backoff)
+            .when(|e: &HttpError| e.retryable(call))
+            .adjust(|e: &HttpError, delay| {
+                // `None` means the retries are used up; keep it that way.
+                delay.map(|d| e.retry_after().map_or(d, |wait| wait.min(max_wait)))
+            })
+            .notify(|e: &HttpError, delay| {
+                tracing::debug!(
+                    method = %call.method,
+                    path = call.url.path(),
+                    status = e.status(),
+                    delay_ms = delay.as_millis() as u64,
+                    "Daytona call failed, retrying"
+                );
+            })
+            .await
+    }
+
+    /// Sends `call` and parses the JSON response.
+    pub async fn json<T: DeserializeOwned>(&self, call: &Call) -> Result<T, HttpError> {
+        self.send(call).await?.json()
+    }
+
+    async fn attempt(&self, call: &Call) -> Result<Reply, HttpError> {
+        let mut request = self
+            .client
+            .request(call.method.clone(), call.url.clone())
+            .timeout(call.timeout.unwrap_or(self.request_timeout))
+            .header(AUTHORIZATION, format!("Bearer {}", self.key.expose()))
+            // The daemon keys wire behaviour (separate stdout/stderr in
+            // session logs) on the SDK version it is told.
+            .header("X-Daytona-Source", "shoal")
+            .header("X-Daytona-SDK-Version", "0.190.0");
+        request = match &call.body {
+            Body::None => request,
+            Body::Json(value) => request
+                .header(CONTENT_TYPE, "application/json")
+                .body(serde_json::to_vec(value).unwrap_or_default()),
+            Body::File(bytes) => {
+                let part = reqwest::multipart::Part::bytes(bytes.clone())
+                    .file_name("file")
+                    .mime_str("application/octet-stream")
+                    .map_err(|e| HttpError::Decode(e.to_string()))?;
+                request.multipart(reqwest::multipart::Form::new().part("file", part))
+            }
+        };
+        let response = request.send().await.map_err(transport)?;
+        let status = response.status();
+        let retry_after = wait_hint(status, response.headers());
+        let body = response.bytes().await.map_err(transport)?.to_vec();
+        if status.is_success() {
+            return Ok(Reply { body });
+        }
+        let text = String::from_utf8_lossy(&body);
+        Err(HttpError::Status {
+            status,
+            body: text.chars().take(300).collect(),
+            retry_after,
+        })
+    }
+}
+
+fn transport(error: reqwest::Error) -> HttpError {
+    HttpError::Transport {
+        connect: error.is_connect(),
+        timeout: error.is_timeout(),
+        // reqwest's message may hold the URL (never a header or body).
+        message: error.without_url().to_string(),
+    }
+}
+
+/// How long the server asked us to wait: `Retry-After` (seconds or an HTTP
+/// date) and rate-limit reset headers (`X-RateLimit-Reset`, also with a
+/// throttler suffix such as `X-RateLimit-Reset-sandbox-create`, in seconds or
+/// as a Unix time). The longest wins.
+pub(crate) fn wait_hint(status: StatusCode, headers: &HeaderMap) -> Option<Duration> {
+    if !matches!(status.as_u16(), 429 | 503) {
+        return None;
+    }
+    let now = SystemTime::now();
+    let mut longest: Option<Duration> = None;
+    let mut consider = |wait: Duration| {
+        longest = Some(longest.map_or(wait, |l| l.max(wait)));
+    };
+    for value in headers.get_all(RETRY_AFTER) {
+        let Ok(text) = value.to_str() else { continue };
+        let text = text.trim();
+        if let Ok(seconds) = text.parse::<f64>() {
+            if seconds.is_finite() && seconds >= 0.0 {
+                consider(Duration::from_secs_f64(seconds));
+            }
+        } else if let Ok(when) = httpdate::parse_http_date(text) {
+            consider(when.duration_since(now).unwrap_or_default());
+        }
+    }
+    for (name, value) in headers {
+        let name = name.as_str();
+        if !(name.starts_with("x-ratelimit-reset") || name.starts_with("ratelimit-reset")) {
+            continue;
+        }
+        let Some(number) = value
+            .to_str()
+            .ok()
+            .and_then(|t| t.trim().parse::<f64>().ok())
+        else {
+            continue;
+        };
+        if !number.is_finite() || number < 0.0 {
+            continue;
+        }
+        if number > 1e9 {
+            // A Unix time.
+            let when = SystemTime::UNIX_EPOCH + Duration::from_secs_f64(number);
+            consider(when.duration_since(now).unwrap_or_default());
+        } else {
+            consider(Duration::from_secs_f64(number));
+        }
+    }
+    longest
+}
+
+/// `base` with `segments` appended, each percent-encoded.
+pub(crate) fn url_with(base: &Url, segments: &[&str]) -> Result<Url, SandboxError> {
+    let mut url = base.clone();
+    {
+        let mut path = url.path_segments_mut().map_err(|()| {
+            SandboxError::new(
+                SandboxErrorKind::Rejected,
+                format!("{base} cannot be a base URL"),
+            )
+        })?;
+        path.pop_if_empty();
+        for segment in segments {
+            path.push(segment);
+        }
+    }
+    Ok(url)
+}
+
+/// Parses a configured or server-sent base URL.
+pub(crate) fn parse_base(url: &str, what: &str) -> Result<Url, SandboxError> {
+    Url::parse(url).map_err(|e| {
+        SandboxError::new(
+            SandboxErrorKind::Rejected,
+            format!("{what} {url:?} is not a URL: {e}"),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    #[test]
+    fn retry_after_and_reset_headers_are_read() {
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("2"));
+        assert_eq!(
+            wait_hint(StatusCode::TOO_MANY_REQUESTS, &headers),
+            Some(Duration::from_secs(2))
+        );
+        headers.insert(
+            "x-ratelimit-reset-sandbox-create",
+            HeaderValue::from_static("5"),
+        );
+        assert_eq!(
+            wait_hint(StatusCode::TOO_MANY_REQUESTS, &headers),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(wait_hint(StatusCode::BAD_GATEWAY, &headers), None);
+        let mut dated = HeaderMap::new();
+        let later = SystemTime::now() + Duration::from_secs(30);
+        dated.insert(
+            RETRY_AFTER,
+            HeaderValue::from_str(&httpdate::fmt_http_date(later)).unwrap(),
+        );
+        let wait = wait_hint(StatusCode::SERVICE_UNAVAILABLE, &dated).unwrap();
+        assert!(wait > Duration::from_secs(25) && wait <= Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_call_that_runs_something_is_replayed_only_before_it_left() {
+        let call = Call::new(
+            Method::POST,
+            Url::parse("http://x/process/execute").unwrap(),
+        )
+        .once();
+        let refused = HttpError::Transport {
+            connect: true,
+            timeout: false,
+            message: String::new(),
+        };
+        let cut = HttpError::Transport {
+            connect: false,
+            timeout: true,
+            message: String::new(),
+        };
+        let busy = HttpError::Status {
+            status: StatusCode::BAD_GATEWAY,
+            body: String::new(),
+            retry_after: None,
+        };
+        assert!(refused.retryable(&call));
+        assert!(!cut.retryable(&call));
+        assert!(!busy.retryable(&call));
+        let read = Call::new(Method::GET, Url::parse("http://x/sandbox/a").unwrap());
+        assert!(cut.retryable(&read));
+        assert!(busy.retryable(&read));
+    }
+
+    #[test]
+    fn segments_are_encoded() {
+        let base = Url::parse("http://h/toolbox/").unwrap();
+        let url = url_with(&base, &["a b", "process", "execute"]).unwrap();
+        assert_eq!(url.as_str(), "http://h/toolbox/a%20b/process/execute");
+    }
+}
