@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use crate::consumer::Slot;
 use crate::pool::{Pool, PoolMetrics};
 use crate::runner::TaskRunner;
+use crate::sandbox::daytona::{DaytonaConfig, DaytonaProvider};
 use crate::sandbox::{LocalProvider, ProviderKind, SandboxProvider};
 use prometheus_client::registry::Registry;
 
@@ -62,20 +63,47 @@ impl Worker {
             .await
             .context("declaring the queue topology")?;
         let _ = channel.close(200, "declared".into()).await;
-        let provider: Arc<dyn SandboxProvider> = Arc::new(
+        let local: Arc<dyn SandboxProvider> = Arc::new(
             LocalProvider::new(settings.sandbox.clone(), &settings.worker.id)
                 .await
                 .context("preparing the sandbox directory")?,
         );
-        let mut registry = Registry::default();
-        let pool_metrics = PoolMetrics::new(&mut registry);
-        let local_templates = settings
+        let mut providers = vec![local.clone()];
+        let wants_daytona = settings
             .sandbox
             .templates
             .values()
-            .filter(|t| t.provider == ProviderKind::Local)
-            .cloned();
-        let pool = Pool::start(provider, local_templates, pool_metrics, REAP_EVERY).await;
+            .any(|t| t.provider == ProviderKind::Daytona);
+        let daytona: Option<Arc<dyn SandboxProvider>> = if wants_daytona {
+            // One owner label per fleet (namespace): any worker may reap what a
+            // dead one leaked, and never another fleet's sandboxes.
+            let config = DaytonaConfig::from_env(format!("shoal-{}", settings.namespace)).context(
+                "a sandbox template uses daytona: set DAYTONA_API_KEY (and DAYTONA_API_URL)",
+            )?;
+            let provider = DaytonaProvider::new(config)
+                .context("configuring the Daytona provider")?
+                .with_templates(settings.sandbox.templates.values());
+            let provider: Arc<dyn SandboxProvider> = Arc::new(provider);
+            providers.push(provider.clone());
+            Some(provider)
+        } else {
+            None
+        };
+        let templates = settings
+            .sandbox
+            .templates
+            .values()
+            .map(|t| {
+                let provider = match (t.provider, &daytona) {
+                    (ProviderKind::Daytona, Some(daytona)) => daytona.clone(),
+                    _ => local.clone(),
+                };
+                (t.clone(), provider)
+            })
+            .collect();
+        let mut registry = Registry::default();
+        let pool_metrics = PoolMetrics::new(&mut registry);
+        let pool = Pool::start_with(providers, templates, pool_metrics, REAP_EVERY).await;
         let runner = Arc::new(TaskRunner::new(store, pool.clone(), settings.clone()));
         Ok(Self {
             settings,

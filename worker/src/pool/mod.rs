@@ -85,6 +85,7 @@ impl State {
 
 struct TemplatePool {
     template: Arc<Template>,
+    provider: Arc<dyn SandboxProvider>,
     labels: TemplateLabels,
     state: Mutex<State>,
     /// Wakes lease waiters: an idle sandbox appeared or room was freed.
@@ -95,7 +96,8 @@ struct TemplatePool {
 }
 
 struct Inner {
-    provider: Arc<dyn SandboxProvider>,
+    /// Every provider in use, once each (for the reaper).
+    providers: Vec<Arc<dyn SandboxProvider>>,
     templates: HashMap<String, Arc<TemplatePool>>,
     metrics: PoolMetrics,
     shutdown: CancellationToken,
@@ -125,15 +127,31 @@ impl Pool {
         metrics: PoolMetrics,
         reap_every: Duration,
     ) -> Self {
+        let templates: Vec<(Template, Arc<dyn SandboxProvider>)> = templates
+            .into_iter()
+            .map(|t| (t, provider.clone()))
+            .collect();
+        Self::start_with(vec![provider], templates, metrics, reap_every).await
+    }
+
+    /// Like [`Pool::start`], with a provider per template (local and Daytona
+    /// templates in one pool).
+    pub async fn start_with(
+        providers: Vec<Arc<dyn SandboxProvider>>,
+        templates: Vec<(Template, Arc<dyn SandboxProvider>)>,
+        metrics: PoolMetrics,
+        reap_every: Duration,
+    ) -> Self {
         let templates = templates
             .into_iter()
-            .map(|template| {
+            .map(|(template, provider)| {
                 let permits = template.pool.create_concurrency.max(1);
                 let labels = TemplateLabels {
                     template: template.name.clone(),
                 };
                 let pool = TemplatePool {
                     template: Arc::new(template),
+                    provider,
                     labels,
                     state: Mutex::new(State::default()),
                     available: Notify::new(),
@@ -145,7 +163,7 @@ impl Pool {
             .collect();
         let pool = Self {
             inner: Arc::new(Inner {
-                provider,
+                providers,
                 templates,
                 metrics,
                 shutdown: CancellationToken::new(),
@@ -331,7 +349,7 @@ impl Pool {
     async fn create(&self, pool: &TemplatePool) -> Result<Box<dyn Sandbox>, SandboxError> {
         let _permit = pool.create_permits.acquire().await;
         let started = Instant::now();
-        match self.inner.provider.create(&pool.template).await {
+        match pool.provider.create(&pool.template).await {
             Ok(sandbox) => {
                 let took = started.elapsed();
                 self.inner
@@ -355,12 +373,11 @@ impl Pool {
     }
 
     fn destroy_later(&self, pool: &Arc<TemplatePool>, sandbox: Box<dyn Sandbox>) {
-        let this = self.clone();
         let pool = pool.clone();
         self.inner.tracker.spawn(async move {
             let id = sandbox.id().to_owned();
             drop(sandbox);
-            if let Err(error) = this.inner.provider.destroy(&id).await {
+            if let Err(error) = pool.provider.destroy(&id).await {
                 warn!(sandbox = %id, %error, "destroying a sandbox failed; the reaper will retry");
             }
             lock(&pool.state).destroying -= 1;
@@ -448,13 +465,6 @@ impl Pool {
     /// reaped when two passes in a row see it, so a sandbox still being
     /// created (listed by the provider, not yet handed to the pool) survives.
     pub async fn reap(&self, immediately: bool) -> usize {
-        let owned = match self.inner.provider.list_owned().await {
-            Ok(owned) => owned,
-            Err(error) => {
-                warn!(%error, "reaper cannot list sandboxes");
-                return 0;
-            }
-        };
         let mut known: HashSet<String> = HashSet::new();
         for pool in self.inner.templates.values() {
             let state = lock(&pool.state);
@@ -463,27 +473,36 @@ impl Pool {
         }
         let mut reaped = 0;
         let mut seen_unknown = HashSet::new();
-        for sandbox in owned {
-            if known.contains(&sandbox.id) {
-                continue;
-            }
-            let pool = self.inner.templates.get(&sandbox.template);
-            let suspect_before =
-                pool.is_some_and(|p| lock(&p.state).suspects.contains(&sandbox.id));
-            if !(immediately || suspect_before) {
-                seen_unknown.insert((sandbox.template.clone(), sandbox.id.clone()));
-                continue;
-            }
-            match self.inner.provider.destroy(&sandbox.id).await {
-                Ok(()) => {
-                    reaped += 1;
-                    info!(sandbox = %sandbox.id, template = %sandbox.template, "reaped a leaked sandbox");
-                    let labels = TemplateLabels {
-                        template: sandbox.template.clone(),
-                    };
-                    self.inner.metrics.reaped.get_or_create(&labels).inc();
+        for provider in &self.inner.providers {
+            let owned = match provider.list_owned().await {
+                Ok(owned) => owned,
+                Err(error) => {
+                    warn!(provider = provider.name(), %error, "reaper cannot list sandboxes");
+                    continue;
                 }
-                Err(error) => warn!(sandbox = %sandbox.id, %error, "reaping failed"),
+            };
+            for sandbox in owned {
+                if known.contains(&sandbox.id) {
+                    continue;
+                }
+                let pool = self.inner.templates.get(&sandbox.template);
+                let suspect_before =
+                    pool.is_some_and(|p| lock(&p.state).suspects.contains(&sandbox.id));
+                if !(immediately || suspect_before) {
+                    seen_unknown.insert((sandbox.template.clone(), sandbox.id.clone()));
+                    continue;
+                }
+                match provider.destroy(&sandbox.id).await {
+                    Ok(()) => {
+                        reaped += 1;
+                        info!(sandbox = %sandbox.id, template = %sandbox.template, "reaped a leaked sandbox");
+                        let labels = TemplateLabels {
+                            template: sandbox.template.clone(),
+                        };
+                        self.inner.metrics.reaped.get_or_create(&labels).inc();
+                    }
+                    Err(error) => warn!(sandbox = %sandbox.id, %error, "reaping failed"),
+                }
             }
         }
         for pool in self.inner.templates.values() {
