@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::cost::Usage;
 use crate::task::{TaskId, TaskState};
 
 /// The version of the event schema; bumped when a change is not additive.
@@ -83,6 +84,65 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         delay_s: Option<u64>,
     },
+    /// The agent's system prompt and the tools it was given.
+    SystemPrompt { content: String, tools: Vec<String> },
+    /// A message in the conversation: the task prompt (`user`), an answer or
+    /// thought of the model (`assistant`), or a nudge from the loop (`user`).
+    Message { role: String, content: String },
+    /// The model called a tool. Every action gets exactly one observation or
+    /// agent error with the same `action_id`.
+    Action {
+        action_id: String,
+        tool: String,
+        /// The arguments as the model sent them (masked).
+        arguments: String,
+        /// Text the model wrote alongside the call.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        thought: Option<String>,
+    },
+    /// What a tool returned.
+    Observation {
+        action_id: String,
+        tool: String,
+        content: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exit_code: Option<i32>,
+        #[serde(default)]
+        is_error: bool,
+    },
+    /// A tool call the loop could not run (unknown tool, bad JSON, bad
+    /// arguments, interrupted); the model sees the error and can correct it.
+    AgentError {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        action_id: Option<String>,
+        error: String,
+    },
+    /// One LLM call: usage, cost and latency (also on the cost stream).
+    LlmCall {
+        model: String,
+        usage: Usage,
+        cost_micros: u64,
+        latency_ms: u64,
+        attempts: u32,
+    },
+    /// The middle of the history was summarised to stay within limits.
+    Condensation {
+        summary: String,
+        forgotten_messages: u32,
+    },
+    /// The conversation could not go on (for example the LLM failed after retries).
+    ConversationError { error: String },
+    /// The conversation ended.
+    ConversationFinished {
+        /// `finished`, `answered`, `max_iterations`, `budget_exceeded`,
+        /// `timed_out`, `cancelled`, `stuck`, `error`.
+        outcome: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+        steps: u32,
+        usage: Usage,
+        cost_micros: u64,
+    },
 }
 
 impl Event {
@@ -95,6 +155,15 @@ impl Event {
             Self::ExecFinished { .. } => "exec_finished",
             Self::DuplicateDelivery { .. } => "duplicate_delivery",
             Self::Requeued { .. } => "requeued",
+            Self::SystemPrompt { .. } => "system_prompt",
+            Self::Message { .. } => "message",
+            Self::Action { .. } => "action",
+            Self::Observation { .. } => "observation",
+            Self::AgentError { .. } => "agent_error",
+            Self::LlmCall { .. } => "llm_call",
+            Self::Condensation { .. } => "condensation",
+            Self::ConversationError { .. } => "conversation_error",
+            Self::ConversationFinished { .. } => "conversation_finished",
         }
     }
 }

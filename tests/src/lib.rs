@@ -8,6 +8,7 @@
 
 pub mod daytona_fake;
 pub mod harness;
+pub mod scripted_llm;
 pub mod wait;
 
 pub use harness::{TestEnv, WorkerProcess};

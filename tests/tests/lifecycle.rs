@@ -10,7 +10,7 @@ use shoal_tests::TestEnv;
 fn stdout_of(record: &shoal_shared::TaskRecord) -> String {
     match &record.result {
         Some(TaskResult::Exec(result)) => result.stdout.clone(),
-        None => panic!("task {} has no result", record.id),
+        other => panic!("task {} has no exec result: {other:?}", record.id),
     }
 }
 

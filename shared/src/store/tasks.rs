@@ -101,6 +101,18 @@ pub enum Claim {
     Existing(TaskId),
 }
 
+/// One LLM call on the cost stream `{ns}:costs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CostEntry {
+    pub task_id: TaskId,
+    pub tenant: String,
+    pub model: String,
+    pub usage: crate::cost::Usage,
+    pub cost_micros: u64,
+    pub latency_ms: u64,
+    pub ts: chrono::DateTime<chrono::Utc>,
+}
+
 /// Why a message was dead-lettered, for operators.
 #[derive(Debug, Clone)]
 pub struct DeadEntry {
@@ -319,6 +331,75 @@ impl Store {
             .ignore()
             .query_async(&mut conn)
             .await?;
+        Ok(())
+    }
+
+    /// Appends many events (and LLM cost entries) in one pipeline: the
+    /// agent's event sink flushes its buffer through this.
+    pub async fn append_batch(
+        &self,
+        events: &[EventEnvelope],
+        costs: &[CostEntry],
+    ) -> Result<(), StoreError> {
+        if events.is_empty() && costs.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for event in events {
+            pipe.cmd("XADD")
+                .arg(self.keys.task_events(&event.task_id))
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(self.events_maxlen)
+                .arg("*")
+                .arg("event")
+                .arg(event.to_json())
+                .ignore()
+                .cmd("XADD")
+                .arg(self.keys.firehose())
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(self.firehose_maxlen)
+                .arg("*")
+                .arg("task")
+                .arg(event.task_id.to_string())
+                .arg("type")
+                .arg(event.event.type_name())
+                .ignore();
+        }
+        for cost in costs {
+            pipe.cmd("XADD")
+                .arg(self.keys.costs())
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(self.firehose_maxlen)
+                .arg("*")
+                .arg("task")
+                .arg(cost.task_id.to_string())
+                .arg("tenant")
+                .arg(&cost.tenant)
+                .arg("model")
+                .arg(&cost.model)
+                .arg("prompt_tokens")
+                .arg(cost.usage.prompt_tokens)
+                .arg("completion_tokens")
+                .arg(cost.usage.completion_tokens)
+                .arg("cache_read_tokens")
+                .arg(cost.usage.cache_read_tokens)
+                .arg("cache_write_tokens")
+                .arg(cost.usage.cache_write_tokens)
+                .arg("reasoning_tokens")
+                .arg(cost.usage.reasoning_tokens)
+                .arg("cost_micros")
+                .arg(cost.cost_micros)
+                .arg("latency_ms")
+                .arg(cost.latency_ms)
+                .arg("ts")
+                .arg(crate::task::format_time(cost.ts))
+                .ignore();
+        }
+        let mut conn = self.conn.clone();
+        let _: () = pipe.query_async(&mut conn).await?;
         Ok(())
     }
 

@@ -8,7 +8,9 @@ mod spec;
 mod state;
 
 pub use id::{ParseTaskIdError, TaskId};
-pub use record::{format_time, ExecResult, RecordError, TaskRecord, TaskRef, TaskResult};
+pub use record::{
+    format_time, AgentResult, ExecResult, RecordError, TaskRecord, TaskRef, TaskResult,
+};
 pub use spec::{
     AgentLimits, AgentSpec, ExecSpec, FileSpec, Language, Priority, RepoSpec, SpecError,
     SpecLimits, TaskKind, TaskSpec,

@@ -47,6 +47,21 @@ pub struct TaskRef {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum TaskResult {
     Exec(ExecResult),
+    Agent(AgentResult),
+}
+
+/// What an `agent` task produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentResult {
+    /// How the conversation ended (see `Event::ConversationFinished`).
+    pub outcome: String,
+    /// The final message: the `finish` message or the plain answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// LLM calls made.
+    pub steps: u32,
+    pub usage: crate::cost::Usage,
+    pub cost_micros: u64,
 }
 
 /// What an `exec` task produced.

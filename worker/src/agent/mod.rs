@@ -1,4 +1,13 @@
 //! The agent: an OpenHands-style conversation loop in which an LLM calls
 //! tools that execute inside the task's sandbox.
 
+pub mod condenser;
+pub mod conversation;
 pub mod llm;
+pub mod prompt;
+pub mod secrets;
+pub mod sink;
+pub mod stuck;
+pub mod tools;
+
+pub use conversation::{AgentConfig, Billing, Conversation, Outcome};

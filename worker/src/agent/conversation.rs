@@ -1,0 +1,509 @@
+//! The conversation loop: ask the model, run the tools it calls in the
+//! sandbox, show it the results, until it finishes or a limit ends it.
+//!
+//! Every action gets exactly one observation or agent error, also when the
+//! run is cancelled or times out mid-call. Each LLM call and tool call races
+//! the cancel token and the wall-clock deadline.
+
+use std::time::Duration;
+
+use shoal_shared::cost::{MicroDollars, Prices, Usage};
+use shoal_shared::event::Event;
+use shoal_shared::store::CostEntry;
+use shoal_shared::task::{AgentResult, TaskId};
+use tokio_util::sync::CancellationToken;
+
+use super::condenser;
+use super::llm::{ChatMessage, LlmClient, LlmErrorKind, LlmRequest, LlmResponse, ToolCall};
+use super::prompt::{system_prompt, CONTINUE_NUDGE};
+use super::secrets::Masker;
+use super::sink::EventSink;
+use super::stuck::{self, Step, Verdict};
+use super::tools::{ToolContext, Toolbox};
+use crate::sandbox::Sandbox;
+
+/// How a conversation ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The model called `finish`.
+    Finished,
+    /// The model answered without calling a tool.
+    Answered,
+    MaxIterations,
+    BudgetExceeded,
+    TimedOut,
+    Cancelled,
+    Stuck(String),
+    Error(String),
+}
+
+impl Outcome {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Finished => "finished",
+            Self::Answered => "answered",
+            Self::MaxIterations => "max_iterations",
+            Self::BudgetExceeded => "budget_exceeded",
+            Self::TimedOut => "timed_out",
+            Self::Cancelled => "cancelled",
+            Self::Stuck(_) => "stuck",
+            Self::Error(_) => "error",
+        }
+    }
+
+    /// Whether the task succeeded.
+    pub fn is_success(&self) -> bool {
+        matches!(self, Self::Finished | Self::Answered)
+    }
+}
+
+/// Limits and knobs of one conversation.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub max_iterations: u32,
+    pub max_cost: Option<MicroDollars>,
+    pub timeout: Duration,
+    pub no_output_timeout: Duration,
+    /// History size (characters) above which the middle is condensed.
+    pub condense_chars: usize,
+    /// Answer a plain-text reply with a nudge instead of ending (for small models).
+    pub nudge_plain_text: bool,
+    pub prices: Prices,
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+}
+
+/// Who the conversation is for (cost entries carry it).
+#[derive(Debug, Clone)]
+pub struct Billing {
+    pub task_id: TaskId,
+    pub tenant: String,
+}
+
+/// One conversation's parts.
+pub struct Conversation<'a> {
+    pub llm: &'a dyn LlmClient,
+    pub sandbox: &'a dyn Sandbox,
+    pub sink: &'a dyn EventSink,
+    pub toolbox: Toolbox,
+    pub masker: Masker,
+    /// Resolved secrets the terminal exports (names and values).
+    pub env: Vec<(String, String)>,
+    pub config: AgentConfig,
+    pub billing: Billing,
+    pub cancel: CancellationToken,
+}
+
+/// The state a run accumulates.
+struct Run {
+    messages: Vec<ChatMessage>,
+    steps: Vec<Step>,
+    usage: Usage,
+    cost: MicroDollars,
+    calls: u32,
+    final_message: Option<String>,
+}
+
+/// Why a race against cancel and the deadline ended early.
+enum Interrupted {
+    Cancelled,
+    TimedOut,
+}
+
+impl Conversation<'_> {
+    /// Runs the conversation on `prompt` to its end.
+    pub async fn run(self, prompt: &str) -> AgentResult {
+        let deadline = tokio::time::Instant::now() + self.config.timeout;
+        let tools = self.toolbox.names();
+        let system = system_prompt(&tools);
+        self.sink
+            .event(Event::SystemPrompt {
+                content: system.clone(),
+                tools,
+            })
+            .await;
+        self.sink
+            .event(Event::Message {
+                role: "user".into(),
+                content: self.masker.mask(prompt),
+            })
+            .await;
+        let mut run = Run {
+            messages: vec![ChatMessage::system(system), ChatMessage::user(prompt)],
+            steps: Vec::new(),
+            usage: Usage::default(),
+            cost: MicroDollars::default(),
+            calls: 0,
+            final_message: None,
+        };
+        let outcome = self.drive(&mut run, deadline).await;
+        if let Outcome::Error(error) = &outcome {
+            self.sink
+                .event(Event::ConversationError {
+                    error: self.masker.mask(error),
+                })
+                .await;
+        }
+        let message = match &outcome {
+            Outcome::Stuck(reason) => Some(format!("stopped: {reason}")),
+            _ => run.final_message.clone(),
+        };
+        self.sink
+            .event(Event::ConversationFinished {
+                outcome: outcome.name().into(),
+                message: message.clone(),
+                steps: run.calls,
+                usage: run.usage,
+                cost_micros: run.cost.0,
+            })
+            .await;
+        self.sink.flush().await;
+        AgentResult {
+            outcome: outcome.name().into(),
+            message,
+            steps: run.calls,
+            usage: run.usage,
+            cost_micros: run.cost.0,
+        }
+    }
+
+    /// Races `future` against cancel and the deadline.
+    async fn race<T>(
+        &self,
+        deadline: tokio::time::Instant,
+        future: impl std::future::Future<Output = T>,
+    ) -> Result<T, Interrupted> {
+        tokio::select! {
+            biased;
+            _ = self.cancel.cancelled() => Err(Interrupted::Cancelled),
+            _ = tokio::time::sleep_until(deadline) => Err(Interrupted::TimedOut),
+            value = future => Ok(value),
+        }
+    }
+
+    async fn drive(&self, run: &mut Run, deadline: tokio::time::Instant) -> Outcome {
+        let mut context_retries = 0;
+        loop {
+            if run.calls >= self.config.max_iterations {
+                return Outcome::MaxIterations;
+            }
+            if let Some(limit) = self.config.max_cost {
+                if run.cost >= limit {
+                    return Outcome::BudgetExceeded;
+                }
+            }
+            if condenser::size(&run.messages) > self.config.condense_chars {
+                if let Err(outcome) = self.condense(run, deadline).await {
+                    return outcome;
+                }
+            }
+            let request = LlmRequest {
+                messages: run.messages.clone(),
+                tools: self.toolbox.specs(),
+                max_tokens: self.config.max_tokens,
+                temperature: self.config.temperature,
+            };
+            let response = match self
+                .race(deadline, self.llm.complete(&request, &self.cancel))
+                .await
+            {
+                Err(Interrupted::Cancelled) => return Outcome::Cancelled,
+                Err(Interrupted::TimedOut) => return Outcome::TimedOut,
+                Ok(Err(error))
+                    if error.kind == LlmErrorKind::ContextWindowExceeded && context_retries < 2 =>
+                {
+                    context_retries += 1;
+                    if let Err(outcome) = self.condense(run, deadline).await {
+                        return outcome;
+                    }
+                    continue;
+                }
+                Ok(Err(error)) if error.kind == LlmErrorKind::Cancelled => {
+                    return Outcome::Cancelled
+                }
+                Ok(Err(error)) => return Outcome::Error(format!("LLM call failed: {error}")),
+                Ok(Ok(response)) => response,
+            };
+            context_retries = 0;
+            self.account(run, &response).await;
+            let message = response.message;
+            let thought = (!message.content.trim().is_empty())
+                .then(|| self.masker.mask(message.content.trim()));
+            let calls = message.tool_calls.clone();
+            run.messages.push(message);
+
+            if calls.is_empty() {
+                let text = thought.unwrap_or_default();
+                self.sink
+                    .event(Event::Message {
+                        role: "assistant".into(),
+                        content: text.clone(),
+                    })
+                    .await;
+                if !self.config.nudge_plain_text {
+                    run.final_message = Some(text);
+                    return Outcome::Answered;
+                }
+                run.steps.push(Step::Monologue);
+                if let Verdict::Stuck(reason) = stuck::check(&run.steps) {
+                    return Outcome::Stuck(reason);
+                }
+                self.nudge(run, CONTINUE_NUDGE).await;
+                continue;
+            }
+
+            for (index, call) in calls.iter().enumerate() {
+                let thought = if index == 0 { thought.clone() } else { None };
+                match self.act(run, call, thought, deadline).await {
+                    Ok(None) => {}
+                    Ok(Some(finish)) => {
+                        run.final_message = Some(finish);
+                        // Calls after `finish` in the same reply are answered, not run.
+                        for skipped in &calls[index + 1..] {
+                            self.refuse(run, skipped, "not run: the conversation already finished")
+                                .await;
+                        }
+                        return Outcome::Finished;
+                    }
+                    Err(outcome) => {
+                        for skipped in &calls[index + 1..] {
+                            self.refuse(run, skipped, "not run: the conversation was interrupted")
+                                .await;
+                        }
+                        return outcome;
+                    }
+                }
+            }
+            match stuck::check(&run.steps) {
+                Verdict::Fine => {}
+                Verdict::Nudge(text) => self.nudge(run, &text).await,
+                Verdict::Stuck(reason) => return Outcome::Stuck(reason),
+            }
+        }
+    }
+
+    /// Runs one tool call. `Ok(Some(message))` when it was `finish`.
+    async fn act(
+        &self,
+        run: &mut Run,
+        call: &ToolCall,
+        thought: Option<String>,
+        deadline: tokio::time::Instant,
+    ) -> Result<Option<String>, Outcome> {
+        self.sink
+            .event(Event::Action {
+                action_id: call.id.clone(),
+                tool: call.name.clone(),
+                arguments: self.masker.mask(&call.arguments),
+                thought,
+            })
+            .await;
+        let Some(tool) = self.toolbox.get(&call.name) else {
+            let error = format!(
+                "Tool {:?} does not exist. Available tools: {}.",
+                call.name,
+                self.toolbox.names().join(", ")
+            );
+            self.fail(run, call, error).await;
+            return Ok(None);
+        };
+        let args: serde_json::Value =
+            match serde_json::from_str(if call.arguments.trim().is_empty() {
+                "{}"
+            } else {
+                &call.arguments
+            }) {
+                Ok(args @ serde_json::Value::Object(_)) => args,
+                Ok(_) => {
+                    self.fail(
+                        run,
+                        call,
+                        "The tool arguments must be a JSON object.".into(),
+                    )
+                    .await;
+                    return Ok(None);
+                }
+                Err(error) => {
+                    self.fail(
+                        run,
+                        call,
+                        format!(
+                            "The tool arguments are not valid JSON ({error}). Send a JSON object."
+                        ),
+                    )
+                    .await;
+                    return Ok(None);
+                }
+            };
+        let ctx = ToolContext {
+            sandbox: self.sandbox,
+            cancel: &self.cancel,
+            no_output_timeout: self.config.no_output_timeout,
+            env: &self.env,
+        };
+        let result = match self.race(deadline, tool.call(&args, &ctx)).await {
+            Ok(result) => result,
+            Err(interrupted) => {
+                let (reason, outcome) = match interrupted {
+                    Interrupted::Cancelled => ("the task was cancelled", Outcome::Cancelled),
+                    Interrupted::TimedOut => ("the task reached its time limit", Outcome::TimedOut),
+                };
+                self.sink
+                    .event(Event::AgentError {
+                        action_id: Some(call.id.clone()),
+                        error: format!("interrupted: {reason}"),
+                    })
+                    .await;
+                return Err(outcome);
+            }
+        };
+        match result {
+            Err(argument_error) => {
+                self.fail(
+                    run,
+                    call,
+                    format!("Invalid arguments for {}: {argument_error}", tool.name()),
+                )
+                .await;
+                Ok(None)
+            }
+            Ok(output) => {
+                let content = self.masker.mask(&output.content);
+                self.sink
+                    .event(Event::Observation {
+                        action_id: call.id.clone(),
+                        tool: tool.name().into(),
+                        content: content.clone(),
+                        exit_code: output.exit_code,
+                        is_error: output.is_error,
+                    })
+                    .await;
+                run.steps.push(Step::Action {
+                    call: format!("{}:{}", tool.name(), normalise(&args)),
+                    observation: content.clone(),
+                    is_error: output.is_error,
+                });
+                run.messages
+                    .push(ChatMessage::tool_result(call.id.clone(), content));
+                Ok(output.finish.map(|m| self.masker.mask(&m)))
+            }
+        }
+    }
+
+    /// A call the loop could not run: the model sees the error.
+    async fn fail(&self, run: &mut Run, call: &ToolCall, error: String) {
+        self.sink
+            .event(Event::AgentError {
+                action_id: Some(call.id.clone()),
+                error: error.clone(),
+            })
+            .await;
+        run.steps.push(Step::Action {
+            call: format!("{}:{}", call.name, call.arguments),
+            observation: error.clone(),
+            is_error: true,
+        });
+        run.messages.push(ChatMessage::tool_result(
+            call.id.clone(),
+            format!("ERROR: {error}"),
+        ));
+    }
+
+    /// Answers a call that will not run, so every action has its answer.
+    async fn refuse(&self, run: &mut Run, call: &ToolCall, reason: &str) {
+        self.sink
+            .event(Event::Action {
+                action_id: call.id.clone(),
+                tool: call.name.clone(),
+                arguments: self.masker.mask(&call.arguments),
+                thought: None,
+            })
+            .await;
+        self.sink
+            .event(Event::AgentError {
+                action_id: Some(call.id.clone()),
+                error: reason.into(),
+            })
+            .await;
+        run.messages.push(ChatMessage::tool_result(
+            call.id.clone(),
+            format!("ERROR: {reason}"),
+        ));
+    }
+
+    async fn nudge(&self, run: &mut Run, text: &str) {
+        self.sink
+            .event(Event::Message {
+                role: "user".into(),
+                content: text.into(),
+            })
+            .await;
+        run.messages.push(ChatMessage::user(text));
+    }
+
+    async fn condense(&self, run: &mut Run, deadline: tokio::time::Instant) -> Result<(), Outcome> {
+        let Some(range) = condenser::middle(&run.messages, 6) else {
+            return Ok(());
+        };
+        let condensed = match self
+            .race(
+                deadline,
+                condenser::condense(self.llm, &run.messages, range, &self.cancel),
+            )
+            .await
+        {
+            Err(Interrupted::Cancelled) => return Err(Outcome::Cancelled),
+            Err(Interrupted::TimedOut) => return Err(Outcome::TimedOut),
+            Ok(Err(error)) => {
+                return Err(Outcome::Error(format!(
+                    "condensing the history failed: {error}"
+                )))
+            }
+            Ok(Ok(condensed)) => condensed,
+        };
+        self.account(run, &condensed.response).await;
+        self.sink
+            .event(Event::Condensation {
+                summary: self.masker.mask(&condensed.summary),
+                forgotten_messages: condensed.forgotten as u32,
+            })
+            .await;
+        run.messages = condensed.messages;
+        Ok(())
+    }
+
+    /// Adds a call's usage and cost to the totals, the event log and the cost stream.
+    async fn account(&self, run: &mut Run, response: &LlmResponse) {
+        let cost = self.config.prices.cost(&response.usage);
+        run.usage += response.usage;
+        run.cost += cost;
+        run.calls += 1;
+        let latency_ms = response.latency.as_millis() as u64;
+        self.sink
+            .event(Event::LlmCall {
+                model: response.model.clone(),
+                usage: response.usage,
+                cost_micros: cost.0,
+                latency_ms,
+                attempts: response.attempts,
+            })
+            .await;
+        self.sink
+            .cost(CostEntry {
+                task_id: self.billing.task_id,
+                tenant: self.billing.tenant.clone(),
+                model: response.model.clone(),
+                usage: response.usage,
+                cost_micros: cost.0,
+                latency_ms,
+                ts: chrono::Utc::now(),
+            })
+            .await;
+    }
+}
+
+/// Arguments with keys sorted and whitespace normalised, so the stuck
+/// detector sees equal calls as equal.
+fn normalise(args: &serde_json::Value) -> String {
+    serde_json::to_string(args).unwrap_or_default()
+}

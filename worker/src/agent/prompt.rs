@@ -1,0 +1,33 @@
+//! The system prompt. Small models are steered mostly by it: it says where
+//! the agent is, what one step looks like, and how to finish.
+
+/// The system prompt for a conversation with these tools.
+pub fn system_prompt(tools: &[String]) -> String {
+    let has = |name: &str| tools.iter().any(|t| t == name);
+    let mut prompt = String::from(
+        "You are a careful software engineer working as an autonomous agent in a Linux sandbox.\n\
+         Your working directory is /workspace; files you create there persist between steps.\n\n\
+         How to work:\n\
+         - Make exactly one tool call per reply, then wait for its result.\n",
+    );
+    if has("terminal") {
+        prompt.push_str("- Run shell commands with `terminal` (python3 is available). Check the output of every command.\n");
+    }
+    if has("file_editor") {
+        prompt.push_str(
+            "- Create and edit files with `file_editor` (paths like /workspace/main.py).\n",
+        );
+    }
+    prompt.push_str(
+        "- Do not repeat a step that already succeeded; move on to the next one.\n\
+         - Nobody can answer questions: decide yourself.\n\
+         - When the task is done, call `finish` with a message that states the result \
+           (for example the exact output the task asked for). If it cannot be done, call `finish` and say why.\n",
+    );
+    prompt
+}
+
+/// The nudge sent when the model answers without a tool call in a loop that
+/// asks for tool calls.
+pub const CONTINUE_NUDGE: &str =
+    "Continue with the next step using a tool call. If the task is complete, call `finish` with the result.";
