@@ -125,7 +125,8 @@ mod tests {
     #[test]
     fn three_monologues_are_stuck() {
         assert_eq!(check(&[Step::Monologue, Step::Monologue]), Verdict::Fine);
-        assert!(matches!(check(&[Step::Monologue; 3]), Verdict::Stuck(_)));
+        let three = vec![Step::Monologue; 3];
+        assert!(matches!(check(&three), Verdict::Stuck(_)));
     }
 
     #[test]
