@@ -17,6 +17,15 @@ pub enum ClientError {
     Api { status: u16, detail: String },
 }
 
+/// A page of events (JSON objects with an `id` and a `type`).
+#[derive(Debug, Deserialize)]
+pub struct EventsPage {
+    pub events: Vec<serde_json::Value>,
+    pub state: shoal_shared::TaskState,
+    /// The task is finished and this was the last page.
+    pub done: bool,
+}
+
 #[derive(Deserialize)]
 struct ProblemBody {
     detail: Option<String>,
@@ -70,6 +79,19 @@ impl Client {
     pub async fn get(&self, id: &TaskId) -> Result<TaskRecord, ClientError> {
         self.send(self.http.get(self.url(&format!("/v1/tasks/{id}"))))
             .await
+    }
+
+    /// A page of the task's events after stream id `after`.
+    pub async fn events(
+        &self,
+        id: &TaskId,
+        after: Option<&str>,
+    ) -> Result<EventsPage, ClientError> {
+        let mut url = format!("/v1/tasks/{id}/events");
+        if let Some(after) = after {
+            url.push_str(&format!("?after={after}"));
+        }
+        self.send(self.http.get(self.url(&url))).await
     }
 
     fn url(&self, path: &str) -> String {

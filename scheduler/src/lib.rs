@@ -6,6 +6,7 @@
 pub mod api;
 pub mod client;
 pub mod submit;
+pub mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -246,3 +246,76 @@ async fn exec_timeout_kills_the_command_and_keeps_its_output() {
     assert_eq!(stdout_of(&done), "started\n");
     env.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_log_is_served_as_json_pages_and_resumable_server_sent_events() {
+    let mut env = TestEnv::new("events-api", "").await;
+    let url = env.start_scheduler().await;
+    let client = Client::new(&url, None);
+    let record = client
+        .submit(&TaskSpec::exec("sleep 1; echo streamed"), None)
+        .await
+        .expect("submit");
+    // Subscribe before the task runs: the stream follows it live and ends
+    // with the terminal state.
+    let http = reqwest::Client::new();
+    let sse = http
+        .get(format!("{url}/v1/tasks/{}/events", record.id))
+        .header("accept", "text/event-stream")
+        .send();
+    env.start_worker("w1", 1).await;
+    let body = tokio::time::timeout(Duration::from_secs(60), async {
+        sse.await.expect("sse").text().await.expect("body")
+    })
+    .await
+    .expect("the stream ends when the task does");
+    let ids: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .collect();
+    let kinds: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(kinds.first(), Some(&"state_changed"));
+    assert!(kinds.contains(&"exec_finished"), "{kinds:?}");
+    assert!(body.contains("\"to\":\"succeeded\""));
+    assert_eq!(ids.len(), kinds.len());
+
+    // Resuming after the first event replays the rest, not the first.
+    let resumed = http
+        .get(format!("{url}/v1/tasks/{}/events", record.id))
+        .header("accept", "text/event-stream")
+        .header("last-event-id", ids[0])
+        .send()
+        .await
+        .expect("resume")
+        .text()
+        .await
+        .expect("body");
+    let resumed_ids: Vec<&str> = resumed
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .collect();
+    assert_eq!(resumed_ids, ids[1..]);
+
+    // JSON pages carry the same ids, and `done` once the task is over.
+    let page = client.events(&record.id, None).await.expect("page");
+    assert!(page.done);
+    let page_ids: Vec<String> = page
+        .events
+        .iter()
+        .filter_map(|e| e.get("id").and_then(|v| v.as_str()).map(str::to_owned))
+        .collect();
+    assert_eq!(page_ids, ids);
+    let bad = http
+        .get(format!(
+            "{url}/v1/tasks/{}/events?after=nonsense",
+            record.id
+        ))
+        .send()
+        .await
+        .expect("bad");
+    assert_eq!(bad.status(), reqwest::StatusCode::BAD_REQUEST);
+    env.teardown().await;
+}

@@ -2,6 +2,7 @@
 
 mod auth;
 mod body;
+mod events;
 mod health;
 mod problem;
 mod tasks;
@@ -35,6 +36,7 @@ pub fn router(state: AppState, settings: &Settings) -> Router {
         .route("/v1/tasks", post(tasks::submit))
         .route("/v1/tasks/batch", post(tasks::submit_batch))
         .route("/v1/tasks/{id}", get(tasks::get))
+        .route("/v1/tasks/{id}/events", get(events::events))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .fallback(problem::not_found)

@@ -44,6 +44,11 @@ enum Command {
     /// Submit a task: an agent prompt, a command (--exec), code (--code), or a
     /// JSON-lines file of task specs (-f).
     Submit(SubmitArgs),
+    /// Follow a task's events live until it finishes.
+    Watch {
+        /// The task id.
+        id: TaskId,
+    },
     /// Show a task.
     Status {
         /// The task id.
@@ -125,6 +130,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::new(&cli.server, cli.token.clone());
     match cli.command {
         Command::Submit(args) => submit(&client, cli.output, args).await,
+        Command::Watch { id } => {
+            let record = watch(&client, cli.output, &id).await?;
+            if cli.output == Output::Text {
+                println!();
+                print_record(Output::Text, &record)?;
+            }
+            if record.state != shoal_shared::TaskState::Succeeded {
+                std::process::exit(2);
+            }
+            Ok(())
+        }
         Command::Status { id } => {
             let record = client.get(&id).await?;
             print_record(cli.output, &record)
@@ -243,6 +259,38 @@ async fn submit_file(
     }
 }
 
+/// Prints events as they come (text: readable lines; json: one event per
+/// line) and returns the final record.
+async fn watch(client: &Client, output: Output, id: &TaskId) -> anyhow::Result<TaskRecord> {
+    let mut after: Option<String> = None;
+    let mut idle = Duration::from_millis(100);
+    loop {
+        let page = client.events(id, after.as_deref()).await?;
+        for event in &page.events {
+            if let Some(event_id) = event.get("id").and_then(|v| v.as_str()) {
+                after = Some(event_id.to_owned());
+            }
+            match output {
+                Output::Json => println!("{event}"),
+                Output::Text => {
+                    if let Some(line) = shoal_scheduler::watch::render(event) {
+                        println!("{line}");
+                    }
+                }
+            }
+        }
+        if page.done {
+            return Ok(client.get(id).await?);
+        }
+        if page.events.is_empty() {
+            tokio::time::sleep(idle).await;
+            idle = (idle * 2).min(Duration::from_millis(500));
+        } else {
+            idle = Duration::from_millis(100);
+        }
+    }
+}
+
 async fn wait_for(client: &Client, id: &TaskId) -> anyhow::Result<TaskRecord> {
     let mut delay = Duration::from_millis(50);
     loop {
@@ -282,6 +330,21 @@ fn print_record(output: Output, record: &TaskRecord) -> anyhow::Result<()> {
     }
     if let Some(error) = &record.last_error {
         println!("error     {error}");
+    }
+    if let Some(TaskResult::Agent(result)) = &record.result {
+        println!(
+            "outcome   {}  ({} LLM calls, {} tokens in, {} out, ${:.4})",
+            result.outcome,
+            result.steps,
+            result.usage.prompt_tokens
+                + result.usage.cache_read_tokens
+                + result.usage.cache_write_tokens,
+            result.usage.completion_tokens,
+            result.cost_micros as f64 / 1e6
+        );
+        if let Some(message) = &result.message {
+            println!("--- answer\n{message}");
+        }
     }
     if let Some(TaskResult::Exec(result)) = &record.result {
         println!(

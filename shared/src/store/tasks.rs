@@ -425,6 +425,30 @@ impl Store {
         Ok(events)
     }
 
+    /// Events after stream id `after` (exclusive; `None` = from the start).
+    pub async fn events_after(
+        &self,
+        id: &TaskId,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, EventEnvelope)>, StoreError> {
+        let start = after.map_or_else(|| "-".to_owned(), |a| format!("({a}"));
+        let mut conn = self.conn.clone();
+        let reply: redis::streams::StreamRangeReply = conn
+            .xrange_count(self.keys.task_events(id), start, "+", limit)
+            .await?;
+        let mut events = Vec::with_capacity(reply.ids.len());
+        for entry in reply.ids {
+            let json: String = entry
+                .get("event")
+                .ok_or_else(|| StoreError::Corrupt(format!("event {} has no body", entry.id)))?;
+            let envelope = serde_json::from_str(&json)
+                .map_err(|e| StoreError::Corrupt(format!("event {}: {e}", entry.id)))?;
+            events.push((entry.id, envelope));
+        }
+        Ok(events)
+    }
+
     /// Claims `key` for `id` unless the tenant already used it.
     pub async fn claim_idempotency(
         &self,

@@ -1,0 +1,197 @@
+//! `GET /v1/tasks/{id}/events`: the task's event log. As Server-Sent Events
+//! (`Accept: text/event-stream`) it follows the log live and resumes after
+//! `Last-Event-ID`; otherwise it answers JSON pages (`?after=<id>`).
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::stream::{self, Stream};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use shoal_shared::event::{Event, EventEnvelope};
+use shoal_shared::store::Store;
+use shoal_shared::task::{TaskId, TaskState};
+
+use super::auth::Tenant;
+use super::{AppState, Problem};
+
+/// Most events in one JSON page or SSE poll.
+const PAGE: usize = 500;
+/// How often a live stream looks for new events.
+const POLL: Duration = Duration::from_millis(150);
+
+#[derive(Debug, Deserialize)]
+pub struct EventsQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EventsPage {
+    events: Vec<Value>,
+    /// The task's state when the page was read.
+    state: TaskState,
+    /// No further events will come.
+    done: bool,
+}
+
+fn valid_stream_id(id: &str) -> bool {
+    let mut parts = id.splitn(2, '-');
+    let ms = parts.next().unwrap_or("");
+    !ms.is_empty()
+        && ms.bytes().all(|b| b.is_ascii_digit())
+        && parts
+            .next()
+            .is_none_or(|seq| !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit()))
+}
+
+fn with_id(stream_id: &str, envelope: &EventEnvelope) -> Value {
+    let mut value = serde_json::to_value(envelope).unwrap_or(Value::Null);
+    if let Value::Object(map) = &mut value {
+        map.insert("id".into(), Value::String(stream_id.to_owned()));
+    }
+    value
+}
+
+/// An event that ends the log: the task reached a terminal state.
+fn is_final(envelope: &EventEnvelope) -> bool {
+    matches!(&envelope.event, Event::StateChanged { to, .. } if to.is_terminal())
+}
+
+pub async fn events(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+    Query(query): Query<EventsQuery>,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    let id: TaskId = id
+        .parse()
+        .map_err(|e: shoal_shared::task::ParseTaskIdError| Problem::bad_request(e.to_string()))?;
+    let record = state
+        .store
+        .get(&id)
+        .await
+        .map_err(|e| {
+            Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "Service unavailable",
+                e.to_string(),
+            )
+        })?
+        .filter(|r| tenant.name.as_ref().is_none_or(|own| *own == r.tenant))
+        .ok_or_else(|| {
+            Problem::new(
+                StatusCode::NOT_FOUND,
+                "task-not-found",
+                "Task not found",
+                format!("no task {id}"),
+            )
+        })?;
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or(query.after);
+    if let Some(after) = &resume {
+        if !valid_stream_id(after) {
+            return Err(Problem::bad_request(format!(
+                "{after:?} is not an event id"
+            )));
+        }
+    }
+    let wants_sse = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    if wants_sse {
+        return Ok(Sse::new(live(state.store.clone(), id, resume))
+            .keep_alive(KeepAlive::default())
+            .into_response());
+    }
+    let limit = query.limit.unwrap_or(PAGE).clamp(1, PAGE);
+    let page = state
+        .store
+        .events_after(&id, resume.as_deref(), limit)
+        .await
+        .map_err(|e| {
+            Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "Service unavailable",
+                e.to_string(),
+            )
+        })?;
+    let done = record.state.is_terminal() && page.len() < limit;
+    Ok(Json(EventsPage {
+        events: page.iter().map(|(sid, e)| with_id(sid, e)).collect(),
+        state: record.state,
+        done,
+    })
+    .into_response())
+}
+
+/// Polls the stream and yields events until the task's final event.
+fn live(
+    store: Store,
+    id: TaskId,
+    after: Option<String>,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    struct Cursor {
+        store: Store,
+        id: TaskId,
+        after: Option<String>,
+        pending: std::collections::VecDeque<(String, EventEnvelope)>,
+        finished: bool,
+    }
+    let cursor = Cursor {
+        store,
+        id,
+        after,
+        pending: Default::default(),
+        finished: false,
+    };
+    stream::unfold(cursor, |mut cursor| async move {
+        loop {
+            if let Some((sid, envelope)) = cursor.pending.pop_front() {
+                cursor.after = Some(sid.clone());
+                if is_final(&envelope) {
+                    cursor.finished = true;
+                }
+                let data = serde_json::to_string(&with_id(&sid, &envelope)).unwrap_or_default();
+                let event = SseEvent::default()
+                    .id(sid)
+                    .event(envelope.event.type_name())
+                    .data(data);
+                return Some((Ok(event), cursor));
+            }
+            if cursor.finished {
+                return None;
+            }
+            match cursor
+                .store
+                .events_after(&cursor.id, cursor.after.as_deref(), PAGE)
+                .await
+            {
+                Ok(page) if !page.is_empty() => cursor.pending.extend(page),
+                Ok(_) => {
+                    // Nothing new: a task already finished before we came
+                    // (events expired) ends the stream too.
+                    if let Ok(Some(record)) = cursor.store.get(&cursor.id).await {
+                        if record.state.is_terminal() && cursor.after.is_none() {
+                            return None;
+                        }
+                    }
+                    tokio::time::sleep(POLL).await;
+                }
+                Err(_) => tokio::time::sleep(POLL * 4).await,
+            }
+        }
+    })
+}
