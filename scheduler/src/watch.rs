@@ -160,7 +160,7 @@ pub fn render(event: &Value) -> Option<String> {
             str_of(event, "reason")
         ),
         "requeued" => format!("requeued {}", str_of(event, "reason")),
-        other => format!("{other}"),
+        other => other.to_owned(),
     };
     Some(format!("{time} {body}"))
 }
