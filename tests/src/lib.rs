@@ -8,6 +8,7 @@
 
 pub mod daytona_fake;
 pub mod harness;
+pub mod llm_sim;
 pub mod wait;
 
 pub use harness::{TestEnv, WorkerProcess};
