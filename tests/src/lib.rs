@@ -9,6 +9,7 @@
 pub mod daytona_fake;
 pub mod harness;
 pub mod scripted_llm;
+pub mod llm_sim;
 pub mod wait;
 
 pub use harness::{TestEnv, WorkerProcess};

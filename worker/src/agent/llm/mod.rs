@@ -2,12 +2,24 @@
 //! Anthropic Messages, native or emulated tool calls, retries with backoff,
 //! errors classified once.
 
+pub mod anthropic;
+pub mod emulated;
+pub mod openai;
+pub mod retry;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use shoal_shared::cost::Usage;
+use shoal_shared::model::{FunctionCalling, LlmProvider, ModelProfile};
 use tokio_util::sync::CancellationToken;
+
+pub use anthropic::AnthropicClient;
+pub use emulated::EmulatedToolCalls;
+pub use openai::OpenAiClient;
+pub use retry::RetryPolicy;
 
 /// Who said a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,4 +191,91 @@ pub trait LlmClient: Send + Sync {
         request: &LlmRequest,
         cancel: &CancellationToken,
     ) -> Result<LlmResponse, LlmError>;
+}
+
+/// The client a profile describes: its provider's wire format, the API key
+/// from `api_key_env`, wrapped for emulated tool calls when configured.
+pub fn client_for(profile: &ModelProfile) -> Result<Arc<dyn LlmClient>, LlmError> {
+    client_with_policy(
+        profile,
+        RetryPolicy::new(profile.max_retries, profile.timeout),
+    )
+}
+
+/// As [`client_for`], with explicit backoff settings.
+pub fn client_with_policy(
+    profile: &ModelProfile,
+    policy: RetryPolicy,
+) -> Result<Arc<dyn LlmClient>, LlmError> {
+    let key = match profile.api_key_env.as_deref().filter(|v| !v.is_empty()) {
+        None => None,
+        Some(var) => match std::env::var(var) {
+            Ok(key) if !key.trim().is_empty() => Some(key.trim().to_owned()),
+            _ => {
+                return Err(LlmError::new(
+                    LlmErrorKind::Auth,
+                    format!(
+                        "model profile {:?} takes its API key from ${var}, which is not set",
+                        profile.name
+                    ),
+                ))
+            }
+        },
+    };
+    let client: Arc<dyn LlmClient> = match profile.provider {
+        LlmProvider::OpenAi => Arc::new(OpenAiClient::new(profile, key)?.with_retry_policy(policy)),
+        LlmProvider::Anthropic => {
+            Arc::new(AnthropicClient::new(profile, key)?.with_retry_policy(policy))
+        }
+    };
+    Ok(match profile.function_calling {
+        FunctionCalling::Native => client,
+        FunctionCalling::Emulated => Arc::new(EmulatedToolCalls::new(client)),
+    })
+}
+
+/// What both wire formats parse into.
+#[derive(Debug, Clone)]
+pub(crate) struct Parsed {
+    pub message: ChatMessage,
+    pub usage: Usage,
+    pub model: String,
+    pub finish_reason: Option<String>,
+}
+
+impl Parsed {
+    fn into_response(self, latency: Duration, attempts: u32, configured: &str) -> LlmResponse {
+        LlmResponse {
+            message: self.message,
+            usage: self.usage,
+            latency,
+            model: if self.model.is_empty() {
+                configured.to_owned()
+            } else {
+                self.model
+            },
+            finish_reason: self.finish_reason,
+            attempts,
+        }
+    }
+}
+
+/// A 2xx answer that is not what the API promises.
+fn invalid(message: &str) -> LlmError {
+    LlmError::new(LlmErrorKind::InvalidResponse, message)
+}
+
+/// An id for a tool call the provider sent without one (or that was parsed
+/// from text).
+pub fn generated_call_id() -> String {
+    format!("call_{}", uuid::Uuid::now_v7().simple())
+}
+
+/// The HTTP client both providers use.
+fn http_client() -> Result<reqwest::Client, LlmError> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .user_agent(concat!("shoal-worker/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| LlmError::new(LlmErrorKind::Connection, format!("HTTP client: {e}")))
 }

@@ -1,0 +1,321 @@
+//! An LLM simulator that speaks the real wire formats: OpenAI chat
+//! completions (`POST /v1/chat/completions`, also `/chat/completions`) and
+//! Anthropic Messages (`POST /v1/messages`), non-streaming, on one loopback
+//! port.
+//!
+//! It answers from a [`Script`]: queued [`Turn`]s (replies with text, tool
+//! calls and usage, or injected faults: 429 with `Retry-After`, 500, 529
+//! overloaded, slow answers, truncated JSON, malformed tool arguments,
+//! context-window overflows, any status), a function of the request, rules
+//! matched against the request, a fallback, or an echo.
+//!
+//! Every request is recorded ([`LlmSim::requests`]) with its raw body and
+//! headers and a format-neutral view of the conversation, and checked for
+//! what the real APIs require (model, messages, `max_tokens` and alternating
+//! roles for Anthropic, every tool result answering a prior call, ...).
+//! Problems are recorded as violations; by default such a request is also
+//! answered 400, as the real API would. Tests end with
+//! [`LlmSim::assert_no_violations`].
+//!
+//! The base URL handed out ends in `/v1`, which suits OpenAI-style clients
+//! (`{base}/chat/completions`) and Anthropic clients that accept a base with
+//! or without `/v1`. [`LlmSim::root_url`] is the bare origin.
+
+mod request;
+mod script;
+mod validate;
+mod wire;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::body::{to_bytes, Body};
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode};
+use axum::response::Response;
+use serde_json::Value;
+
+pub use request::{Format, SimCall, SimMessage, SimRequest};
+pub use script::{Matcher, Reply, Responder, Rule, Script, SimToolCall, SimUsage, Turn};
+
+struct SimState {
+    script: Mutex<Script>,
+    requests: Mutex<Vec<SimRequest>>,
+    violations: Mutex<Vec<String>>,
+    latency: Mutex<Duration>,
+    api_key: Option<String>,
+    strict: bool,
+    serial: AtomicUsize,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Options for starting a simulator.
+#[derive(Debug, Clone)]
+pub struct SimBuilder {
+    latency: Duration,
+    api_key: Option<String>,
+    strict: bool,
+    addr: SocketAddr,
+}
+
+impl Default for SimBuilder {
+    fn default() -> Self {
+        Self {
+            latency: Duration::ZERO,
+            api_key: None,
+            strict: true,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        }
+    }
+}
+
+impl SimBuilder {
+    /// A fixed delay before every answer.
+    pub fn latency(mut self, latency: Duration) -> Self {
+        self.latency = latency;
+        self
+    }
+
+    /// Requests without this key (`Authorization: Bearer` on the OpenAI
+    /// endpoint, `x-api-key` on the Anthropic one) are answered 401.
+    pub fn api_key(mut self, key: impl Into<String>) -> Self {
+        self.api_key = Some(key.into());
+        self
+    }
+
+    /// Answer invalid requests anyway (violations are still recorded).
+    pub fn lenient(mut self) -> Self {
+        self.strict = false;
+        self
+    }
+
+    /// Where to listen (default `127.0.0.1:0`).
+    pub fn bind(mut self, addr: SocketAddr) -> Self {
+        self.addr = addr;
+        self
+    }
+
+    /// Starts serving `script`; returns the `/v1` base URL and the handle.
+    pub async fn start(self, mut script: Script) -> std::io::Result<(String, LlmSim)> {
+        let listener = tokio::net::TcpListener::bind(self.addr).await?;
+        let addr = listener.local_addr()?;
+        let latency = script
+            .latency_ms
+            .take()
+            .map_or(self.latency, Duration::from_millis);
+        let state = Arc::new(SimState {
+            script: Mutex::new(script),
+            requests: Mutex::new(Vec::new()),
+            violations: Mutex::new(Vec::new()),
+            latency: Mutex::new(latency),
+            api_key: self.api_key,
+            strict: self.strict,
+            serial: AtomicUsize::new(0),
+        });
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(state.clone());
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let base_url = format!("http://{addr}/v1");
+        let sim = LlmSim {
+            base_url: base_url.clone(),
+            addr,
+            state,
+            server,
+        };
+        Ok((base_url, sim))
+    }
+}
+
+/// A running simulator; it stops when dropped.
+pub struct LlmSim {
+    base_url: String,
+    addr: SocketAddr,
+    state: Arc<SimState>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for LlmSim {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl LlmSim {
+    /// Starts a simulator on `127.0.0.1:0` with default options. Panics when
+    /// it cannot bind (a test helper).
+    pub async fn start(script: Script) -> (String, LlmSim) {
+        SimBuilder::default()
+            .start(script)
+            .await
+            .expect("bind the LLM simulator on 127.0.0.1")
+    }
+
+    pub fn builder() -> SimBuilder {
+        SimBuilder::default()
+    }
+
+    /// `http://127.0.0.1:<port>/v1`.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn root_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Every request received, in order of arrival.
+    pub fn requests(&self) -> Vec<SimRequest> {
+        lock(&self.state.requests).clone()
+    }
+
+    pub fn request_count(&self) -> usize {
+        lock(&self.state.requests).len()
+    }
+
+    pub fn last_request(&self) -> Option<SimRequest> {
+        lock(&self.state.requests).last().cloned()
+    }
+
+    pub fn violations(&self) -> Vec<String> {
+        lock(&self.state.violations).clone()
+    }
+
+    /// Panics, listing them, when any request broke the API's rules.
+    pub fn assert_no_violations(&self) {
+        let violations = self.violations();
+        assert!(
+            violations.is_empty(),
+            "the LLM simulator recorded {} violation(s):\n  {}",
+            violations.len(),
+            violations.join("\n  ")
+        );
+    }
+
+    /// Queues `turn` after the queued ones.
+    pub fn push_turn(&self, turn: Turn) {
+        lock(&self.state.script).turns.push_back(turn);
+    }
+
+    /// Replaces the script.
+    pub fn set_script(&self, script: Script) {
+        *lock(&self.state.script) = script;
+    }
+
+    /// Queued turns not used yet.
+    pub fn remaining_turns(&self) -> usize {
+        lock(&self.state.script).turns.len()
+    }
+
+    pub fn set_latency(&self, latency: Duration) {
+        *lock(&self.state.latency) = latency;
+    }
+}
+
+async fn handle(State(state): State<Arc<SimState>>, request: Request) -> Response {
+    let path = request.uri().path().to_owned();
+    let format = match path.as_str() {
+        "/v1/chat/completions" | "/chat/completions" => Format::OpenAi,
+        "/v1/messages" | "/messages" => Format::Anthropic,
+        _ => {
+            lock(&state.violations).push(format!("{} {path}: unknown path", request.method()));
+            return respond(404, Vec::new(), b"{\"error\":\"not found\"}".to_vec());
+        }
+    };
+    if request.method() != Method::POST {
+        lock(&state.violations).push(format!("{} {path}: only POST", request.method()));
+        return respond(405, Vec::new(), Vec::new());
+    }
+    let headers: Vec<(String, String)> = request
+        .headers()
+        .iter()
+        .map(|(n, v)| {
+            let value = String::from_utf8_lossy(v.as_bytes()).into_owned();
+            (n.as_str().to_ascii_lowercase(), value)
+        })
+        .collect();
+    let index = state.serial.fetch_add(1, Ordering::SeqCst);
+    let bytes = to_bytes(request.into_body(), 64 << 20)
+        .await
+        .unwrap_or_default();
+    let (body, problems) = match serde_json::from_slice::<Value>(&bytes) {
+        Ok(body) => {
+            let problems = validate::validate(format, &headers, &body);
+            (body, problems)
+        }
+        Err(e) => (Value::Null, vec![format!("body is not JSON: {e}")]),
+    };
+    let mut sim_request = SimRequest::parse(format, index, &path, headers, body);
+    let authorized = match (&state.api_key, format) {
+        (None, _) => true,
+        (Some(key), Format::OpenAi) => {
+            sim_request.header("authorization") == Some(format!("Bearer {key}").as_str())
+        }
+        (Some(key), Format::Anthropic) => sim_request.header("x-api-key") == Some(key.as_str()),
+    };
+    let answer = if !authorized {
+        sim_request.answered = "unauthorized".into();
+        wire::unauthorized(format)
+    } else if !problems.is_empty() && (state.strict || sim_request.body.is_null()) {
+        record_problems(&state, index, &path, &problems);
+        sim_request.answered = "invalid".into();
+        wire::invalid_request(format, &problems.join("; "))
+    } else {
+        record_problems(&state, index, &path, &problems);
+        let turn = lock(&state.script).next(&sim_request);
+        match turn {
+            Some(turn) => {
+                sim_request.answered = turn.label().into();
+                wire::render(&turn, &sim_request, index)
+            }
+            None => {
+                record_problems(
+                    &state,
+                    index,
+                    &path,
+                    &["the script has no answer left".into()],
+                );
+                sim_request.answered = "exhausted".into();
+                wire::invalid_request(format, "llm-sim: the script has no answer for this request")
+            }
+        }
+    };
+    lock(&state.requests).push(sim_request);
+    let latency = *lock(&state.latency);
+    let wait = latency + answer.delay;
+    if !wait.is_zero() {
+        tokio::time::sleep(wait).await;
+    }
+    respond(answer.status, answer.headers, answer.body)
+}
+
+fn record_problems(state: &SimState, index: usize, path: &str, problems: &[String]) {
+    let mut violations = lock(&state.violations);
+    for p in problems {
+        violations.push(format!("request #{index} to {path}: {p}"));
+    }
+}
+
+fn respond(status: u16, headers: Vec<(&'static str, String)>, body: Vec<u8>) -> Response {
+    let mut builder = Response::builder()
+        .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .header("content-type", "application/json");
+    for (name, value) in headers {
+        builder = builder.header(name, value);
+    }
+    builder
+        .body(Body::from(body))
+        .unwrap_or_else(|_| Response::new(Body::empty()))
+}

@@ -1,0 +1,406 @@
+//! HTTP for both providers: one classification of failures into
+//! [`LlmErrorKind`], and attempts with exponential backoff and full jitter
+//! (via `backon`) that honour `Retry-After`, a per-attempt timeout, and
+//! cancellation.
+//!
+//! Nothing here logs a header or a request body: the key travels in a header
+//! and prompts may hold secrets. Error messages carry the start of the
+//! provider's error body, with the key (if it ever appeared) masked.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use backon::{ExponentialBuilder, Retryable};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use tokio_util::sync::CancellationToken;
+
+use super::{LlmError, LlmErrorKind};
+
+/// Backoff settings. The profile supplies `max_retries` and the per-attempt
+/// timeout; the rest has defaults that tests may shorten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt.
+    pub max_retries: u32,
+    /// The first backoff ceiling; it doubles per retry up to `max_delay`, and
+    /// the actual wait is uniform in `[0, ceiling]` (full jitter).
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+    /// The longest `Retry-After` obeyed; longer requests are cut to this.
+    pub max_retry_after: Duration,
+    /// Per attempt, connection and whole body included.
+    pub attempt_timeout: Duration,
+}
+
+impl RetryPolicy {
+    pub fn new(max_retries: u32, attempt_timeout: Duration) -> Self {
+        Self {
+            max_retries,
+            base_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(30),
+            max_retry_after: Duration::from_secs(60),
+            attempt_timeout,
+        }
+    }
+}
+
+/// An API key that never shows in `Debug` output.
+#[derive(Clone, Default)]
+pub struct ApiKey(Option<String>);
+
+impl ApiKey {
+    pub fn new(key: Option<String>) -> Self {
+        Self(key.filter(|k| !k.is_empty()))
+    }
+
+    pub fn get(&self) -> Option<&str> {
+        self.0.as_deref()
+    }
+
+    /// A header value marked sensitive (hidden from reqwest's own debug output).
+    pub fn header(&self, prefix: &str) -> Option<HeaderValue> {
+        let key = self.0.as_deref()?;
+        let mut value = HeaderValue::from_str(&format!("{prefix}{key}")).ok()?;
+        value.set_sensitive(true);
+        Some(value)
+    }
+
+    /// Refuses a key that cannot travel in an HTTP header (rather than
+    /// sending none and getting a confusing 401).
+    pub fn check(&self) -> Result<(), LlmError> {
+        match self.0.as_deref() {
+            Some(key) if HeaderValue::from_str(key).is_err() => Err(LlmError::new(
+                LlmErrorKind::Auth,
+                "the API key contains characters not allowed in an HTTP header",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// `text` with every occurrence of the key masked.
+    pub fn mask(&self, text: &str) -> String {
+        match self.0.as_deref() {
+            Some(key) if key.len() >= 4 => text.replace(key, "[api key]"),
+            _ => text.to_owned(),
+        }
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "ApiKey(set)"
+        } else {
+            "ApiKey(none)"
+        })
+    }
+}
+
+/// Messages that mean "the prompt does not fit", across providers and
+/// OpenAI-compatible servers (lower case).
+const CONTEXT_MARKERS: &[&str] = &[
+    "context_length_exceeded",            // OpenAI error code
+    "maximum context length",             // OpenAI, vLLM
+    "context window",                     // OpenAI ("exceeds the context window"), LiteLLM
+    "contextwindowexceeded",              // LiteLLM exception name
+    "prompt is too long",                 // Anthropic
+    "exceed context limit", // Anthropic "input length and max_tokens exceed context limit"
+    "exceeds the available context size", // llama.cpp server
+    "exceed_context_size",  // llama.cpp error type
+    "context size has been exceeded", // llama.cpp (older)
+    "too many tokens",      // assorted proxies
+    "input is too long",    // Bedrock via proxies
+];
+
+/// The one classification of an HTTP failure.
+pub fn classify(status: u16, body: &str) -> LlmErrorKind {
+    let lower = body.to_ascii_lowercase();
+    match status {
+        401 | 403 => LlmErrorKind::Auth,
+        // Out of credit: refused again until someone pays.
+        429 | 402 if lower.contains("insufficient_quota") => LlmErrorKind::BadRequest,
+        429 | 529 => LlmErrorKind::RateLimit,
+        408 => LlmErrorKind::Timeout,
+        413 => LlmErrorKind::ContextWindowExceeded,
+        400 | 422 if CONTEXT_MARKERS.iter().any(|m| lower.contains(m)) => {
+            LlmErrorKind::ContextWindowExceeded
+        }
+        400..=499 => LlmErrorKind::BadRequest,
+        // Some servers put a context overflow behind a 500.
+        500..=599 if lower.contains("context_length_exceeded") => {
+            LlmErrorKind::ContextWindowExceeded
+        }
+        500..=599 => LlmErrorKind::Server,
+        _ => LlmErrorKind::InvalidResponse,
+    }
+}
+
+/// How long the provider asked us to wait: `retry-after-ms`, else
+/// `Retry-After` in seconds or as an HTTP date.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    if let Some(ms) = text("retry-after-ms").and_then(|t| t.parse::<f64>().ok()) {
+        if ms.is_finite() && ms >= 0.0 {
+            return Some(Duration::from_secs_f64(ms / 1000.0));
+        }
+    }
+    let value = text("retry-after")?;
+    if let Ok(seconds) = value.parse::<f64>() {
+        return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(when.duration_since(SystemTime::now()).unwrap_or_default())
+}
+
+/// The provider's error message from an error body (`error.message` in both
+/// formats), else the start of the body.
+fn error_message(body: &str) -> String {
+    let parsed = serde_json::from_str::<serde_json::Value>(body).ok();
+    let message = parsed.as_ref().and_then(|v| {
+        let error = v.get("error")?;
+        error
+            .get("message")
+            .and_then(|m| m.as_str())
+            .or_else(|| error.as_str())
+            .map(str::to_owned)
+    });
+    let text = message.unwrap_or_else(|| body.to_owned());
+    text.chars().take(400).collect()
+}
+
+/// One HTTP exchange, rebuilt per attempt.
+pub struct Exchange<'a> {
+    pub client: &'a reqwest::Client,
+    pub url: &'a str,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+    pub key: &'a ApiKey,
+    /// For log lines: `openai` or `anthropic`.
+    pub provider: &'static str,
+}
+
+/// A successful, parsed answer.
+pub struct Answer<T> {
+    pub value: T,
+    /// Wall time of the successful attempt.
+    pub latency: Duration,
+    pub attempts: u32,
+}
+
+/// Sends `exchange` with retries; `parse` turns a 2xx body into `T` (its
+/// `InvalidResponse` errors are retried like any other retryable kind).
+pub async fn send<T>(
+    exchange: &Exchange<'_>,
+    policy: &RetryPolicy,
+    cancel: &CancellationToken,
+    parse: impl Fn(&[u8]) -> Result<T, LlmError>,
+) -> Result<Answer<T>, LlmError> {
+    if cancel.is_cancelled() {
+        return Err(cancelled());
+    }
+    let attempts = AtomicU32::new(0);
+    // The schedule of ceilings; the jitter is applied in `adjust` so the
+    // wait is uniform in [0, ceiling] rather than backon's [d, 2d).
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(policy.base_delay)
+        .with_max_delay(policy.max_delay)
+        .with_max_times(policy.max_retries as usize);
+    let run = (|| async {
+        attempts.fetch_add(1, Ordering::Relaxed);
+        attempt(exchange, policy, &parse).await
+    })
+    .retry(backoff)
+    .when(|e: &LlmError| e.kind.is_retryable())
+    .adjust(|e: &LlmError, delay| {
+        // `None`: retries are used up.
+        delay.map(|ceiling| match e.retry_after {
+            Some(wait) => wait.min(policy.max_retry_after),
+            None => full_jitter(ceiling),
+        })
+    })
+    .notify(|e: &LlmError, delay| {
+        tracing::warn!(
+            provider = exchange.provider,
+            kind = ?e.kind,
+            status = e.status,
+            delay_ms = delay.as_millis() as u64,
+            error = %e.message,
+            "LLM call failed, retrying"
+        );
+    });
+    tokio::select! {
+        biased;
+        () = cancel.cancelled() => Err(cancelled()),
+        result = run => result.map(|(value, latency)| Answer {
+            value,
+            latency,
+            attempts: attempts.load(Ordering::Relaxed),
+        }),
+    }
+}
+
+fn cancelled() -> LlmError {
+    LlmError::new(LlmErrorKind::Cancelled, "the LLM call was cancelled")
+}
+
+async fn attempt<T>(
+    exchange: &Exchange<'_>,
+    policy: &RetryPolicy,
+    parse: &impl Fn(&[u8]) -> Result<T, LlmError>,
+) -> Result<(T, Duration), LlmError> {
+    let started = Instant::now();
+    let request = exchange
+        .client
+        .post(exchange.url)
+        .timeout(policy.attempt_timeout)
+        .headers(exchange.headers.clone())
+        .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+        .body(exchange.body.clone());
+    let response = request.send().await.map_err(transport)?;
+    let status = response.status().as_u16();
+    let wait = retry_after(response.headers());
+    let body = response.bytes().await.map_err(transport)?;
+    if (200..300).contains(&status) {
+        let value = parse(&body)?;
+        return Ok((value, started.elapsed()));
+    }
+    let text = String::from_utf8_lossy(&body);
+    let kind = classify(status, &text);
+    Err(LlmError {
+        kind,
+        message: format!(
+            "HTTP {status}: {}",
+            exchange.key.mask(&error_message(&text))
+        ),
+        status: Some(status),
+        retry_after: wait,
+    })
+}
+
+fn transport(error: reqwest::Error) -> LlmError {
+    let kind = if error.is_timeout() {
+        LlmErrorKind::Timeout
+    } else if error.is_decode() {
+        LlmErrorKind::InvalidResponse
+    } else {
+        LlmErrorKind::Connection
+    };
+    // Without the URL: a base URL may carry credentials in its query.
+    LlmError::new(kind, error.without_url().to_string())
+}
+
+/// Parses a 2xx body as JSON; a body that is not (truncated, HTML from a
+/// proxy) is `InvalidResponse`, which is retried.
+pub fn parse_json(body: &[u8]) -> Result<serde_json::Value, LlmError> {
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+        LlmError::new(
+            LlmErrorKind::InvalidResponse,
+            format!("response is not JSON ({} bytes): {e}", body.len()),
+        )
+    })?;
+    // Some gateways answer 200 with an error object.
+    if let Some(error) = value.get("error").filter(|e| !e.is_null()) {
+        let code = error
+            .get("code")
+            .and_then(|c| c.as_u64())
+            .and_then(|c| u16::try_from(c).ok())
+            .unwrap_or(500);
+        let text = error.to_string();
+        let mut err = LlmError::new(classify(code, &text), error_message(&value.to_string()));
+        err.status = Some(code);
+        return Err(err);
+    }
+    Ok(value)
+}
+
+/// Uniform in `[0, ceiling]`.
+fn full_jitter(ceiling: Duration) -> Duration {
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u128(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    let fraction = (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64;
+    ceiling.mul_f64(fraction)
+}
+
+/// Headers from `(name, value)` pairs of static names.
+pub fn headers(pairs: &[(&'static str, HeaderValue)]) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for (name, value) in pairs {
+        map.insert(HeaderName::from_static(name), value.clone());
+    }
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification() {
+        use LlmErrorKind::*;
+        let openai_ctx = r#"{"error":{"message":"This model's maximum context length is 128000 tokens.","type":"invalid_request_error","code":"context_length_exceeded"}}"#;
+        assert_eq!(classify(400, openai_ctx), ContextWindowExceeded);
+        let anthropic_ctx = r#"{"type":"error","error":{"type":"invalid_request_error","message":"prompt is too long: 210000 tokens > 200000 maximum"}}"#;
+        assert_eq!(classify(400, anthropic_ctx), ContextWindowExceeded);
+        let llama = r#"{"error":{"code":400,"message":"the request exceeds the available context size, try increasing it","type":"exceed_context_size_error"}}"#;
+        assert_eq!(classify(400, llama), ContextWindowExceeded);
+        assert_eq!(classify(413, "request_too_large"), ContextWindowExceeded);
+        assert_eq!(classify(400, r#"{"error":{"message":"bad"}}"#), BadRequest);
+        assert_eq!(classify(401, ""), Auth);
+        assert_eq!(classify(403, ""), Auth);
+        assert_eq!(classify(429, "slow down"), RateLimit);
+        assert_eq!(
+            classify(429, r#"{"error":{"code":"insufficient_quota"}}"#),
+            BadRequest
+        );
+        assert_eq!(classify(529, "overloaded_error"), RateLimit);
+        assert_eq!(classify(500, ""), Server);
+        assert_eq!(classify(503, ""), Server);
+        assert_eq!(classify(404, ""), BadRequest);
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", HeaderValue::from_static("2"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(2)));
+        h.insert("retry-after-ms", HeaderValue::from_static("1500"));
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
+        let mut dated = HeaderMap::new();
+        let later = SystemTime::now() + Duration::from_secs(30);
+        let value = HeaderValue::from_str(&httpdate::fmt_http_date(later)).unwrap();
+        dated.insert("retry-after", value);
+        let wait = retry_after(&dated).unwrap();
+        assert!(wait > Duration::from_secs(25) && wait <= Duration::from_secs(30));
+        let mut junk = HeaderMap::new();
+        junk.insert("retry-after", HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&junk), None);
+    }
+
+    #[test]
+    fn jitter_stays_under_the_ceiling() {
+        let ceiling = Duration::from_millis(100);
+        let waits: Vec<_> = (0..100).map(|_| full_jitter(ceiling)).collect();
+        assert!(waits.iter().all(|w| *w <= ceiling));
+        assert!(waits.iter().any(|w| *w < ceiling / 2));
+        assert!(waits.iter().any(|w| *w > ceiling / 2));
+    }
+
+    #[test]
+    fn keys_are_masked() {
+        let key = ApiKey::new(Some("sk-secret-123".into()));
+        assert_eq!(format!("{key:?}"), "ApiKey(set)");
+        assert_eq!(key.mask("bad key sk-secret-123"), "bad key [api key]");
+    }
+}
