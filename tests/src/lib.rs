@@ -8,8 +8,8 @@
 
 pub mod daytona_fake;
 pub mod harness;
-pub mod scripted_llm;
 pub mod llm_sim;
+pub mod scripted_llm;
 pub mod wait;
 
 pub use harness::{TestEnv, WorkerProcess};

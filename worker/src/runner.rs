@@ -11,6 +11,7 @@ use shoal_shared::TaskMessage;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, instrument, warn};
 
+use crate::agent::task::{run_agent, AgentEnd, AgentSetupError};
 use crate::exec::{result_of, run_exec};
 use crate::outcome::{Disposition, RunError};
 use crate::pool::{Pool, PoolError};
@@ -51,10 +52,24 @@ impl TaskRunner {
                 warn!(%error, "task run failed, will retry");
                 self.retry_or_dead(message, error).await
             }
-            Err(RunError::Fatal(error)) => Disposition::Dead {
-                reason: "fatal".into(),
-                error,
-            },
+            Err(RunError::Fatal(error)) => {
+                // The task cannot succeed on any attempt: it fails, and the
+                // message is settled (it is not poison, the task is).
+                warn!(%error, "task failed with a fatal error");
+                let failed = Transition::to(message.id, TaskState::Failed, self.source.clone())
+                    .field("last_error", error.clone())
+                    .reason(error.clone());
+                match self.store.transition(&failed).await {
+                    Ok(_) => Disposition::Ack,
+                    Err(store_error) => {
+                        warn!(%store_error, "recording the failure failed; retrying later");
+                        Disposition::Retry {
+                            delay: self.settings.broker.retry_tiers[0],
+                            reason: error,
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -285,9 +300,28 @@ impl TaskRunner {
                     }
                 })
             }
-            TaskKind::Agent(_) => Err(RunError::Fatal(
-                "agent tasks are not supported by this worker yet".into(),
-            )),
+            TaskKind::Agent(agent) => {
+                let ended = run_agent(
+                    &self.settings,
+                    &self.store,
+                    &self.source,
+                    message,
+                    agent,
+                    sandbox,
+                    cancel,
+                )
+                .await
+                .map_err(|error| match error {
+                    AgentSetupError::Fatal(e) => RunError::Fatal(e),
+                    AgentSetupError::Retryable(e) => RunError::Retryable(e),
+                })?;
+                Ok(match ended {
+                    AgentEnd::Done(state, result, error) => {
+                        Finish::Done(state, TaskResult::Agent(result), error)
+                    }
+                    AgentEnd::Interrupted => Finish::Interrupted,
+                })
+            }
         }
     }
 

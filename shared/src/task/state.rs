@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 ///
 /// ```text
 /// queued -> leased -> running -> succeeded | failed | cancelled | timed_out
+/// any non-terminal -> failed   (a fatal error, e.g. an unknown model)
 /// any non-terminal -> retrying -> (redelivered) leased ; exhausted -> dead
 /// leased | running -> queued   (requeued by a draining worker)
 /// ```
@@ -58,7 +59,10 @@ impl TaskState {
             Leased => matches!(self, Queued | Retrying | Leased | Running),
             Running => matches!(self, Leased),
             Retrying => true,
-            Succeeded | Failed | TimedOut => matches!(self, Running),
+            Succeeded | TimedOut => matches!(self, Running),
+            // A fatal error (unknown model, missing secret) can end a task
+            // before it runs.
+            Failed => true,
             Cancelled | Dead => true,
         }
     }

@@ -54,7 +54,12 @@ pub async fn run_agent(
     let profile = settings.models.get(profile_name).ok_or_else(|| {
         AgentSetupError::Fatal(format!(
             "unknown model profile {profile_name:?}; this worker has {}",
-            settings.models.keys().cloned().collect::<Vec<_>>().join(", ")
+            settings
+                .models
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
         ))
     })?;
     let llm = client_for(profile).map_err(|error| match error.kind {
