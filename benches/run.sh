@@ -17,6 +17,9 @@ set -a
 . "$(bash "$services" env)"
 set +a
 
-cargo build --release -p shoal-tests --bin shoal-bench
+# A thousand concurrent conversations hold a thousand connections.
+ulimit -n 65536 2>/dev/null || ulimit -n 4096 2>/dev/null || true
+
+cargo build --release -p shoal-tests --bin shoal-bench --bin shoal-llm-sim
 ./target/release/shoal-bench "$@"
 cat docs/BENCHMARKS.md

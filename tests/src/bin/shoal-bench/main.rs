@@ -2,6 +2,7 @@
 //! local services and sandboxes, writing `docs/BENCHMARKS.md`. A report, not a
 //! test: it prints numbers and ratios, it asserts nothing about speed.
 
+mod agent;
 mod pool;
 mod stats;
 mod submit;
@@ -29,7 +30,7 @@ pub struct Args {
     /// Where the report goes.
     #[arg(long, default_value = "docs/BENCHMARKS.md")]
     pub out: PathBuf,
-    /// Run only these sections (`submit`, `pool`); all when empty.
+    /// Run only these sections (`submit`, `pool`, `agent`); all when empty.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
 }
@@ -53,6 +54,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if wanted("pool") {
         pool::section(&args, &mut report).await?;
+    }
+    if wanted("agent") {
+        agent::section(&args, &mut report).await?;
     }
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
