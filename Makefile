@@ -5,7 +5,7 @@ SERVICES := deploy/local/services.sh
 ENV_FILE := .local/env
 CARGO ?= cargo
 
-.PHONY: help setup up down build demo test test-only lint fmt bench clean-local
+.PHONY: help setup up down build demo demo-check llm test lint fmt bench clean-local
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -22,8 +22,14 @@ down: ## stop RabbitMQ and Redis
 build: ## build every binary
 	$(CARGO) build --workspace --bins
 
-demo: setup build ## run a task end to end: services, scheduler, worker, submit, watch
+demo: setup build ## an agent task end to end: services, LLM, scheduler, worker, submit, watch live
 	bash deploy/local/demo.sh
+
+demo-check: setup build ## the demo on the real local model, checked (slow; not in CI)
+	bash deploy/local/demo-check.sh
+
+llm: ## build llama-server and fetch the local model (make demo does this on first use)
+	bash deploy/local/llm.sh install
 
 test: setup ## build, start the services, run every suite, stop what it started
 	bash tests/run.sh

@@ -1,22 +1,34 @@
 #!/usr/bin/env bash
-# `make demo`: RabbitMQ and Redis, a scheduler and a worker, one task submitted
-# through the CLI and followed to its result. Ctrl-C stops everything it started.
+# `make demo`: a real agent task, end to end, on this machine.
+#
+# Starts RabbitMQ and Redis, an LLM, the scheduler and a worker; submits an
+# agent task through the CLI; follows it live with `shoal watch`; ends with the
+# outcome, the answer, steps, tokens, cost and time. Ctrl-C stops everything
+# it started.
+#
+# The LLM: ANTHROPIC_API_KEY or OPENAI_API_KEY when set (that provider), else
+# the embedded local model (llama.cpp on loopback; built and fetched once by
+# deploy/local/llm.sh). SHOAL_DEMO_LLM_URL points the local profile at any
+# other OpenAI-compatible server instead (the tests use the LLM simulator).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$(pwd)
 services=deploy/local/services.sh
 port=${SHOAL_DEMO_PORT:-38080}
 logs=.local/demo
-bin=target/debug
+bin=${SHOAL_BIN_DIR:-target/debug}
+prompt=${SHOAL_DEMO_PROMPT:-"Write fib.py that prints the first 20 Fibonacci numbers, run it, and report the output."}
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
 started_services=0
+started_llm=0
 pids=()
 cleanup() {
   set +e
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null; done
+  if [ "$started_llm" = 1 ]; then bash deploy/local/llm.sh stop; fi
   if [ "$started_services" = 1 ]; then
     say "stopping RabbitMQ and Redis"
     bash "$services" down >/dev/null
@@ -38,10 +50,34 @@ set -a
 # shellcheck source=/dev/null
 . "$(bash "$services" env)"
 set +a
-export SHOAL__NAMESPACE=demo
+export SHOAL__NAMESPACE=${SHOAL__NAMESPACE:-demo}
 export SHOAL__SCHEDULER__LISTEN="127.0.0.1:$port"
+export SHOAL__WORKER__METRICS_LISTEN=${SHOAL__WORKER__METRICS_LISTEN:-127.0.0.1:9464}
 export SHOAL_SERVER="http://127.0.0.1:$port"
 mkdir -p "$logs"
+
+# Choose the LLM.
+if [ -n "${SHOAL_DEMO_LLM_URL:-}" ]; then
+  llm="the OpenAI-compatible server at $SHOAL_DEMO_LLM_URL"
+  model=local
+  export SHOAL__MODELS__LOCAL__PROVIDER=openai SHOAL__MODELS__LOCAL__MODEL=local
+  export SHOAL__MODELS__LOCAL__BASE_URL=$SHOAL_DEMO_LLM_URL SHOAL__MODELS__LOCAL__FUNCTION_CALLING=emulated
+elif [ -n "${ANTHROPIC_API_KEY:-}" ]; then
+  llm="Anthropic (ANTHROPIC_API_KEY is set)"; model=anthropic
+elif [ -n "${OPENAI_API_KEY:-}" ]; then
+  llm="OpenAI (OPENAI_API_KEY is set)"; model=openai
+else
+  say "starting the embedded local LLM (first run builds llama.cpp and fetches the model: several minutes, once)"
+  bash deploy/local/llm.sh start
+  started_llm=1
+  llm="the embedded local model (llama.cpp, $(bash deploy/local/llm.sh url))"
+  model=local
+  export SHOAL__MODELS__LOCAL__PROVIDER=openai SHOAL__MODELS__LOCAL__MODEL=local
+  export SHOAL__MODELS__LOCAL__BASE_URL="$(bash deploy/local/llm.sh url)" SHOAL__MODELS__LOCAL__FUNCTION_CALLING=emulated
+  export SHOAL__MODELS__LOCAL__TIMEOUT_S=300
+fi
+export SHOAL__AGENT__DEFAULT_MODEL=$model
+say "LLM: $llm"
 
 say "starting the scheduler on $SHOAL_SERVER and a worker (logs in $logs/)"
 "$bin/shoal-scheduler" >"$logs/scheduler.log" 2>&1 &
@@ -57,19 +93,29 @@ until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
   sleep 0.2
 done
 
-say "submitting an exec task: examples/fib.py in a bubblewrap sandbox"
+say "submitting an agent task: $prompt"
 started=$(date +%s.%N)
-"$bin/shoal" submit --code examples/fib.py --language python --wait
-elapsed=$(awk -v s="$started" -v e="$(date +%s.%N)" 'BEGIN { printf "%.2f", e - s }')
+id=$("$bin/shoal" submit "$prompt")
+say "task $id — following it live (shoal watch $id)"
+status=0
+"$bin/shoal" watch "$id" || status=$?
+elapsed=$(awk -v s="$started" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
 
-say "done in ${elapsed}s (submit -> result)"
+if [ "$status" = 0 ]; then
+  say "the agent finished the task in ${elapsed}s"
+else
+  say "the task did not succeed (${elapsed}s); the events above say why"
+fi
 cat <<EOT
 
 What next:
-  - submit your own task while the services run (make up):
-      $root/$bin/shoal --server $SHOAL_SERVER submit --exec 'uname -a' --wait
-  - many at once from a JSON-lines file:  shoal submit -f tasks.jsonl
-  - RabbitMQ management UI: ${SHOAL_RABBITMQ_MGMT_URL} (guest/guest)
-  - every step of a task is in Redis: XRANGE demo:task:{<id>}:events - +
-  - the tests: make test
+  - metrics of the worker: http://127.0.0.1:${SHOAL__WORKER__METRICS_LISTEN##*:}/metrics (while it runs);
+    RabbitMQ: ${SHOAL_RABBITMQ_MGMT_URL} (guest/guest)
+  - your own task: make up, start target/debug/shoal-scheduler and target/debug/shoal-worker
+    (with the SHOAL__* settings above), then
+      $root/$bin/shoal submit "your prompt"          # an agent task
+      $root/$bin/shoal submit --exec 'uname -a' --wait
+      $root/$bin/shoal watch <id>
+  - every event of this task: XRANGE ${SHOAL__NAMESPACE}:task:{$id}:events - +
 EOT
+exit "$status"

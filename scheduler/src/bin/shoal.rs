@@ -342,6 +342,9 @@ fn print_record(output: Output, record: &TaskRecord) -> anyhow::Result<()> {
             result.usage.completion_tokens,
             result.cost_micros as f64 / 1e6
         );
+        if !result.workspace_files.is_empty() {
+            println!("files     {}", result.workspace_files.join("  "));
+        }
         if let Some(message) = &result.message {
             println!("--- answer\n{message}");
         }

@@ -62,6 +62,10 @@ pub struct AgentResult {
     pub steps: u32,
     pub usage: crate::cost::Usage,
     pub cost_micros: u64,
+    /// The workspace's top-level entries when the conversation ended
+    /// (directories end with `/`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workspace_files: Vec<String>,
 }
 
 /// What an `exec` task produced.

@@ -164,6 +164,25 @@ impl Conversation<'_> {
             steps: run.calls,
             usage: run.usage,
             cost_micros: run.cost.0,
+            workspace_files: self.listing().await,
+        }
+    }
+
+    /// The workspace's top level, for the result (best effort).
+    async fn listing(&self) -> Vec<String> {
+        match self.sandbox.list_files("").await {
+            Ok(entries) => entries
+                .into_iter()
+                .take(200)
+                .map(|e| {
+                    if e.is_dir {
+                        format!("{}/", e.name)
+                    } else {
+                        e.name
+                    }
+                })
+                .collect(),
+            Err(_) => Vec::new(),
         }
     }
 
