@@ -657,3 +657,42 @@ async fn a_secret_reaches_the_sandbox_but_never_an_event_or_the_cost_stream() {
     assert!(!requests.contains(&secret));
     bench.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_past_the_size_threshold_is_condensed_without_an_error() {
+    let bench = Bench::new("threshold").await;
+    let mut turns: Vec<Turn> = (0..10)
+        .map(|i| Turn::Reply(call(&format!("h{i}"), "terminal", json!({"command": format!("head -c 2000 /dev/zero | tr '\\\\0' {}", (b'a' + i as u8) as char)}))))
+        .collect();
+    turns.push(Turn::Reply(text("summary of ten commands")));
+    turns.push(Turn::Reply(call("end", "finish", json!({"message": "ok"}))));
+    let llm = ScriptedLlm::new(turns);
+    let sink = MemorySink::default();
+    let mut small = config();
+    // Ten observations of ~2,100 characters each cross it after the tenth command.
+    small.condense_chars = 21_500;
+    let result = converse(
+        &bench,
+        &llm,
+        &sink,
+        small,
+        Masker::default(),
+        vec![],
+        CancellationToken::new(),
+    )
+    .await;
+    assert_eq!(result.outcome, "finished");
+    let condensations = sink
+        .events
+        .lock()
+        .expect("events")
+        .iter()
+        .filter(|e| matches!(e, Event::Condensation { .. }))
+        .count();
+    assert_eq!(condensations, 1);
+    // The summarising call is paid for like any other.
+    assert_eq!(sink.costs.lock().expect("costs").len(), 12);
+    let last = llm.seen().last().cloned().expect("request");
+    assert!(shoal_worker::agent::condenser::size(&last.messages) < 21_500);
+    bench.finish().await;
+}
