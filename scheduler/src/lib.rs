@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use shoal_shared::broker::{Broker, Publisher, Topology};
+use shoal_shared::broker::{connect_and_declare, Publisher};
 use shoal_shared::settings::Settings;
 use shoal_shared::store::Store;
 use tokio::net::TcpListener;
@@ -44,21 +44,10 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<api::AppState> {
     let store = Store::connect(&settings.redis, &settings.namespace)
         .await
         .context("connecting to redis")?;
-    let broker = Broker::new(&settings.broker.url, "shoal-scheduler");
-    let topology = Topology::new(
-        &settings.namespace,
-        settings.broker.delivery_limit,
-        settings.broker.retry_tiers.clone(),
-    );
-    let channel = broker
-        .channel_with_retry(Duration::from_secs(60))
-        .await
-        .context("connecting to rabbitmq")?;
-    topology
-        .declare(&channel)
-        .await
-        .context("declaring the queue topology")?;
-    let _ = channel.close(200, "declared".into()).await;
+    let (broker, topology) =
+        connect_and_declare(settings, "shoal-scheduler", Duration::from_secs(60))
+            .await
+            .context("connecting to rabbitmq and declaring the topology")?;
     let submitter = Submitter::new(
         store.clone(),
         broker.clone(),

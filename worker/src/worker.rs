@@ -5,7 +5,7 @@ use anyhow::Context;
 use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use shoal_shared::broker::{Broker, Topology};
+use shoal_shared::broker::{connect_and_declare, Broker, Topology};
 use shoal_shared::settings::Settings;
 use shoal_shared::store::Store;
 use tokio::sync::Notify;
@@ -45,24 +45,13 @@ impl Worker {
         let store = Store::connect(&settings.redis, &settings.namespace)
             .await
             .context("connecting to redis")?;
-        let broker = Broker::new(
-            &settings.broker.url,
+        let (broker, topology) = connect_and_declare(
+            &settings,
             &format!("shoal-worker {}", settings.worker.id),
-        );
-        let topology = Topology::new(
-            &settings.namespace,
-            settings.broker.delivery_limit,
-            settings.broker.retry_tiers.clone(),
-        );
-        let channel = broker
-            .channel_with_retry(Duration::from_secs(60))
-            .await
-            .context("connecting to rabbitmq")?;
-        topology
-            .declare(&channel)
-            .await
-            .context("declaring the queue topology")?;
-        let _ = channel.close(200, "declared".into()).await;
+            Duration::from_secs(60),
+        )
+        .await
+        .context("connecting to rabbitmq and declaring the topology")?;
         let local: Arc<dyn SandboxProvider> = Arc::new(
             LocalProvider::new(settings.sandbox.clone(), &settings.worker.id)
                 .await

@@ -40,6 +40,15 @@ pub struct EventsPage {
     done: bool,
 }
 
+fn unavailable(error: shoal_shared::store::StoreError) -> Problem {
+    Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "Service unavailable",
+        error.to_string(),
+    )
+}
+
 fn valid_stream_id(id: &str) -> bool {
     let mut parts = id.splitn(2, '-');
     let ms = parts.next().unwrap_or("");
@@ -77,14 +86,7 @@ pub async fn events(
         .store
         .get(&id)
         .await
-        .map_err(|e| {
-            Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "Service unavailable",
-                e.to_string(),
-            )
-        })?
+        .map_err(unavailable)?
         .filter(|r| tenant.name.as_ref().is_none_or(|own| *own == r.tenant))
         .ok_or_else(|| {
             Problem::new(
@@ -120,14 +122,7 @@ pub async fn events(
         .store
         .events_after(&id, resume.as_deref(), limit)
         .await
-        .map_err(|e| {
-            Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "Service unavailable",
-                e.to_string(),
-            )
-        })?;
+        .map_err(unavailable)?;
     let done = record.state.is_terminal() && page.len() < limit;
     Ok(Json(EventsPage {
         events: page.iter().map(|(sid, e)| with_id(sid, e)).collect(),

@@ -9,6 +9,25 @@ pub use connection::{Broker, BrokerError};
 pub use publisher::{publish_confirmed, OutgoingMessage, PublishError, Publisher};
 pub use topology::{retry_tier_for, Topology};
 
+/// Connects to the broker (retrying for up to `patience`) and declares the
+/// namespace's topology: what every Shoal process does at startup.
+pub async fn connect_and_declare(
+    settings: &crate::settings::Settings,
+    connection_name: &str,
+    patience: std::time::Duration,
+) -> Result<(Broker, Topology), BrokerError> {
+    let broker = Broker::new(&settings.broker.url, connection_name);
+    let topology = Topology::new(
+        &settings.namespace,
+        settings.broker.delivery_limit,
+        settings.broker.retry_tiers.clone(),
+    );
+    let channel = broker.channel_with_retry(patience).await?;
+    topology.declare(&channel).await?;
+    let _ = channel.close(200, "declared".into()).await;
+    Ok((broker, topology))
+}
+
 /// Header on dead-lettered messages: why the message is dead.
 pub const HEADER_REASON: &str = "x-shoal-reason";
 /// Header on dead-lettered messages: the last error, human readable.

@@ -409,20 +409,7 @@ impl Store {
         id: &TaskId,
         limit: usize,
     ) -> Result<Vec<(String, EventEnvelope)>, StoreError> {
-        let mut conn = self.conn.clone();
-        let reply: redis::streams::StreamRangeReply = conn
-            .xrange_count(self.keys.task_events(id), "-", "+", limit)
-            .await?;
-        let mut events = Vec::with_capacity(reply.ids.len());
-        for entry in reply.ids {
-            let json: String = entry
-                .get("event")
-                .ok_or_else(|| StoreError::Corrupt(format!("event {} has no body", entry.id)))?;
-            let envelope = serde_json::from_str(&json)
-                .map_err(|e| StoreError::Corrupt(format!("event {}: {e}", entry.id)))?;
-            events.push((entry.id, envelope));
-        }
-        Ok(events)
+        self.events_after(id, None, limit).await
     }
 
     /// Events after stream id `after` (exclusive; `None` = from the start).
