@@ -53,6 +53,8 @@ set +a
 export SHOAL__NAMESPACE=${SHOAL__NAMESPACE:-demo}
 export SHOAL__SCHEDULER__LISTEN="127.0.0.1:$port"
 export SHOAL__WORKER__METRICS_LISTEN=${SHOAL__WORKER__METRICS_LISTEN:-127.0.0.1:9464}
+# Ctrl-C should not wait a minute for the running conversation.
+export SHOAL__WORKER__DRAIN_TIMEOUT_S=${SHOAL__WORKER__DRAIN_TIMEOUT_S:-5}
 export SHOAL_SERVER="http://127.0.0.1:$port"
 mkdir -p "$logs"
 
@@ -95,7 +97,7 @@ done
 
 say "submitting an agent task: $prompt"
 started=$(date +%s.%N)
-id=$("$bin/shoal" submit "$prompt")
+id=$("$bin/shoal" submit --timeout "${SHOAL_DEMO_TIMEOUT:-300}" "$prompt")
 say "task $id — following it live (shoal watch $id)"
 status=0
 "$bin/shoal" watch "$id" || status=$?

@@ -696,3 +696,77 @@ async fn history_past_the_size_threshold_is_condensed_without_an_error() {
     assert!(shoal_worker::agent::condenser::size(&last.messages) < 21_500);
     bench.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finish_without_a_message_takes_the_text_beside_the_call() {
+    let bench = Bench::new("finishtext").await;
+    let mut reply = call("f1", "finish", json!({}));
+    reply.message.content = "The output is 0 1 1 2 3".into();
+    let llm = ScriptedLlm::new(vec![Turn::Reply(reply)]);
+    let sink = MemorySink::default();
+    let result = converse(
+        &bench,
+        &llm,
+        &sink,
+        config(),
+        Masker::default(),
+        vec![],
+        CancellationToken::new(),
+    )
+    .await;
+    assert_eq!(result.outcome, "finished");
+    assert_eq!(result.message.as_deref(), Some("The output is 0 1 1 2 3"));
+    // Without any text the call is still an error the model must fix.
+    let llm = ScriptedLlm::new(vec![
+        Turn::Reply(call("f2", "finish", json!({}))),
+        Turn::Reply(call("f3", "finish", json!({"message": "fixed"}))),
+    ]);
+    let sink = MemorySink::default();
+    let result = converse(
+        &bench,
+        &llm,
+        &sink,
+        config(),
+        Masker::default(),
+        vec![],
+        CancellationToken::new(),
+    )
+    .await;
+    assert_eq!(result.message.as_deref(), Some("fixed"));
+    bench.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_of_several_broken_calls_repeated_is_stuck() {
+    // Seen with a 1.5B local model: the same three malformed calls per reply.
+    let bench = Bench::new("cycle").await;
+    let mut reply = call("x1", "file_editor", json!({}));
+    for (id, tool) in [("x2", "terminal"), ("x3", "finish")] {
+        reply
+            .message
+            .tool_calls
+            .push(shoal_worker::agent::llm::ToolCall {
+                id: id.into(),
+                name: tool.into(),
+                arguments: "{}".into(),
+            });
+    }
+    let llm = ScriptedLlm::repeating(vec![], reply);
+    let sink = MemorySink::default();
+    let result = converse(
+        &bench,
+        &llm,
+        &sink,
+        config(),
+        Masker::default(),
+        vec![],
+        CancellationToken::new(),
+    )
+    .await;
+    assert_eq!(result.outcome, "stuck");
+    assert_eq!(
+        result.steps, 4,
+        "nudged at 3 identical failing replies, stopped at 4"
+    );
+    bench.finish().await;
+}

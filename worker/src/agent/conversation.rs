@@ -271,6 +271,7 @@ impl Conversation<'_> {
                 continue;
             }
 
+            let steps_before = run.steps.len();
             for (index, call) in calls.iter().enumerate() {
                 let thought = if index == 0 { thought.clone() } else { None };
                 match self.act(run, call, thought, deadline).await {
@@ -293,6 +294,12 @@ impl Conversation<'_> {
                     }
                 }
             }
+            // A reply with several calls is one step for the stuck detector,
+            // so a model cycling through the same three broken calls is caught.
+            if run.steps.len() - steps_before > 1 {
+                let parts: Vec<Step> = run.steps.drain(steps_before..).collect();
+                run.steps.push(combine(parts));
+            }
             match stuck::check(&run.steps) {
                 Verdict::Fine => {}
                 Verdict::Nudge(text) => self.nudge(run, &text).await,
@@ -314,7 +321,7 @@ impl Conversation<'_> {
                 action_id: call.id.clone(),
                 tool: call.name.clone(),
                 arguments: self.masker.mask(&call.arguments),
-                thought,
+                thought: thought.clone(),
             })
             .await;
         let Some(tool) = self.toolbox.get(&call.name) else {
@@ -354,6 +361,20 @@ impl Conversation<'_> {
                     return Ok(None);
                 }
             };
+        // Small models often call `finish` with the answer written beside the
+        // call instead of in `message`: take the reply's text as the message
+        // rather than failing the call over and over.
+        let args = match (tool.name(), &thought, args) {
+            ("finish", Some(text), serde_json::Value::Object(mut map))
+                if !map
+                    .get("message")
+                    .is_some_and(|m| m.as_str().is_some_and(|m| !m.trim().is_empty())) =>
+            {
+                map.insert("message".into(), serde_json::Value::String(text.clone()));
+                serde_json::Value::Object(map)
+            }
+            (_, _, args) => args,
+        };
         let ctx = ToolContext {
             sandbox: self.sandbox,
             cancel: &self.cancel,
@@ -518,6 +539,33 @@ impl Conversation<'_> {
                 ts: chrono::Utc::now(),
             })
             .await;
+    }
+}
+
+/// The steps of one reply as one step: calls and observations joined, an
+/// error when every call failed.
+fn combine(parts: Vec<Step>) -> Step {
+    let mut calls = Vec::new();
+    let mut observations = Vec::new();
+    let mut all_errors = true;
+    for part in parts {
+        match part {
+            Step::Action {
+                call,
+                observation,
+                is_error,
+            } => {
+                calls.push(call);
+                observations.push(observation);
+                all_errors &= is_error;
+            }
+            Step::Monologue => {}
+        }
+    }
+    Step::Action {
+        call: calls.join("\u{1f}"),
+        observation: observations.join("\u{1f}"),
+        is_error: all_errors,
     }
 }
 
