@@ -366,9 +366,10 @@ impl Conversation<'_> {
         // rather than failing the call over and over.
         let args = match (tool.name(), &thought, args) {
             ("finish", Some(text), serde_json::Value::Object(mut map))
-                if !map
+                if map
                     .get("message")
-                    .is_some_and(|m| m.as_str().is_some_and(|m| !m.trim().is_empty())) =>
+                    .and_then(|m| m.as_str())
+                    .is_none_or(|m| m.trim().is_empty()) =>
             {
                 map.insert("message".into(), serde_json::Value::String(text.clone()));
                 serde_json::Value::Object(map)
