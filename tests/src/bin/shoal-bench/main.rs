@@ -58,6 +58,11 @@ async fn main() -> anyhow::Result<()> {
     if wanted("agent") {
         agent::section(&args, &mut report).await?;
     }
+    // Demo trials are run by hand with the real local model (minutes each);
+    // their record is kept in docs/demo-trials.md and carried into the report.
+    if let Ok(trials) = std::fs::read_to_string("docs/demo-trials.md") {
+        writeln!(report, "{trials}")?;
+    }
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
     }
