@@ -307,31 +307,7 @@ impl Store {
 
     /// Appends a non-transition event to the task's stream and the firehose.
     pub async fn append(&self, event: &EventEnvelope) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        let _: () = redis::pipe()
-            .cmd("XADD")
-            .arg(self.keys.task_events(&event.task_id))
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(self.events_maxlen)
-            .arg("*")
-            .arg("event")
-            .arg(event.to_json())
-            .ignore()
-            .cmd("XADD")
-            .arg(self.keys.firehose())
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(self.firehose_maxlen)
-            .arg("*")
-            .arg("task")
-            .arg(event.task_id.to_string())
-            .arg("type")
-            .arg(event.event.type_name())
-            .ignore()
-            .query_async(&mut conn)
-            .await?;
-        Ok(())
+        self.append_batch(std::slice::from_ref(event), &[]).await
     }
 
     /// Appends many events (and LLM cost entries) in one pipeline: the

@@ -293,6 +293,13 @@ impl TaskSpec {
             TaskKind::Exec(exec) => validate_exec(exec, limits)?,
             TaskKind::Agent(agent) => validate_agent(agent, limits)?,
         }
+        if self.not_before.is_some() {
+            // Accepting it and running the task at once would be a lie.
+            return Err(invalid(
+                "not_before",
+                "delayed tasks are not supported yet; submit the task when it should run",
+            ));
+        }
         if self.max_attempts == 0 || self.max_attempts > limits.max_attempts {
             return Err(invalid(
                 "max_attempts",
@@ -558,6 +565,11 @@ mod tests {
         spec = TaskSpec::exec("true");
         spec.max_attempts = 0;
         assert_eq!(spec.validate(&limits).unwrap_err().field, "max_attempts");
+
+        // Delayed tasks are refused until the release loop exists.
+        spec = TaskSpec::exec("true");
+        spec.not_before = Some(chrono::Utc::now());
+        assert_eq!(spec.validate(&limits).unwrap_err().field, "not_before");
     }
 
     #[test]
