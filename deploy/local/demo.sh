@@ -77,6 +77,9 @@ else
   export SHOAL__MODELS__LOCAL__PROVIDER=openai SHOAL__MODELS__LOCAL__MODEL=local
   export SHOAL__MODELS__LOCAL__BASE_URL="$(bash deploy/local/llm.sh url)" SHOAL__MODELS__LOCAL__FUNCTION_CALLING=emulated
   export SHOAL__MODELS__LOCAL__TIMEOUT_S=300
+  # A small model left to ramble writes thousands of tokens at ~15/s on 2 cores;
+  # one tool call fits in a few hundred.
+  export SHOAL__MODELS__LOCAL__MAX_TOKENS=${SHOAL__MODELS__LOCAL__MAX_TOKENS:-768}
 fi
 export SHOAL__AGENT__DEFAULT_MODEL=$model
 say "LLM: $llm"

@@ -56,6 +56,9 @@ impl LlmClient for EmulatedToolCalls {
             response.finish_reason.as_deref(),
             Some("length" | "max_tokens")
         );
+        // The raw text, for tuning the parser and prompt to a model
+        // (RUST_LOG=shoal_worker::agent::llm=debug).
+        tracing::debug!(reply = %response.message.content, "emulated tool-call reply");
         let (content, calls) = parse(&response.message.content, &request.tools, !truncated);
         if !calls.is_empty() {
             response.message.content = content;
