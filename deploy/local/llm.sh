@@ -113,7 +113,7 @@ case "$cmd" in
     build_server
     fetch_model
     if running; then log "llm: already running (pid $(cat "$pidfile"))"; exit 0; fi
-    "$server" -m "$model" --host 127.0.0.1 --port "$port" -c 16384 -t "$(nproc)" \
+    "$server" -m "$model" --alias "${model_file%.gguf}" --host 127.0.0.1 --port "$port" -c 16384 -t "$(nproc)" \
       --temp 0.2 -np 1 --no-webui >"$dir/llama-server.log" 2>&1 &
     echo $! >"$pidfile"
     deadline=$((SECONDS + 120))

@@ -28,6 +28,18 @@ pub enum FunctionCalling {
     /// Tool descriptions in the prompt, calls parsed from the reply text (for
     /// models without reliable native tool calls).
     Emulated,
+    /// As `emulated`, and each reply is constrained by a JSON schema
+    /// (`response_format`) to exactly one call of a known tool with valid
+    /// arguments, preceded by a short `thought`: for small self-hosted models
+    /// on servers with grammar-constrained decoding (llama.cpp, vLLM).
+    Constrained,
+}
+
+impl FunctionCalling {
+    /// Tools travel in the prompt rather than the API's tool fields.
+    pub fn in_prompt(self) -> bool {
+        !matches!(self, Self::Native)
+    }
 }
 
 /// One callable model.
@@ -79,7 +91,7 @@ impl ModelProfile {
             "local",
             None,
         );
-        local.function_calling = FunctionCalling::Emulated;
+        local.function_calling = FunctionCalling::Constrained;
         local.timeout = Duration::from_secs(300);
         local.prices = Some(Prices::default());
         vec![

@@ -653,6 +653,17 @@ impl Settings {
                     format!("models.{name}.base_url must be an http(s) URL"),
                 ));
             }
+            if raw_model.function_calling == FunctionCalling::Constrained
+                && raw_model.provider != LlmProvider::OpenAi
+            {
+                return Err(invalid(
+                    "models",
+                    format!(
+                        "models.{name}.function_calling = \"constrained\" needs an OpenAI-compatible \
+                         server with response_format json_schema (provider = \"openai\")"
+                    ),
+                ));
+            }
             let any_price = raw_model.price_input.is_some()
                 || raw_model.price_output.is_some()
                 || raw_model.price_cache_read.is_some()
@@ -826,6 +837,18 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("cohere"), "{err}");
+        let err = Settings::from_toml(
+            "[models.x]\nprovider = \"anthropic\"\nbase_url = \"http://x\"\nmodel = \"m\"\nfunction_calling = \"constrained\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("models.x.function_calling"),
+            "{err}"
+        );
+        assert_eq!(
+            settings.models["local"].function_calling,
+            FunctionCalling::Constrained
+        );
     }
 
     #[test]

@@ -1,19 +1,23 @@
 //! `make demo`'s script, end to end, with the LLM simulator standing in for
-//! llama-server (same wire format, emulated tool calls as the local model
-//! uses), so a broken demo fails CI without the 5-minute llama.cpp build.
+//! llama-server (same wire format, constrained tool calls as the local model
+//! uses; the simulator checks each scripted reply against the request's
+//! schema), so a broken demo fails CI without the 5-minute llama.cpp build.
 
 use std::time::Duration;
 
 use shoal_tests::llm_sim::{LlmSim, Script, Turn};
 use shoal_tests::TestEnv;
 
+/// A reply as a schema-constrained local model writes it.
 fn call(name: &str, params: &[(&str, &str)]) -> Turn {
-    let mut text = format!("I will use {name}.\n<function={name}>\n");
-    for (key, value) in params {
-        text.push_str(&format!("<parameter={key}>{value}</parameter>\n"));
-    }
-    text.push_str("</function>");
-    Turn::text(text)
+    let arguments: serde_json::Map<String, serde_json::Value> = params
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), serde_json::Value::String((*v).to_owned())))
+        .collect();
+    Turn::text(
+        serde_json::json!({"thought": format!("Next I use {name}."), "name": name, "arguments": arguments})
+            .to_string(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

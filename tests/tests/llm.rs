@@ -78,6 +78,7 @@ fn request(messages: Vec<ChatMessage>) -> LlmRequest {
         tools: tools(),
         max_tokens: None,
         temperature: None,
+        response_format: None,
     }
 }
 
@@ -378,6 +379,79 @@ async fn emulated_bare_json_calls_like_small_models_emit() {
     assert!(replay.body.get("tools").is_none());
     assert!(replay.system.contains("BEGIN FUNCTION #2: finish"));
     sim.assert_no_violations();
+}
+
+#[tokio::test]
+async fn constrained_tool_calls_send_a_schema_and_parse_one_call() {
+    let reply = r#"{"thought": "List first.", "name": "execute_bash", "arguments": {"command": "ls -la", "timeout": 30}}"#;
+    // A server that ignored the schema and wrote a fenced call: still taken.
+    let unconstrained = "```json\n{\"name\": \"finish\", \"arguments\": {}}\n```";
+    let (base, sim) = LlmSim::builder()
+        .lenient()
+        .start(Script::turns([
+            Turn::text(reply),
+            Turn::text(unconstrained),
+        ]))
+        .await
+        .unwrap();
+    let p = profile(LlmProvider::OpenAi, &base, FunctionCalling::Constrained);
+    let c = client(&p);
+    let first = complete(&*c, &simple()).await.unwrap();
+    assert_eq!(first.message.content, "List first.");
+    assert_eq!(first.message.tool_calls.len(), 1);
+    assert_eq!(
+        args(&first.message.tool_calls[0]),
+        json!({"command": "ls -la", "timeout": 30})
+    );
+    assert_eq!(first.finish_reason.as_deref(), Some("tool_calls"));
+    let second = complete(&*c, &history()).await.unwrap();
+    assert_eq!(second.message.tool_calls[0].name, "finish");
+
+    let seen = sim.requests();
+    for r in &seen {
+        assert!(r.body.get("tools").is_none(), "tools travel in the prompt");
+        assert!(r
+            .system
+            .contains(r#"{"name":"execute_bash","description":"Run a shell command"#));
+        let format = &r.body["response_format"];
+        assert_eq!(format["type"], "json_schema");
+        let variants = format["json_schema"]["schema"]["anyOf"].as_array().unwrap();
+        assert_eq!(variants.len(), 2);
+        assert_eq!(variants[0]["properties"]["name"]["const"], "execute_bash");
+    }
+    // Earlier calls come back in the reply format.
+    assert!(seen[1].messages[1]
+        .text
+        .contains(r#""name":"execute_bash","arguments":{"command":"cat README.md"}"#));
+    // The first reply matched the schema; the second could not have come
+    // from a constraining server, and the simulator says so.
+    let violations = sim.violations();
+    assert_eq!(violations.len(), 1, "{violations:?}");
+    assert!(violations[0].contains("request #1"), "{violations:?}");
+    assert!(
+        violations[0].contains("response_format schema"),
+        "{violations:?}"
+    );
+}
+
+#[tokio::test]
+async fn constrained_reply_cut_off_by_the_token_limit_is_no_call() {
+    let cut = Reply {
+        text: r#"{"thought": "Write it.", "name": "execute_bash", "arguments": {"command": "echo"#
+            .into(),
+        finish_reason: Some("length".into()),
+        ..Reply::default()
+    };
+    let (base, sim) = LlmSim::builder()
+        .lenient()
+        .start(Script::turns([Turn::Reply(cut)]))
+        .await
+        .unwrap();
+    let p = profile(LlmProvider::OpenAi, &base, FunctionCalling::Constrained);
+    let reply = complete(&*client(&p), &simple()).await.unwrap();
+    assert!(reply.message.tool_calls.is_empty());
+    assert_eq!(reply.finish_reason.as_deref(), Some("length"));
+    assert_eq!(sim.request_count(), 1);
 }
 
 async fn retried(format: LlmProvider, faults: Vec<Turn>) -> (LlmResponse, LlmSim) {

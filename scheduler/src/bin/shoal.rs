@@ -43,7 +43,7 @@ enum Output {
 enum Command {
     /// Submit a task: an agent prompt, a command (--exec), code (--code), or a
     /// JSON-lines file of task specs (-f).
-    Submit(SubmitArgs),
+    Submit(Box<SubmitArgs>),
     /// Follow a task's events live until it finishes.
     Watch {
         /// The task id.
@@ -82,6 +82,10 @@ struct SubmitArgs {
     /// Agent model profile.
     #[arg(long)]
     model: Option<String>,
+    /// An agent tool to offer (repeat for several; default: all of them).
+    /// `finish` is always offered.
+    #[arg(long = "tool", value_name = "NAME")]
+    tools: Vec<String>,
     /// Labels, as key=value.
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
@@ -129,7 +133,7 @@ async fn main() {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::new(&cli.server, cli.token.clone());
     match cli.command {
-        Command::Submit(args) => submit(&client, cli.output, args).await,
+        Command::Submit(args) => submit(&client, cli.output, *args).await,
         Command::Watch { id } => {
             let record = watch(&client, cli.output, &id).await?;
             if cli.output == Output::Text {
@@ -156,6 +160,29 @@ async fn submit(client: &Client, output: Output, args: SubmitArgs) -> anyhow::Re
     if let Some(path) = &args.file {
         return submit_file(client, output, path, args.batch_size).await;
     }
+    let spec = spec_of(&args)?;
+    let record = client
+        .submit(&spec, args.idempotency_key.as_deref())
+        .await?;
+    if !args.wait {
+        return match output {
+            Output::Json => print_json(&record),
+            Output::Text => {
+                println!("{}", record.id);
+                Ok(())
+            }
+        };
+    }
+    let record = wait_for(client, &record.id).await?;
+    print_record(output, &record)?;
+    if record.state != shoal_shared::TaskState::Succeeded {
+        std::process::exit(2);
+    }
+    Ok(())
+}
+
+/// The task a single `shoal submit` describes.
+fn spec_of(args: &SubmitArgs) -> anyhow::Result<TaskSpec> {
     let kind = if let Some(command) = &args.exec {
         let mut exec = ExecSpec::command(command.clone());
         if let Some(timeout) = args.timeout {
@@ -187,6 +214,7 @@ async fn submit(client: &Client, output: Output, args: SubmitArgs) -> anyhow::Re
         if let Some(timeout) = args.timeout {
             agent.limits.timeout_s = timeout;
         }
+        agent.tools = args.tools.clone();
         TaskKind::Agent(agent)
     } else {
         bail!("give a prompt, --exec, --code or -f (see `shoal submit --help`)");
@@ -197,25 +225,8 @@ async fn submit(client: &Client, output: Output, args: SubmitArgs) -> anyhow::Re
         PriorityArg::Normal => Priority::Normal,
         PriorityArg::Low => Priority::Low,
     };
-    spec.labels = args.labels.into_iter().collect();
-    let record = client
-        .submit(&spec, args.idempotency_key.as_deref())
-        .await?;
-    if !args.wait {
-        return match output {
-            Output::Json => print_json(&record),
-            Output::Text => {
-                println!("{}", record.id);
-                Ok(())
-            }
-        };
-    }
-    let record = wait_for(client, &record.id).await?;
-    print_record(output, &record)?;
-    if record.state != shoal_shared::TaskState::Succeeded {
-        std::process::exit(2);
-    }
-    Ok(())
+    spec.labels = args.labels.iter().cloned().collect();
+    Ok(spec)
 }
 
 async fn submit_file(
@@ -381,4 +392,51 @@ fn print_record(output: Output, record: &TaskRecord) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn submit_args(argv: &[&str]) -> SubmitArgs {
+        let cli = Cli::try_parse_from(argv).expect("parses");
+        match cli.command {
+            Command::Submit(args) => *args,
+            _ => panic!("not a submit"),
+        }
+    }
+
+    #[test]
+    fn an_agent_task_offers_the_tools_named() {
+        let args = submit_args(&[
+            "shoal",
+            "submit",
+            "--tool",
+            "terminal",
+            "--tool",
+            "file_editor",
+            "--timeout",
+            "60",
+            "fix it",
+        ]);
+        let spec = spec_of(&args).unwrap();
+        let TaskKind::Agent(agent) = spec.kind else {
+            panic!("not an agent task")
+        };
+        assert_eq!(agent.prompt, "fix it");
+        assert_eq!(agent.tools, ["terminal", "file_editor"]);
+        assert_eq!(agent.limits.timeout_s, 60);
+        // Without --tool: the default set.
+        let spec = spec_of(&submit_args(&["shoal", "submit", "fix it"])).unwrap();
+        let TaskKind::Agent(agent) = spec.kind else {
+            panic!("not an agent task")
+        };
+        assert!(agent.tools.is_empty());
+    }
+
+    #[test]
+    fn nothing_to_submit_is_an_error() {
+        let err = spec_of(&submit_args(&["shoal", "submit"])).unwrap_err();
+        assert!(err.to_string().contains("give a prompt"), "{err}");
+    }
 }

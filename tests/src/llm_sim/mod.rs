@@ -277,6 +277,16 @@ async fn handle(State(state): State<Arc<SimState>>, request: Request) -> Respons
         let turn = lock(&state.script).next(&sim_request);
         match turn {
             Some(turn) => {
+                // A server decoding under the request's schema cannot answer
+                // outside it: a scripted reply that does is a broken script.
+                if let (Some(schema), Some(text)) = (
+                    validate::response_schema(&sim_request.body),
+                    reply_text(&turn),
+                ) {
+                    if let Some(problem) = schema_mismatch(schema, text) {
+                        record_problems(&state, index, &path, &[problem]);
+                    }
+                }
                 sim_request.answered = turn.label().into();
                 wire::render(&turn, &sim_request, index)
             }
@@ -299,6 +309,28 @@ async fn handle(State(state): State<Arc<SimState>>, request: Request) -> Respons
         tokio::time::sleep(wait).await;
     }
     respond(answer.status, answer.headers, answer.body)
+}
+
+/// The text of a turn that is a normal reply.
+fn reply_text(turn: &Turn) -> Option<&str> {
+    match turn {
+        Turn::Reply(reply) | Turn::Slow { reply, .. } => Some(&reply.text),
+        _ => None,
+    }
+}
+
+fn schema_mismatch(schema: &Value, text: &str) -> Option<String> {
+    let validator = jsonschema::validator_for(schema).ok()?;
+    let problem = match serde_json::from_str::<Value>(text) {
+        Ok(reply) => validator
+            .iter_errors(&reply)
+            .next()
+            .map(|e| format!("{e} at {}", e.instance_path()))?,
+        Err(e) => format!("not JSON: {e}"),
+    };
+    Some(format!(
+        "the scripted reply does not match the request's response_format schema ({problem}): {text}"
+    ))
 }
 
 fn record_problems(state: &SimState, index: usize, path: &str, problems: &[String]) {

@@ -85,7 +85,50 @@ fn temperature(obj: &serde_json::Map<String, Value>, max: f64, v: &mut Vec<Strin
     }
 }
 
+/// The JSON schema a request's `response_format` constrains the reply to.
+pub(crate) fn response_schema(body: &Value) -> Option<&Value> {
+    let format = body.get("response_format")?;
+    if format.get("type").and_then(Value::as_str) != Some("json_schema") {
+        return None;
+    }
+    format.get("json_schema")?.get("schema")
+}
+
+/// OpenAI's `response_format`: `text`, `json_object`, or `json_schema`
+/// with a valid name and a schema that compiles.
+fn response_format(format: &Value, v: &mut Vec<String>) {
+    match format.get("type").and_then(Value::as_str) {
+        Some("text" | "json_object") => {}
+        Some("json_schema") => {
+            let spec = format.get("json_schema");
+            if !spec
+                .and_then(|s| s.get("name"))
+                .and_then(Value::as_str)
+                .is_some_and(valid_tool_name)
+            {
+                v.push("response_format.json_schema.name is missing or invalid".to_owned());
+            }
+            match spec.and_then(|s| s.get("schema")) {
+                Some(schema @ Value::Object(_)) => {
+                    if let Err(e) = jsonschema::validator_for(schema) {
+                        v.push(format!(
+                            "response_format.json_schema.schema is not a valid JSON schema: {e}"
+                        ));
+                    }
+                }
+                _ => v.push("response_format.json_schema.schema must be an object".to_owned()),
+            }
+        }
+        other => v.push(format!(
+            "response_format.type must be text, json_object or json_schema, got {other:?}"
+        )),
+    }
+}
+
 fn openai(obj: &serde_json::Map<String, Value>, v: &mut Vec<String>) {
+    if let Some(format) = obj.get("response_format") {
+        response_format(format, v);
+    }
     positive_int(obj, "max_tokens", v);
     positive_int(obj, "max_completion_tokens", v);
     temperature(obj, 2.0, v);

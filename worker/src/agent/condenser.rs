@@ -88,6 +88,7 @@ pub async fn condense(
         tools: Vec::new(),
         max_tokens: Some(1024),
         temperature: Some(0.0),
+        response_format: None,
     };
     let response = llm.complete(&request, cancel).await?;
     let summary = response.message.content.trim().to_owned();

@@ -221,6 +221,7 @@ impl Conversation<'_> {
                 tools: self.toolbox.specs(),
                 max_tokens: self.config.max_tokens,
                 temperature: self.config.temperature,
+                response_format: None,
             };
             let response = match self
                 .race(deadline, self.llm.complete(&request, &self.cancel))

@@ -8,20 +8,23 @@ pub fn system_prompt(tools: &[String]) -> String {
         "You are a careful software engineer working as an autonomous agent in a Linux sandbox.\n\
          Your working directory is /workspace; files you create there persist between steps.\n\n\
          How to work:\n\
-         - Make exactly one tool call per reply, then wait for its result.\n",
+         - You do the work yourself: make exactly one tool call per reply, then wait for its result.\n",
     );
-    if has("terminal") {
-        prompt.push_str("- Run shell commands with `terminal` (python3 is available). Check the output of every command.\n");
-    }
     if has("file_editor") {
         prompt.push_str(
-            "- Create and edit files with `file_editor` (paths like /workspace/main.py).\n",
+            "- Create and edit files with `file_editor` (paths like /workspace/main.py). \
+             A new file the task asks for does not exist yet: create it first.\n",
         );
     }
+    if has("terminal") {
+        prompt.push_str("- Run shell commands with `terminal` (python3 is available).\n");
+    }
     prompt.push_str(
-        "- Do not repeat a step that already succeeded; move on to the next one.\n\
+        "- After every command, compare its output with what the task asks for (what is printed, \
+           how many items). If it is wrong, fix the cause and run it again.\n\
+         - Do not repeat a step that already succeeded; move on to the next one.\n\
          - Nobody can answer questions: decide yourself.\n\
-         - When the task is done, call `finish` with a message that states the result \
+         - When the result is right, call `finish` with a message that states it \
            (for example the exact output the task asked for). If it cannot be done, call `finish` and say why.\n",
     );
     prompt

@@ -3,7 +3,6 @@
 //! turn its outcome into the task's terminal state.
 
 use shoal_shared::cost::MicroDollars;
-use shoal_shared::model::FunctionCalling;
 use shoal_shared::settings::Settings;
 use shoal_shared::store::Store;
 use shoal_shared::task::{AgentResult, AgentSpec, TaskState};
@@ -113,7 +112,7 @@ pub async fn run_agent(
         no_output_timeout: settings.agent.no_output_timeout,
         condense_chars: settings.agent.condense_chars,
         // Models on emulated tool calls are the small ones: nudge them on.
-        nudge_plain_text: profile.function_calling == FunctionCalling::Emulated,
+        nudge_plain_text: profile.function_calling.in_prompt(),
         prices: profile.effective_prices(),
         max_tokens: Some(profile.max_tokens),
         temperature: profile.temperature,

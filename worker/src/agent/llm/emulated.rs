@@ -48,6 +48,7 @@ impl LlmClient for EmulatedToolCalls {
             tools: Vec::new(),
             max_tokens: request.max_tokens,
             temperature: request.temperature,
+            response_format: request.response_format.clone(),
         };
         let mut response = self.inner.complete(&rewritten, cancel).await?;
         // A reply cut off by the token limit may end inside a call: only
@@ -151,6 +152,27 @@ fn schema_type(schema: &Value) -> Option<&str> {
 /// description in the system prompt, and same-role neighbours merged (chat
 /// templates of small models often insist on alternating roles).
 pub fn rewrite_messages(messages: &[ChatMessage], tools: &[ToolSpec]) -> Vec<ChatMessage> {
+    let section = (!tools.is_empty()).then(|| render_tools(tools));
+    text_turns(messages, section, |m| {
+        let mut text = m.content.trim_end().to_owned();
+        for call in &m.tool_calls {
+            if !text.is_empty() {
+                text.push_str("\n\n");
+            }
+            text.push_str(&render_call(call));
+        }
+        text
+    })
+}
+
+/// The conversation as alternating plain-text turns: assistant turns written
+/// by `render_assistant`, tool results as user turns, `tools_section`
+/// appended to the system prompt.
+pub(crate) fn text_turns(
+    messages: &[ChatMessage],
+    tools_section: Option<String>,
+    render_assistant: impl Fn(&ChatMessage) -> String,
+) -> Vec<ChatMessage> {
     let names: HashMap<&str, &str> = messages
         .iter()
         .flat_map(|m| &m.tool_calls)
@@ -160,16 +182,7 @@ pub fn rewrite_messages(messages: &[ChatMessage], tools: &[ToolSpec]) -> Vec<Cha
     for m in messages {
         let text = match m.role {
             Role::System | Role::User => m.content.clone(),
-            Role::Assistant => {
-                let mut text = m.content.trim_end().to_owned();
-                for call in &m.tool_calls {
-                    if !text.is_empty() {
-                        text.push_str("\n\n");
-                    }
-                    text.push_str(&render_call(call));
-                }
-                text
-            }
+            Role::Assistant => render_assistant(m),
             Role::Tool => {
                 let id = m.tool_call_id.as_deref().unwrap_or_default();
                 let name = names.get(id).copied().unwrap_or("tool");
@@ -189,8 +202,7 @@ pub fn rewrite_messages(messages: &[ChatMessage], tools: &[ToolSpec]) -> Vec<Cha
             _ => out.push(ChatMessage::text(role, text)),
         }
     }
-    if !tools.is_empty() {
-        let section = render_tools(tools);
+    if let Some(section) = tools_section {
         match out.first_mut() {
             Some(first) if first.role == Role::System => {
                 first.content = format!("{}\n\n{section}", first.content.trim_end());

@@ -3,6 +3,7 @@
 //! errors classified once.
 
 pub mod anthropic;
+pub mod constrained;
 pub mod emulated;
 pub mod openai;
 pub mod retry;
@@ -17,6 +18,7 @@ use shoal_shared::model::{FunctionCalling, LlmProvider, ModelProfile};
 use tokio_util::sync::CancellationToken;
 
 pub use anthropic::AnthropicClient;
+pub use constrained::ConstrainedToolCalls;
 pub use emulated::EmulatedToolCalls;
 pub use openai::OpenAiClient;
 pub use retry::RetryPolicy;
@@ -101,6 +103,9 @@ pub struct LlmRequest {
     pub tools: Vec<ToolSpec>,
     pub max_tokens: Option<u32>,
     pub temperature: Option<f32>,
+    /// OpenAI's `response_format` (e.g. a `json_schema` the reply must
+    /// match); sent by the OpenAI-compatible client only.
+    pub response_format: Option<serde_json::Value>,
 }
 
 /// The model's answer to one request.
@@ -231,6 +236,7 @@ pub fn client_with_policy(
     Ok(match profile.function_calling {
         FunctionCalling::Native => client,
         FunctionCalling::Emulated => Arc::new(EmulatedToolCalls::new(client)),
+        FunctionCalling::Constrained => Arc::new(ConstrainedToolCalls::new(client)),
     })
 }
 

@@ -75,6 +75,9 @@ impl OpenAiClient {
         {
             body.insert("temperature".into(), json!(t));
         }
+        if let Some(format) = &request.response_format {
+            body.insert("response_format".into(), format.clone());
+        }
         if !request.tools.is_empty() {
             let tools: Vec<Value> = request
                 .tools

@@ -99,10 +99,13 @@ fn render(out: ShellOutput, no_output: Duration, hard: Duration) -> ToolOutput {
             .cwd
             .map(|c| format!("\n[Current working directory: {c}]"))
             .unwrap_or_default();
-        (
-            format!("[The command completed with exit code {code}.]{cwd}"),
-            code,
-        )
+        // Said outright: small models read an empty result as success.
+        let said = if content.trim().is_empty() {
+            format!("[The command printed nothing. It completed with exit code {code}.]")
+        } else {
+            format!("[The command completed with exit code {code}.]")
+        };
+        (format!("{said}{cwd}"), code)
     };
     if !content.is_empty() {
         content.push('\n');
