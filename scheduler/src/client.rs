@@ -81,6 +81,13 @@ impl Client {
             .await
     }
 
+    /// Cancels a task: its record afterwards (`cancelled`, or still running
+    /// with `cancel_requested_at` set until its worker stops it).
+    pub async fn cancel(&self, id: &TaskId) -> Result<TaskRecord, ClientError> {
+        self.send(self.http.post(self.url(&format!("/v1/tasks/{id}/cancel"))))
+            .await
+    }
+
     /// A page of the task's events after stream id `after`.
     pub async fn events(
         &self,

@@ -160,6 +160,7 @@ pub fn render(event: &Value) -> Option<String> {
             str_of(event, "reason")
         ),
         "requeued" => format!("requeued {}", str_of(event, "reason")),
+        "cancel_requested" => format!("cancel   requested by {}", str_of(event, "by")),
         other => other.to_owned(),
     };
     Some(format!("{time} {body}"))

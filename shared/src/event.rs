@@ -77,6 +77,9 @@ pub enum Event {
     /// A message for a task that is already finished or running elsewhere arrived
     /// again; it was settled without running the task a second time.
     DuplicateDelivery { state: TaskState, reason: String },
+    /// Someone asked to cancel the task while a worker held it; the worker
+    /// stops the run at its next check and records `cancelled`.
+    CancelRequested { by: String },
     /// The task was put back on the queue (for example by a draining worker) or
     /// scheduled for a delayed retry.
     Requeued {
@@ -154,6 +157,7 @@ impl Event {
             Self::ExecStarted { .. } => "exec_started",
             Self::ExecFinished { .. } => "exec_finished",
             Self::DuplicateDelivery { .. } => "duplicate_delivery",
+            Self::CancelRequested { .. } => "cancel_requested",
             Self::Requeued { .. } => "requeued",
             Self::SystemPrompt { .. } => "system_prompt",
             Self::Message { .. } => "message",

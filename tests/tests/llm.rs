@@ -102,12 +102,10 @@ fn history() -> LlmRequest {
     request(vec![
         ChatMessage::system("You are a careful coding agent."),
         ChatMessage::user("What is in the repo?"),
-        ChatMessage {
-            role: Role::Assistant,
-            content: "Let me look.".into(),
-            tool_calls: vec![call("call_a", "ls"), call("call_b", "cat README.md")],
-            tool_call_id: None,
-        },
+        ChatMessage::assistant_with_calls(
+            "Let me look.",
+            vec![call("call_a", "ls"), call("call_b", "cat README.md")],
+        ),
         ChatMessage::tool_result("call_a", "README.md\nsrc"),
         ChatMessage::tool_result("call_b", "# Demo"),
         ChatMessage::user("Now summarise."),

@@ -6,7 +6,7 @@ use chrono::Utc;
 use shoal_shared::event::{Event, EventEnvelope};
 use shoal_shared::settings::Settings;
 use shoal_shared::store::{Lease, LeaseAttempt, Store, StoreError, Transition, TransitionOutcome};
-use shoal_shared::task::{format_time, TaskKind, TaskRecord, TaskResult, TaskState};
+use shoal_shared::task::{format_time, TaskId, TaskKind, TaskRecord, TaskResult, TaskState};
 use shoal_shared::TaskMessage;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, instrument, warn};
@@ -15,6 +15,9 @@ use crate::agent::task::{run_agent, AgentEnd, AgentSetupError};
 use crate::exec::{result_of, run_exec};
 use crate::outcome::{Disposition, RunError};
 use crate::pool::{Pool, PoolError};
+
+/// How often a running task's cancel mark is checked (one HEXISTS each).
+const CANCEL_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Everything a slot needs to run tasks; shared by all slots of a worker.
 pub struct TaskRunner {
@@ -170,9 +173,18 @@ impl TaskRunner {
             stop.clone(),
             [lost.clone(), run_cancel.clone()],
         ));
+        // A cancel asked while we hold the task stops the run the same way.
+        let asked = CancellationToken::new();
+        let watcher = tokio::spawn(watch_cancel(
+            self.store.clone(),
+            id,
+            stop.clone(),
+            [asked.clone(), run_cancel.clone()],
+        ));
         let finish = self.run_sandboxed(message, &lease, &run_cancel).await;
         stop.cancel();
         let _ = renewer.await;
+        let _ = watcher.await;
 
         match finish {
             Ok(Finish::Done(state, result, error)) => {
@@ -181,6 +193,15 @@ impl TaskRunner {
             Ok(Finish::Interrupted) if lost.is_cancelled() => {
                 // Another worker may own the task now; our writes would be fenced.
                 warn!("lease lost while running; leaving the task to its new holder");
+                Ok(Disposition::Ack)
+            }
+            Ok(Finish::Interrupted) if asked.is_cancelled() => {
+                let cancelled = Transition::to(id, TaskState::Cancelled, self.source.clone())
+                    .fenced(&lease)
+                    .releasing()
+                    .reason("cancelled on request");
+                self.store.transition(&cancelled).await.map_err(retryable)?;
+                info!(task_id = %id, "cancelled on request");
                 Ok(Disposition::Ack)
             }
             Ok(Finish::Interrupted) => {
@@ -488,6 +509,32 @@ async fn renew_lease(
             }
             // Redis trouble: keep trying until the TTL would have run out.
             Err(error) => warn!(task_id = %lease.task_id, %error, "lease renewal failed"),
+        }
+    }
+}
+
+/// Watches for a cancel asked while this worker holds the task (checked at
+/// once, then every [`CANCEL_POLL`]) and fires `on_cancel` when one comes.
+async fn watch_cancel(
+    store: Store,
+    id: TaskId,
+    stop: CancellationToken,
+    on_cancel: [CancellationToken; 2],
+) {
+    let mut interval = tokio::time::interval(CANCEL_POLL);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        match store.cancel_requested(&id).await {
+            Ok(true) => {
+                info!(task_id = %id, "cancel requested: stopping the run");
+                on_cancel.iter().for_each(CancellationToken::cancel);
+                return;
+            }
+            Ok(false) => {}
+            Err(error) => warn!(task_id = %id, %error, "checking for a cancel failed"),
         }
     }
 }

@@ -1,10 +1,11 @@
-//! `/v1/tasks`: submit one, submit a batch, read one.
+//! `/v1/tasks`: submit one, submit a batch, read one, cancel one.
 
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
+use shoal_shared::store::CancelOutcome;
 use shoal_shared::task::{TaskId, TaskRecord, TaskRef, TaskSpec};
 
 use super::auth::Tenant;
@@ -127,32 +128,74 @@ pub async fn get(
     tenant: Tenant,
     Path(id): Path<String>,
 ) -> Result<Json<TaskRecord>, Problem> {
-    let id: TaskId = id
-        .parse()
-        .map_err(|e: shoal_shared::task::ParseTaskIdError| Problem::bad_request(e.to_string()))?;
-    let not_found = || {
-        Problem::new(
-            StatusCode::NOT_FOUND,
-            "task-not-found",
-            "Task not found",
-            format!("no task {id}"),
-        )
+    let id = parse_id(&id)?;
+    Ok(Json(own_record(&state, &tenant, &id).await?))
+}
+
+/// `POST /v1/tasks/{id}/cancel`: 200 with the record when the task had not
+/// started (it is `cancelled` now); 202 when a worker holds it (it stops
+/// within about a second; poll the task or follow its events); 409 when it
+/// had already finished.
+pub async fn cancel(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let id = parse_id(&id)?;
+    own_record(&state, &tenant, &id).await?;
+    let by = format!("tenant {}", tenant.name.as_deref().unwrap_or("default"));
+    let outcome = state
+        .store
+        .request_cancel(&id, "scheduler", &by)
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    let status = match outcome {
+        CancelOutcome::Cancelled => StatusCode::OK,
+        CancelOutcome::Requested { .. } => StatusCode::ACCEPTED,
+        CancelOutcome::Finished { state } => {
+            return Err(Problem::new(
+                StatusCode::CONFLICT,
+                "task-finished",
+                "Task already finished",
+                format!("task {id} already finished: {state}"),
+            ))
+        }
+        CancelOutcome::Missing => return Err(not_found(&id)),
     };
+    let record = own_record(&state, &tenant, &id).await?;
+    Ok((status, Json(record)).into_response())
+}
+
+fn parse_id(id: &str) -> Result<TaskId, Problem> {
+    id.parse()
+        .map_err(|e: shoal_shared::task::ParseTaskIdError| Problem::bad_request(e.to_string()))
+}
+
+fn not_found(id: &TaskId) -> Problem {
+    Problem::new(
+        StatusCode::NOT_FOUND,
+        "task-not-found",
+        "Task not found",
+        format!("no task {id}"),
+    )
+}
+
+/// The task's record, if it is the tenant's: a tenant sees only its own tasks.
+async fn own_record(state: &AppState, tenant: &Tenant, id: &TaskId) -> Result<TaskRecord, Problem> {
     let record = state
         .store
-        .get(&id)
+        .get(id)
         .await
         .map_err(|e| unavailable(e.to_string()))?
-        .ok_or_else(not_found)?;
-    // A tenant sees only its own tasks.
+        .ok_or_else(|| not_found(id))?;
     if tenant
         .name
         .as_ref()
         .is_some_and(|own| *own != record.tenant)
     {
-        return Err(not_found());
+        return Err(not_found(id));
     }
-    Ok(Json(record))
+    Ok(record)
 }
 
 fn unavailable(detail: String) -> Problem {

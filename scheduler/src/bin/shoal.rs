@@ -54,6 +54,15 @@ enum Command {
         /// The task id.
         id: TaskId,
     },
+    /// Cancel a task: at once if it has not started, else its worker stops it
+    /// within about a second.
+    Cancel {
+        /// The task id.
+        id: TaskId,
+        /// Wait until the task has stopped and show it.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
 }
@@ -147,6 +156,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Status { id } => {
             let record = client.get(&id).await?;
+            print_record(cli.output, &record)
+        }
+        Command::Cancel { id, wait } => {
+            let mut record = client.cancel(&id).await?;
+            if wait {
+                record = wait_for(&client, &id).await?;
+            } else if cli.output == Output::Text && !record.state.is_terminal() {
+                eprintln!("cancel requested: the worker stops the task within about a second");
+            }
             print_record(cli.output, &record)
         }
         Command::Completions { shell } => {
@@ -432,6 +450,14 @@ mod tests {
             panic!("not an agent task")
         };
         assert!(agent.tools.is_empty());
+    }
+
+    #[test]
+    fn cancel_takes_a_task_id() {
+        let id = TaskId::new();
+        let cli = Cli::try_parse_from(["shoal", "cancel", &id.to_string(), "--wait"]).unwrap();
+        assert!(matches!(cli.command, Command::Cancel { id: got, wait: true } if got == id));
+        assert!(Cli::try_parse_from(["shoal", "cancel", "nope"]).is_err());
     }
 
     #[test]

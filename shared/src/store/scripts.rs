@@ -72,3 +72,22 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 "#;
+
+/// Marks a task that a worker holds as to be cancelled, once, with its event.
+/// KEYS: record, events, firehose. ARGV: now, event json, events maxlen,
+/// firehose maxlen, terminal states (comma separated).
+/// Returns {state, '1' if newly marked else '0'}; {'missing', '0'} if absent.
+pub const CANCEL_REQUEST: &str = r#"
+local cur = redis.call('HGET', KEYS[1], 'state')
+if not cur then return {'missing', '0'} end
+for s in string.gmatch(ARGV[5], '[^,]+') do
+  if s == cur then return {cur, '0'} end
+end
+if redis.call('HSETNX', KEYS[1], 'cancel_requested_at', ARGV[1]) == 0 then
+  return {cur, '0'}
+end
+local ev = cjson.decode(ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'event', ARGV[2])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'task', ev['task_id'], 'type', 'cancel_requested')
+return {cur, '1'}
+"#;

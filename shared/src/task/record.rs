@@ -31,6 +31,10 @@ pub struct TaskRecord {
     pub result: Option<TaskResult>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// When a cancel was asked for a task that a worker held; the worker
+    /// stops it at its next check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel_requested_at: Option<DateTime<Utc>>,
 }
 
 /// A task in brief, as a batch submission answers it.
@@ -116,6 +120,7 @@ impl TaskRecord {
             finished_at: None,
             result: None,
             last_error: None,
+            cancel_requested_at: None,
         }
     }
 
@@ -211,6 +216,7 @@ impl TaskRecord {
             finished_at: time(fields, "finished_at")?,
             result,
             last_error: text(fields, "last_error"),
+            cancel_requested_at: time(fields, "cancel_requested_at")?,
         })
     }
 }

@@ -218,12 +218,7 @@ pub(crate) fn parse_response(body: &[u8]) -> Result<Parsed, LlmError> {
         }
     }
     Ok(Parsed {
-        message: ChatMessage {
-            role: Role::Assistant,
-            content: texts.join("\n"),
-            tool_calls,
-            tool_call_id: None,
-        },
+        message: ChatMessage::assistant_with_calls(texts.join("\n"), tool_calls),
         usage: usage_of(value.get("usage")),
         model: value
             .get("model")
@@ -303,12 +298,7 @@ mod tests {
         let messages = vec![
             ChatMessage::system("be brief"),
             ChatMessage::user("hi"),
-            ChatMessage {
-                role: Role::Assistant,
-                content: String::new(),
-                tool_calls: vec![call("a"), call("b")],
-                tool_call_id: None,
-            },
+            ChatMessage::assistant_with_calls(String::new(), vec![call("a"), call("b")]),
             ChatMessage::tool_result("a", "one"),
             ChatMessage::tool_result("b", "two"),
             ChatMessage::user("and now?"),

@@ -271,12 +271,7 @@ mod tests {
         let messages = vec![
             ChatMessage::system("You are a coder."),
             ChatMessage::user("list"),
-            ChatMessage {
-                role: Role::Assistant,
-                content: "Look first.".into(),
-                tool_calls: vec![call],
-                tool_call_id: None,
-            },
+            ChatMessage::assistant_with_calls("Look first.", vec![call]),
             ChatMessage::tool_result("c1", "a.txt"),
         ];
         let out = rewrite_messages(&messages, &tools());

@@ -508,12 +508,7 @@ mod tests {
         let messages = vec![
             ChatMessage::system("You are a coder."),
             ChatMessage::user("list"),
-            ChatMessage {
-                role: Role::Assistant,
-                content: "ok".into(),
-                tool_calls: vec![call],
-                tool_call_id: None,
-            },
+            ChatMessage::assistant_with_calls("ok", vec![call]),
             ChatMessage::tool_result("c1", "a.txt"),
             ChatMessage::user("thanks"),
         ];

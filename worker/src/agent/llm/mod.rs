@@ -69,6 +69,14 @@ impl ChatMessage {
         Self::text(Role::Assistant, content)
     }
 
+    /// An assistant turn with its tool calls.
+    pub fn assistant_with_calls(content: impl Into<String>, tool_calls: Vec<ToolCall>) -> Self {
+        Self {
+            tool_calls,
+            ..Self::text(Role::Assistant, content)
+        }
+    }
+
     pub fn tool_result(call_id: impl Into<String>, content: impl Into<String>) -> Self {
         Self {
             role: Role::Tool,

@@ -193,12 +193,7 @@ pub(crate) fn parse_response(body: &[u8]) -> Result<Parsed, LlmError> {
         .unwrap_or_default()
         .to_owned();
     Ok(Parsed {
-        message: ChatMessage {
-            role: Role::Assistant,
-            content,
-            tool_calls,
-            tool_call_id: None,
-        },
+        message: ChatMessage::assistant_with_calls(content, tool_calls),
         usage: usage_of(value.get("usage")),
         model,
         finish_reason,
