@@ -162,8 +162,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut record = client.cancel(&id).await?;
             if wait {
                 record = wait_for(&client, &id).await?;
-            } else if cli.output == Output::Text && !record.state.is_terminal() {
-                eprintln!("cancel requested: the worker stops the task within about a second");
             }
             print_record(cli.output, &record)
         }
@@ -356,6 +354,8 @@ fn print_record(output: Output, record: &TaskRecord) -> anyhow::Result<()> {
     println!("created   {}", record.created_at);
     if let Some(finished) = record.finished_at {
         println!("finished  {finished}");
+    } else if let Some(asked) = record.cancel_requested_at {
+        println!("cancel    requested at {asked}; the worker is stopping it");
     }
     if let Some(error) = &record.last_error {
         println!("error     {error}");
