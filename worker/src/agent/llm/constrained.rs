@@ -65,10 +65,7 @@ impl LlmClient for ConstrainedToolCalls {
         if tools.is_empty() {
             return Ok(response);
         }
-        let truncated = matches!(
-            response.finish_reason.as_deref(),
-            Some("length" | "max_tokens")
-        );
+        let truncated = response.is_truncated();
         let parsed = parse_reply(&response.message.content, tools).or_else(|| {
             // A server that ignored the schema may still have written a call
             // in a form the emulated parser knows; a reply cut off by the

@@ -53,10 +53,7 @@ impl LlmClient for EmulatedToolCalls {
         let mut response = self.inner.complete(&rewritten, cancel).await?;
         // A reply cut off by the token limit may end inside a call: only
         // complete blocks count then.
-        let truncated = matches!(
-            response.finish_reason.as_deref(),
-            Some("length" | "max_tokens")
-        );
+        let truncated = response.is_truncated();
         // The raw text, for tuning the parser and prompt to a model
         // (RUST_LOG=shoal_worker::agent::llm=debug).
         tracing::debug!(reply = %response.message.content, "emulated tool-call reply");

@@ -132,6 +132,14 @@ pub struct LlmResponse {
     pub attempts: u32,
 }
 
+impl LlmResponse {
+    /// Cut off by the token limit (OpenAI `length`, Anthropic `max_tokens`):
+    /// a call written in the text may be incomplete.
+    pub fn is_truncated(&self) -> bool {
+        matches!(self.finish_reason.as_deref(), Some("length" | "max_tokens"))
+    }
+}
+
 /// Classes of LLM failure; the loop reacts to the class, never to a string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
