@@ -477,7 +477,7 @@ async fn rate_limit_retry_after_seconds_is_honoured() {
         let (_, sim) = retried(format, vec![Turn::rate_limit_secs(1)]).await;
         let waited = gap(&sim, 0);
         assert!(waited >= Duration::from_millis(950), "waited {waited:?}");
-        assert!(waited < Duration::from_millis(1800), "waited {waited:?}");
+        assert!(waited < Duration::from_millis(2500), "waited {waited:?}");
     }
 }
 
@@ -557,7 +557,13 @@ async fn a_slow_answer_hits_the_attempt_timeout_then_succeeds() {
             "{:?}",
             started.elapsed()
         );
-        assert!(gap(&sim, 0) >= Duration::from_millis(390));
+        // The attempt timer starts when the client sends; the simulator stamps
+        // the request once it has read it, which on a loaded 2-core machine can
+        // be tens of milliseconds later. The gap between the two stamps is the
+        // 400 ms timeout minus that delay: far from the 3 s the slow turn takes,
+        // and far above an attempt that was not timed at all.
+        let waited = gap(&sim, 0);
+        assert!(waited >= Duration::from_millis(250), "waited {waited:?}");
         sim.assert_no_violations();
     }
 }
