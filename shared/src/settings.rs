@@ -117,8 +117,23 @@ pub struct SandboxSettings {
     pub uid_count: u32,
     /// Host-wide directory of uid claims, shared by every worker on the host.
     pub uid_dir: PathBuf,
+    /// Whether local sandboxes get a cgroup of their own (memory and process
+    /// caps for the sandbox as a whole).
+    pub cgroups: CgroupMode,
+    /// Where the cgroup hierarchies are mounted.
+    pub cgroup_root: PathBuf,
     /// Templates by name; `default` always exists.
     pub templates: BTreeMap<String, Template>,
+}
+
+/// Per-sandbox cgroups: used when the host offers them (`auto`), never
+/// (`off`), or a startup error when it does not (`required`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupMode {
+    Auto,
+    Off,
+    Required,
 }
 
 #[derive(Debug, Clone)]
@@ -329,6 +344,8 @@ struct RawSandbox {
     uid_base: u32,
     uid_count: u32,
     uid_dir: PathBuf,
+    cgroups: CgroupMode,
+    cgroup_root: PathBuf,
     templates: BTreeMap<String, RawTemplate>,
 }
 
@@ -341,6 +358,8 @@ impl Default for RawSandbox {
             uid_base: 200_000,
             uid_count: 50_000,
             uid_dir: std::env::temp_dir().join("shoal-sandbox-uids"),
+            cgroups: CgroupMode::Auto,
+            cgroup_root: "/sys/fs/cgroup".into(),
             templates: BTreeMap::new(),
         }
     }
@@ -366,6 +385,7 @@ struct RawTemplate {
     limit_cpu_s: u64,
     workspace_mb: u64,
     tmp_mb: u64,
+    limit_memory_mb: u64,
     snapshot: Option<String>,
     cpu: Option<u32>,
     memory_gib: Option<u32>,
@@ -396,6 +416,7 @@ impl Default for RawTemplate {
             limit_cpu_s: template.limits.cpu_seconds,
             workspace_mb: template.limits.workspace_bytes >> 20,
             tmp_mb: template.limits.tmp_bytes >> 20,
+            limit_memory_mb: template.limits.memory_bytes >> 20,
             snapshot: None,
             cpu: None,
             memory_gib: None,
@@ -440,6 +461,7 @@ impl RawTemplate {
                 cpu_seconds: self.limit_cpu_s,
                 workspace_bytes: self.workspace_mb << 20,
                 tmp_bytes: self.tmp_mb << 20,
+                memory_bytes: self.limit_memory_mb << 20,
             },
             pool: PoolSizing {
                 min_idle: self.min_idle,
@@ -751,6 +773,8 @@ impl Settings {
                 uid_base: raw.sandbox.uid_base,
                 uid_count: raw.sandbox.uid_count,
                 uid_dir: raw.sandbox.uid_dir,
+                cgroups: raw.sandbox.cgroups,
+                cgroup_root: raw.sandbox.cgroup_root,
                 templates,
             },
             limits,

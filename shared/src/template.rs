@@ -32,6 +32,9 @@ pub struct Limits {
     pub workspace_bytes: u64,
     /// Size cap of `/tmp` (tmpfs), bytes.
     pub tmp_bytes: u64,
+    /// Memory of the whole sandbox (every process, plus what it writes to its
+    /// tmpfs), enforced by a cgroup where the host offers one; 0 = no cap.
+    pub memory_bytes: u64,
 }
 
 impl Default for Limits {
@@ -44,6 +47,7 @@ impl Default for Limits {
             cpu_seconds: 3600,
             workspace_bytes: 1 << 30,
             tmp_bytes: 256 << 20,
+            memory_bytes: 4 << 30,
         }
     }
 }

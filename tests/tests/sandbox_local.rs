@@ -20,6 +20,11 @@ struct Fixture {
 
 impl Fixture {
     async fn new(owner: &str) -> Self {
+        Self::with(owner, "", "").await
+    }
+
+    /// A fixture with extra `[sandbox]` keys and extra keys for its template.
+    async fn with(owner: &str, sandbox_extra: &str, template_extra: &str) -> Self {
         let id = uuid::Uuid::now_v7().simple().to_string();
         let root = std::env::temp_dir()
             .join("shoal-test-sandboxes")
@@ -29,8 +34,9 @@ impl Fixture {
         let uid_base = 400_000 + slot * 64;
         let settings = Settings::from_toml(&format!(
             "sandbox.root = \"{}\"\nsandbox.uid_base = {uid_base}\nsandbox.uid_count = 64\n\
-             sandbox.max_output_bytes = 1048576\n\
-             [sandbox.templates.default]\nworkspace_mb = 64\ntmp_mb = 16\nlimit_processes = 64\nmin_idle = 0\n",
+             sandbox.max_output_bytes = 1048576\n{sandbox_extra}\
+             [sandbox.templates.default]\nworkspace_mb = 64\ntmp_mb = 16\nlimit_processes = 64\nmin_idle = 0\n\
+             {template_extra}",
             root.display()
         ))
         .expect("settings");
@@ -87,6 +93,7 @@ impl Fixture {
         assert!(!dir.exists(), "workspace {} left behind", dir.display());
         let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
         assert!(!mounts.contains(&id), "mount of {id} left behind");
+        assert_no_cgroup(&id);
     }
 
     async fn finish(self) {
@@ -98,6 +105,20 @@ impl Fixture {
         let owned = self.provider.list_owned().await.expect("list");
         assert!(owned.is_empty(), "sandboxes left behind: {owned:?}");
         let _ = std::fs::remove_dir_all(&self.settings.sandbox.root);
+    }
+}
+
+/// Where a sandbox's cgroup would be, under either layout.
+fn cgroup_dirs(id: &str) -> Vec<std::path::PathBuf> {
+    ["shoal", "memory/shoal", "pids/shoal"]
+        .iter()
+        .map(|base| std::path::Path::new("/sys/fs/cgroup").join(base).join(id))
+        .collect()
+}
+
+fn assert_no_cgroup(id: &str) {
+    for dir in cgroup_dirs(id) {
+        assert!(!dir.exists(), "cgroup {} left behind", dir.display());
     }
 }
 
@@ -387,6 +408,56 @@ async fn no_connection_reaches_a_host_listener() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_is_capped_for_the_sandbox_as_a_whole() {
+    // `required`: on a host without cgroups this fails instead of passing
+    // on rlimits alone.
+    let fixture = Fixture::with(
+        "memory",
+        "sandbox.cgroups = \"required\"\n",
+        "limit_memory_mb = 96\n",
+    )
+    .await;
+    let sandbox = fixture.sandbox().await;
+    let id = sandbox.id().to_owned();
+    assert!(
+        cgroup_dirs(&id).iter().any(|dir| dir.exists()),
+        "sandbox {id} has no cgroup"
+    );
+    // One process of 48 MiB fits...
+    let hog = "python3 -c 'import time; b = b\"x\" * (48 << 20); time.sleep(2); print(len(b))'";
+    let one = sh(&*sandbox, hog, 60).await;
+    assert_eq!(one.exit_code, Some(0), "{one:?}");
+    assert_eq!(one.stdout.text(), format!("{}\n", 48 << 20));
+    // ...three at once do not, though each is far below its 4 GiB rlimit:
+    // the kernel kills within the sandbox, and only there.
+    let three = sh(
+        &*sandbox,
+        &format!(
+            "pids=''; for i in 1 2 3; do {hog} >/dev/null & pids=\"$pids $!\"; done; \
+             k=0; for p in $pids; do wait $p || k=$((k+1)); done; echo killed=$k"
+        ),
+        60,
+    )
+    .await;
+    let killed: u32 = three
+        .stdout
+        .text()
+        .trim()
+        .strip_prefix("killed=")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{three:?}"));
+    assert!(
+        killed >= 1,
+        "three 48 MiB processes all fit in 96 MiB: {three:?}"
+    );
+    // The sandbox itself carries on.
+    let after = sh(&*sandbox, "echo alive", 10).await;
+    assert_eq!(after.stdout.text(), "alive\n");
+    fixture.destroy(sandbox).await;
+    fixture.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fork_bomb_is_contained_and_other_sandboxes_keep_working() {
     let fixture = Fixture::new("forkbomb").await;
     let bomb = fixture.sandbox().await;
@@ -503,6 +574,7 @@ async fn a_restarted_provider_reaps_what_a_crashed_one_left() {
     assert_eq!(out.exit_code, Some(0), "{out:?}");
     assert!(!first.live_processes().is_empty());
     let dir = first.provider.owner_dir().join(sandbox.id());
+    let id = sandbox.id().to_owned();
     // The crash: nothing is destroyed, handles are simply lost.
     std::mem::forget(shell);
     std::mem::forget(sandbox);
@@ -526,6 +598,7 @@ async fn a_restarted_provider_reaps_what_a_crashed_one_left() {
         "workspace {} survived the reaper",
         dir.display()
     );
+    assert_no_cgroup(&id);
     let deadline = Instant::now() + Duration::from_secs(5);
     while !second.live_processes().is_empty() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;

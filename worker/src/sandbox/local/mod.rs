@@ -3,11 +3,13 @@
 //! Each sandbox gets its own host uid (process limit and final kill are per
 //! sandbox), a size-capped tmpfs holding `/workspace` and `/tmp`, and runs
 //! every command in fresh user, pid, net, ipc, uts and cgroup namespaces with
-//! the host's `/usr` read-only, a read-only root, a cleared environment and
-//! rlimits. Sandboxes live under `<root>/<owner>/<id>/`; a provider starting
+//! the host's `/usr` read-only, a read-only root, a cleared environment,
+//! rlimits and, where the host offers it, a cgroup of its own capping the
+//! memory and processes of the whole sandbox. Sandboxes live under `<root>/<owner>/<id>/`; a provider starting
 //! up destroys what a dead predecessor left behind (processes by uid, mounts,
 //! directories, uid claims).
 
+mod cgroup;
 mod command;
 mod files;
 mod process;
@@ -23,11 +25,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use serde::{Deserialize, Serialize};
-use shoal_shared::settings::SandboxSettings;
+use shoal_shared::settings::{CgroupMode, SandboxSettings};
 use shoal_shared::template::Template;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use self::cgroup::Cgroups;
 use self::sandbox::LocalSandbox;
 use self::uids::UidAllocator;
 use super::{OwnedSandbox, Sandbox, SandboxError, SandboxErrorKind, SandboxProvider};
@@ -58,6 +61,8 @@ pub struct LocalProvider {
     uids: UidAllocator,
     /// Root can mount a size-capped tmpfs per sandbox; others get a plain directory.
     can_mount: bool,
+    /// Per-sandbox cgroups, when the host offers them and they are wanted.
+    cgroups: Option<Cgroups>,
 }
 
 impl LocalProvider {
@@ -77,12 +82,14 @@ impl LocalProvider {
         if !can_mount {
             warn!("not root: sandbox workspaces are plain directories without a size cap");
         }
+        let cgroups = Self::cgroups(&settings, can_mount)?;
         let provider = Self {
             owner_dir: root.join(owner),
             owner: owner.to_owned(),
             settings,
             uids,
             can_mount,
+            cgroups,
         };
         // A fresh process holds no leases: anything under our own name is an orphan.
         let reaped = provider.reap_owner_dir(&provider.owner_dir).await;
@@ -96,6 +103,38 @@ impl LocalProvider {
         std::fs::create_dir_all(&provider.owner_dir)?;
         std::fs::write(provider.owner_dir.join(OWNER_FILE), identity)?;
         Ok(provider)
+    }
+
+    /// The cgroups sandboxes get, as `sandbox.cgroups` asks and the host allows.
+    fn cgroups(settings: &SandboxSettings, root: bool) -> Result<Option<Cgroups>, SandboxError> {
+        let found = if root {
+            Cgroups::detect(&settings.cgroup_root)
+        } else {
+            Err("the worker is not root".to_owned())
+        };
+        match (settings.cgroups, found) {
+            (CgroupMode::Off, _) => Ok(None),
+            (_, Ok(cgroups)) => {
+                info!(
+                    version = cgroups.version(),
+                    "sandboxes get a cgroup each (memory and process caps)"
+                );
+                Ok(Some(cgroups))
+            }
+            (CgroupMode::Auto, Err(reason)) => {
+                warn!(%reason, "no cgroups for sandboxes: memory is capped per process only (rlimits)");
+                Ok(None)
+            }
+            (CgroupMode::Required, Err(reason)) => Err(SandboxError::new(
+                SandboxErrorKind::Create,
+                format!("sandbox.cgroups = \"required\" but {reason}"),
+            )),
+        }
+    }
+
+    /// Whether its sandboxes get a cgroup each.
+    pub fn has_cgroups(&self) -> bool {
+        self.cgroups.is_some()
     }
 
     /// The directory holding this provider's sandboxes.
@@ -121,6 +160,7 @@ impl LocalProvider {
             template: self.template(&meta.template),
             bwrap: self.settings.bwrap.clone(),
             max_output_bytes: self.settings.max_output_bytes,
+            cgroups: self.cgroups.clone(),
         }
     }
 
@@ -144,6 +184,11 @@ impl LocalProvider {
         let json = serde_json::to_vec(&meta).map_err(|e| create_error("metadata", &e))?;
         std::fs::write(dir.join(META_FILE), json).map_err(|e| create_error("metadata", &e))?;
         let sandbox = self.sandbox_from(&meta, dir);
+        if let Some(cgroups) = &self.cgroups {
+            cgroups
+                .create(&id, &template.limits)
+                .map_err(|e| create_error("cgroup", &e))?;
+        }
         if self.can_mount {
             let size = template.limits.workspace_bytes + template.limits.tmp_bytes;
             let options = format!("size={size},mode=0755,uid={uid},gid={uid}");
@@ -219,6 +264,12 @@ impl LocalProvider {
             let left = process::kill_all_of(meta.uid).await;
             if left > 0 {
                 warn!(sandbox = %meta.id, uid = meta.uid, left, "processes survived the kill sweep");
+            }
+            if let Some(cgroups) = &self.cgroups {
+                // Keep the directory while the cgroup stays: the reaper retries.
+                cgroups.remove(&meta.id).await.map_err(|e| {
+                    SandboxError::new(SandboxErrorKind::Io, format!("sandbox cgroup: {e}"))
+                })?;
             }
         }
         let fs = dir.join("fs");

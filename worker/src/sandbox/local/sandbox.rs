@@ -2,6 +2,7 @@
 //! persistent shell on a pty, and kernel-confined file operations.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use async_trait::async_trait;
 use shoal_shared::template::Template;
 use tokio_util::sync::CancellationToken;
 
+use super::cgroup::Cgroups;
 use super::command::{host_env, Jail};
 use super::files::Confined;
 use super::shell::LocalShell;
@@ -32,6 +34,17 @@ pub struct LocalSandbox {
     pub(super) template: Arc<Template>,
     pub(super) bwrap: PathBuf,
     pub(super) max_output_bytes: usize,
+    /// The host's cgroups, when this sandbox has one.
+    pub(super) cgroups: Option<Cgroups>,
+}
+
+/// How to start a process inside the sandbox.
+struct Launch {
+    binary: PathBuf,
+    args: Vec<OsString>,
+    /// Set the process's uid and gid to this at spawn; `None` when the
+    /// command line drops to the sandbox's uid itself (after entering its cgroup).
+    uid: Option<u32>,
 }
 
 impl LocalSandbox {
@@ -46,6 +59,32 @@ impl LocalSandbox {
             fs_dir: self.fs_dir(),
             network,
             new_session,
+        }
+    }
+
+    fn launch(
+        &self,
+        network: bool,
+        new_session: bool,
+        cwd: &str,
+        env: &BTreeMap<String, String>,
+        program: &[&str],
+    ) -> Launch {
+        let (binary, args) = self.jail(network, new_session).argv(cwd, env, program);
+        match &self.cgroups {
+            Some(cgroups) => {
+                let (binary, args) = cgroups.enter_argv(&self.id, self.uid, binary, args);
+                Launch {
+                    binary,
+                    args,
+                    uid: None,
+                }
+            }
+            None => Launch {
+                binary,
+                args,
+                uid: Some(self.uid),
+            },
         }
     }
 
@@ -66,14 +105,16 @@ impl LocalSandbox {
         timeout: Duration,
         cancel: &CancellationToken,
     ) -> Result<ExecOutput, SandboxError> {
-        let (binary, args) = self.jail(network, true).argv(cwd, env, program);
+        let launch = self.launch(network, true, cwd, env, program);
         let started = Instant::now();
-        let mut child = tokio::process::Command::new(binary)
-            .args(args)
+        let mut command = tokio::process::Command::new(launch.binary);
+        if let Some(uid) = launch.uid {
+            command.uid(uid).gid(uid);
+        }
+        let mut child = command
+            .args(launch.args)
             .env_clear()
             .envs(host_env())
-            .uid(self.uid)
-            .gid(self.uid)
             .current_dir("/")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -163,18 +204,21 @@ impl Sandbox for LocalSandbox {
     }
 
     async fn shell(&self) -> Result<Box<dyn ShellSession>, SandboxError> {
-        let (binary, args) = self.jail(self.template.network, false).argv(
+        let launch = self.launch(
+            self.template.network,
+            false,
             "",
             &BTreeMap::new(),
             &["/bin/bash", "--noprofile", "--norc", "-i"],
         );
-        let command = pty_process::Command::new(binary)
-            .args(args)
+        let mut command = pty_process::Command::new(launch.binary)
+            .args(launch.args)
             .env_clear()
             .envs(host_env())
-            .uid(self.uid)
-            .gid(self.uid)
             .current_dir("/");
+        if let Some(uid) = launch.uid {
+            command = command.uid(uid).gid(uid);
+        }
         Ok(Box::new(LocalShell::start(command).await?))
     }
 
