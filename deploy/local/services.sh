@@ -178,7 +178,7 @@ POLICY_RC_D=/usr/sbin/policy-rc.d
 
 cmd_install() {
   local missing=() b
-  for b in rabbitmq-server redis-server redis-cli bwrap prometheus prlimit python3; do
+  for b in rabbitmq-server redis-server redis-cli bwrap prometheus python3; do
     have "$b" || missing+=("$b")
   done
   if ((${#missing[@]} == 0)); then

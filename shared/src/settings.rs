@@ -107,6 +107,9 @@ pub struct WorkerSettings {
 #[derive(Debug, Clone)]
 pub struct SandboxSettings {
     pub bwrap: PathBuf,
+    /// `shoal-sandbox-exec`; by default found next to the running program
+    /// (or one folder up, for test binaries), else on `PATH`.
+    pub launcher: Option<PathBuf>,
     /// Where private workspaces are created (one folder per worker).
     pub root: PathBuf,
     /// Per stream; output beyond it is drained and dropped.
@@ -339,6 +342,7 @@ impl Default for RawWorker {
 #[serde(deny_unknown_fields, default)]
 struct RawSandbox {
     bwrap: PathBuf,
+    launcher: Option<PathBuf>,
     root: PathBuf,
     max_output_bytes: usize,
     uid_base: u32,
@@ -353,6 +357,7 @@ impl Default for RawSandbox {
     fn default() -> Self {
         Self {
             bwrap: "bwrap".into(),
+            launcher: None,
             root: std::env::temp_dir().join("shoal-sandboxes"),
             max_output_bytes: 1 << 20,
             uid_base: 200_000,
@@ -768,6 +773,7 @@ impl Settings {
             },
             sandbox: SandboxSettings {
                 bwrap: raw.sandbox.bwrap,
+                launcher: raw.sandbox.launcher,
                 root: raw.sandbox.root,
                 max_output_bytes: raw.sandbox.max_output_bytes,
                 uid_base: raw.sandbox.uid_base,

@@ -408,6 +408,22 @@ async fn no_connection_reaches_a_host_listener() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_launcher_is_a_clear_startup_error() {
+    let settings = Settings::from_toml(
+        "sandbox.launcher = \"/nonexistent/shoal-sandbox-exec\"\n\
+         sandbox.root = \"/tmp/shoal-test-sandboxes/no-launcher\"\n",
+    )
+    .expect("settings");
+    let error = match LocalProvider::new(settings.sandbox, "no-launcher").await {
+        Ok(_) => panic!("a provider without its launcher started"),
+        Err(error) => error.to_string(),
+    };
+    assert!(error.contains("shoal-sandbox-exec not found"), "{error}");
+    assert!(error.contains("/nonexistent/shoal-sandbox-exec"), "{error}");
+    let _ = std::fs::remove_dir_all("/tmp/shoal-test-sandboxes/no-launcher");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_is_capped_for_the_sandbox_as_a_whole() {
     // `required`: on a host without cgroups this fails instead of passing
     // on rlimits alone.

@@ -131,7 +131,7 @@ pub async fn section(_args: &Args, report: &mut String) -> anyhow::Result<()> {
         report,
         "## Sandbox lease: warm pool vs cold create (issue 3)\n"
     )?;
-    writeln!(report, "Local bubblewrap provider, root, same run. A cold create is everything until the sandbox has run a command: uid claim, size-capped tmpfs mount, directories, metadata, and a `true` through prlimit + bubblewrap. A warm lease is the pool's hand-over of an idle sandbox including its health check ({WARM_SAMPLES} leases; {cold_in_warm} of them had to create).\n")?;
+    writeln!(report, "Local bubblewrap provider, root, same run. A cold create is everything until the sandbox has run a command: uid claim, size-capped tmpfs mount, directories, metadata, and a `true` through shoal-sandbox-exec + bubblewrap. A warm lease is the pool's hand-over of an idle sandbox including its health check ({WARM_SAMPLES} leases; {cold_in_warm} of them had to create).\n")?;
     writeln!(report, "| measure | p50 | p99 | samples |")?;
     writeln!(report, "|---|---:|---:|---:|")?;
     writeln!(

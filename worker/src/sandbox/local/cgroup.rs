@@ -4,13 +4,12 @@
 //! Both layouts are handled: the unified v2 hierarchy (`memory.max`,
 //! `memory.swap.max`, `pids.max`) and the v1 `memory` and `pids` controllers
 //! (`memory.limit_in_bytes`, `pids.max`). Every sandbox gets
-//! `<hierarchy>/shoal/<sandbox id>`; a process enters it before it drops to
-//! the sandbox's uid (see [`Cgroups::enter_argv`]), so nothing it forks
-//! escapes. The provider creates a sandbox's cgroup after writing its
+//! `<hierarchy>/shoal/<sandbox id>`; every sandbox process enters it (by
+//! `shoal-sandbox-exec`) before it drops to the sandbox's uid, so nothing it
+//! forks escapes. The provider creates a sandbox's cgroup after writing its
 //! directory and removes it before removing the directory, so a cgroup never
 //! outlives the record the reaper works from.
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -135,41 +134,13 @@ impl Cgroups {
         Ok(())
     }
 
-    /// The command that moves itself into the sandbox's cgroup (still as
-    /// root), then becomes `uid` and runs `program args`:
-    /// `sh -c <enter> shoal-cgroup N <procs files…> setpriv … -- program args…`.
-    pub fn enter_argv(
-        &self,
-        id: &str,
-        uid: u32,
-        program: PathBuf,
-        args: Vec<OsString>,
-    ) -> (PathBuf, Vec<OsString>) {
-        const ENTER: &str = "n=$1; shift; \
-            while [ \"$n\" -gt 0 ]; do echo $$ > \"$1\" || exit 125; shift; n=$((n-1)); done; \
-            exec \"$@\"";
-        let procs: Vec<PathBuf> = self
-            .dirs(id)
+    /// The `cgroup.procs` files a sandbox process writes its pid to (the
+    /// launcher does, as root, before it becomes the sandbox's uid).
+    pub fn procs_files(&self, id: &str) -> Vec<PathBuf> {
+        self.dirs(id)
             .into_iter()
             .map(|dir| dir.join("cgroup.procs"))
-            .collect();
-        let mut argv: Vec<OsString> = vec![
-            "-c".into(),
-            ENTER.into(),
-            "shoal-cgroup".into(),
-            procs.len().to_string().into(),
-        ];
-        argv.extend(procs.into_iter().map(OsString::from));
-        argv.extend([
-            "setpriv".into(),
-            format!("--reuid={uid}").into(),
-            format!("--regid={uid}").into(),
-            "--clear-groups".into(),
-            "--".into(),
-            program.into(),
-        ]);
-        argv.extend(args);
-        (PathBuf::from("/bin/sh"), argv)
+            .collect()
     }
 
     /// Removes the sandbox's cgroup once its processes are gone (killed just
@@ -256,7 +227,7 @@ mod tests {
     }
 
     #[test]
-    fn entering_writes_every_procs_file_before_dropping_to_the_uid() {
+    fn v1_sandboxes_join_both_controllers() {
         let root = Scratch::new();
         for controller in ["memory", "pids"] {
             std::fs::create_dir_all(root.path().join(controller)).unwrap();
@@ -264,28 +235,11 @@ mod tests {
         }
         let cgroups = Cgroups::detect(root.path()).unwrap();
         assert_eq!(cgroups.version(), "v1");
-        let (program, argv) = cgroups.enter_argv("sb-2", 4242, "prlimit".into(), vec!["--".into()]);
-        assert_eq!(program, PathBuf::from("/bin/sh"));
-        let argv: Vec<String> = argv
-            .iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
-        let memory = root.path().join("memory/shoal/sb-2/cgroup.procs");
-        let pids = root.path().join("pids/shoal/sb-2/cgroup.procs");
         assert_eq!(
-            argv[2..],
+            cgroups.procs_files("sb-2"),
             [
-                "shoal-cgroup".to_owned(),
-                "2".into(),
-                memory.display().to_string(),
-                pids.display().to_string(),
-                "setpriv".into(),
-                "--reuid=4242".into(),
-                "--regid=4242".into(),
-                "--clear-groups".into(),
-                "--".into(),
-                "prlimit".into(),
-                "--".into(),
+                root.path().join("memory/shoal/sb-2/cgroup.procs"),
+                root.path().join("pids/shoal/sb-2/cgroup.procs"),
             ]
         );
     }

@@ -1,6 +1,8 @@
 //! The command line that puts a process inside a local sandbox:
-//! `prlimit <rlimits> -- bwrap <namespaces, mounts, env> -- <program>`,
-//! started as the sandbox's own uid.
+//! `shoal-sandbox-exec --uid --rlimits [--cgroup]... -- bwrap <namespaces,
+//! mounts, env> -- <program>`, started as root; the launcher joins the
+//! sandbox's cgroups, sets the rlimits and becomes the sandbox's uid before
+//! bubblewrap runs.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -10,7 +12,13 @@ use shoal_shared::template::Template;
 
 /// Everything that describes one sandbox's view of the world.
 pub struct Jail<'a> {
+    /// `shoal-sandbox-exec`.
+    pub launcher: &'a Path,
     pub bwrap: &'a Path,
+    /// The sandbox's own host uid (and gid).
+    pub uid: u32,
+    /// `cgroup.procs` files of the sandbox's cgroups; empty without cgroups.
+    pub cgroups: Vec<PathBuf>,
     pub template: &'a Template,
     /// Host directory holding `workspace/` and `tmp/` (a size-capped tmpfs).
     pub fs_dir: PathBuf,
@@ -23,8 +31,8 @@ pub struct Jail<'a> {
 const PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
 impl Jail<'_> {
-    /// The program and arguments; run them with `uid`/`gid` set to the
-    /// sandbox's uid and a cleared environment containing only `PATH`.
+    /// The program and arguments; run them as root (the launcher drops to
+    /// the sandbox's uid) with a cleared environment containing only `PATH`.
     pub fn argv(
         &self,
         cwd: &str,
@@ -33,17 +41,28 @@ impl Jail<'_> {
     ) -> (PathBuf, Vec<OsString>) {
         let limits = &self.template.limits;
         let mut args: Vec<OsString> = vec![
-            format!("--as={}", limits.address_space_bytes).into(),
-            format!("--fsize={}", limits.file_bytes).into(),
-            format!("--nofile={}", limits.open_files).into(),
-            format!("--nproc={}", limits.processes).into(),
-            format!("--cpu={}", limits.cpu_seconds).into(),
-            "--core=0".into(),
+            format!("--uid={}", self.uid).into(),
+            format!(
+                "--rlimits={},{},{},{},{}",
+                limits.address_space_bytes,
+                limits.file_bytes,
+                limits.open_files,
+                limits.processes,
+                limits.cpu_seconds
+            )
+            .into(),
+        ];
+        for procs in &self.cgroups {
+            let mut arg = OsString::from("--cgroup=");
+            arg.push(procs);
+            args.push(arg);
+        }
+        args.extend([
             "--".into(),
             self.bwrap.into(),
             "--unshare-all".into(),
             "--die-with-parent".into(),
-        ];
+        ]);
         if self.new_session {
             args.push("--new-session".into());
         }
@@ -115,7 +134,7 @@ impl Jail<'_> {
         }
         push(&["--"]);
         push(program);
-        (PathBuf::from("prlimit"), args)
+        (self.launcher.to_owned(), args)
     }
 }
 
@@ -125,7 +144,7 @@ fn args_push_path(push: &mut impl FnMut(&[&str]), flag: &str, host: &Path, insid
     push(&[flag, &host, inside]);
 }
 
-/// The environment the `prlimit` process itself starts with.
+/// The environment the launcher itself starts with.
 pub fn host_env() -> [(&'static str, &'static str); 1] {
     [("PATH", PATH)]
 }

@@ -63,12 +63,15 @@ pub struct LocalProvider {
     can_mount: bool,
     /// Per-sandbox cgroups, when the host offers them and they are wanted.
     cgroups: Option<Cgroups>,
+    /// `shoal-sandbox-exec`, the first program of every sandbox process.
+    launcher: PathBuf,
 }
 
 impl LocalProvider {
     /// Prepares `<root>/<owner>/`, first destroying whatever an earlier
     /// process with the same owner name, or any dead owner, left behind.
     pub async fn new(settings: SandboxSettings, owner: &str) -> Result<Self, SandboxError> {
+        let launcher = find_launcher(settings.launcher.as_deref())?;
         let root = settings.root.clone();
         std::fs::create_dir_all(&root)?;
         let identity = process::identity(std::process::id()).unwrap_or_default();
@@ -84,6 +87,7 @@ impl LocalProvider {
         }
         let cgroups = Self::cgroups(&settings, can_mount)?;
         let provider = Self {
+            launcher,
             owner_dir: root.join(owner),
             owner: owner.to_owned(),
             settings,
@@ -159,6 +163,7 @@ impl LocalProvider {
             uid: meta.uid,
             template: self.template(&meta.template),
             bwrap: self.settings.bwrap.clone(),
+            launcher: self.launcher.clone(),
             max_output_bytes: self.settings.max_output_bytes,
             cgroups: self.cgroups.clone(),
         }
@@ -332,6 +337,48 @@ impl LocalProvider {
         }
         reaped
     }
+}
+
+/// The launcher's name; it ships beside `shoal-worker`.
+const LAUNCHER: &str = "shoal-sandbox-exec";
+
+/// `configured`, or the launcher next to the running program (or one folder
+/// up: test binaries live in `target/<profile>/deps/`), or on `PATH`.
+fn find_launcher(configured: Option<&Path>) -> Result<PathBuf, SandboxError> {
+    let missing = |detail: String| {
+        SandboxError::new(
+            SandboxErrorKind::Create,
+            format!(
+                "{LAUNCHER} not found ({detail}); build it with the worker or set sandbox.launcher"
+            ),
+        )
+    };
+    if let Some(path) = configured {
+        return if path.is_file() {
+            Ok(path.to_owned())
+        } else {
+            Err(missing(format!("sandbox.launcher = {}", path.display())))
+        };
+    }
+    let exe = std::env::current_exe().ok();
+    let beside = exe
+        .iter()
+        .flat_map(|exe| exe.ancestors().skip(1).take(2))
+        .map(|dir| dir.join(LAUNCHER));
+    let on_path = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|dir| dir.join(LAUNCHER));
+    beside
+        .chain(on_path)
+        .find(|candidate| candidate.is_file())
+        .ok_or_else(|| {
+            missing(format!(
+                "looked beside {} and on PATH",
+                exe.map_or("the program".into(), |e| e.display().to_string())
+            ))
+        })
 }
 
 #[async_trait]

@@ -2,7 +2,6 @@
 //! persistent shell on a pty, and kernel-confined file operations.
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -33,18 +32,10 @@ pub struct LocalSandbox {
     pub(super) uid: u32,
     pub(super) template: Arc<Template>,
     pub(super) bwrap: PathBuf,
+    pub(super) launcher: PathBuf,
     pub(super) max_output_bytes: usize,
     /// The host's cgroups, when this sandbox has one.
     pub(super) cgroups: Option<Cgroups>,
-}
-
-/// How to start a process inside the sandbox.
-struct Launch {
-    binary: PathBuf,
-    args: Vec<OsString>,
-    /// Set the process's uid and gid to this at spawn; `None` when the
-    /// command line drops to the sandbox's uid itself (after entering its cgroup).
-    uid: Option<u32>,
 }
 
 impl LocalSandbox {
@@ -54,37 +45,18 @@ impl LocalSandbox {
 
     fn jail(&self, network: bool, new_session: bool) -> Jail<'_> {
         Jail {
+            launcher: &self.launcher,
             bwrap: &self.bwrap,
+            uid: self.uid,
+            cgroups: self
+                .cgroups
+                .as_ref()
+                .map(|cgroups| cgroups.procs_files(&self.id))
+                .unwrap_or_default(),
             template: &self.template,
             fs_dir: self.fs_dir(),
             network,
             new_session,
-        }
-    }
-
-    fn launch(
-        &self,
-        network: bool,
-        new_session: bool,
-        cwd: &str,
-        env: &BTreeMap<String, String>,
-        program: &[&str],
-    ) -> Launch {
-        let (binary, args) = self.jail(network, new_session).argv(cwd, env, program);
-        match &self.cgroups {
-            Some(cgroups) => {
-                let (binary, args) = cgroups.enter_argv(&self.id, self.uid, binary, args);
-                Launch {
-                    binary,
-                    args,
-                    uid: None,
-                }
-            }
-            None => Launch {
-                binary,
-                args,
-                uid: Some(self.uid),
-            },
         }
     }
 
@@ -105,14 +77,10 @@ impl LocalSandbox {
         timeout: Duration,
         cancel: &CancellationToken,
     ) -> Result<ExecOutput, SandboxError> {
-        let launch = self.launch(network, true, cwd, env, program);
+        let (binary, args) = self.jail(network, true).argv(cwd, env, program);
         let started = Instant::now();
-        let mut command = tokio::process::Command::new(launch.binary);
-        if let Some(uid) = launch.uid {
-            command.uid(uid).gid(uid);
-        }
-        let mut child = command
-            .args(launch.args)
+        let mut child = tokio::process::Command::new(binary)
+            .args(args)
             .env_clear()
             .envs(host_env())
             .current_dir("/")
@@ -204,21 +172,16 @@ impl Sandbox for LocalSandbox {
     }
 
     async fn shell(&self) -> Result<Box<dyn ShellSession>, SandboxError> {
-        let launch = self.launch(
-            self.template.network,
-            false,
+        let (binary, args) = self.jail(self.template.network, false).argv(
             "",
             &BTreeMap::new(),
             &["/bin/bash", "--noprofile", "--norc", "-i"],
         );
-        let mut command = pty_process::Command::new(launch.binary)
-            .args(launch.args)
+        let command = pty_process::Command::new(binary)
+            .args(args)
             .env_clear()
             .envs(host_env())
             .current_dir("/");
-        if let Some(uid) = launch.uid {
-            command = command.uid(uid).gid(uid);
-        }
         Ok(Box::new(LocalShell::start(command).await?))
     }
 
