@@ -73,6 +73,9 @@ pub enum Event {
         stdout_bytes: u64,
         stderr_bytes: u64,
         timed_out: bool,
+        /// A process was killed for reaching the sandbox's memory cap.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        memory_exceeded: bool,
     },
     /// A message for a task that is already finished or running elsewhere arrived
     /// again; it was settled without running the task a second time.

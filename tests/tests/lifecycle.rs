@@ -248,6 +248,61 @@ async fn exec_timeout_kills_the_command_and_keeps_its_output() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_task_past_its_sandbox_memory_limit_fails_and_says_why() {
+    let mut env = TestEnv::new(
+        "oom",
+        "sandbox.cgroups = \"required\"\nsandbox.templates.default.limit_memory_mb = 64\n",
+    )
+    .await;
+    let url = env.start_scheduler().await;
+    env.start_worker("w1", 1).await;
+    let client = Client::new(&url, None);
+    let record = client
+        .submit(
+            &TaskSpec::exec("echo before; python3 -c 'b = b\"x\" * (200 << 20)'"),
+            None,
+        )
+        .await
+        .expect("submit");
+    let done = env.wait_terminal(&record.id, Duration::from_secs(60)).await;
+    assert_eq!(done.state, TaskState::Failed, "{done:?}");
+    assert_eq!(stdout_of(&done), "before\n");
+    match &done.result {
+        Some(TaskResult::Exec(result)) => assert!(result.memory_exceeded, "{result:?}"),
+        other => panic!("no exec result: {other:?}"),
+    }
+    let error = done.last_error.clone().unwrap_or_default();
+    assert!(error.contains("exit code 137"), "{error}");
+    assert!(error.contains("memory limit"), "{error}");
+    // A command that survives the kill and exits 0 succeeds (its exit code
+    // is its verdict), and the result still says what happened.
+    let tolerant = client
+        .submit(
+            &TaskSpec::exec("python3 -c 'b = b\"x\" * (200 << 20)' || echo recovered"),
+            None,
+        )
+        .await
+        .expect("submit");
+    let tolerant = env
+        .wait_terminal(&tolerant.id, Duration::from_secs(60))
+        .await;
+    assert_eq!(tolerant.state, TaskState::Succeeded, "{tolerant:?}");
+    assert_eq!(stdout_of(&tolerant), "recovered\n");
+    match &tolerant.result {
+        Some(TaskResult::Exec(result)) => assert!(result.memory_exceeded, "{result:?}"),
+        other => panic!("no exec result: {other:?}"),
+    }
+    // The worker carries on.
+    let next = client
+        .submit(&TaskSpec::exec("echo fine"), None)
+        .await
+        .expect("submit");
+    let next = env.wait_terminal(&next.id, Duration::from_secs(60)).await;
+    assert_eq!(next.state, TaskState::Succeeded);
+    env.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_event_log_is_served_as_json_pages_and_resumable_server_sent_events() {
     let mut env = TestEnv::new("events-api", "").await;
     let url = env.start_scheduler().await;

@@ -444,6 +444,7 @@ async fn memory_is_capped_for_the_sandbox_as_a_whole() {
     let one = sh(&*sandbox, hog, 60).await;
     assert_eq!(one.exit_code, Some(0), "{one:?}");
     assert_eq!(one.stdout.text(), format!("{}\n", 48 << 20));
+    assert!(!one.memory_exceeded, "{one:?}");
     // ...three at once do not, though each is far below its 4 GiB rlimit:
     // the kernel kills within the sandbox, and only there.
     let three = sh(
@@ -466,6 +467,28 @@ async fn memory_is_capped_for_the_sandbox_as_a_whole() {
         killed >= 1,
         "three 48 MiB processes all fit in 96 MiB: {three:?}"
     );
+    assert!(three.memory_exceeded, "{three:?}");
+    // The persistent shell (the agent's terminal) says so too.
+    let shell = sandbox.shell().await.expect("shell");
+    let cancel = CancellationToken::new();
+    let minute = Duration::from_secs(60);
+    let quiet = shell
+        .run("echo small", minute, minute, &cancel)
+        .await
+        .expect("run");
+    assert!(!quiet.memory_exceeded, "{quiet:?}");
+    let big = shell
+        .run(
+            "python3 -c 'b = b\"x\" * (200 << 20)'",
+            minute,
+            minute,
+            &cancel,
+        )
+        .await
+        .expect("run");
+    assert_eq!(big.exit_code, Some(137), "{big:?}");
+    assert!(big.memory_exceeded, "{big:?}");
+    drop(shell);
     // The sandbox itself carries on.
     let after = sh(&*sandbox, "echo alive", 10).await;
     assert_eq!(after.stdout.text(), "alive\n");

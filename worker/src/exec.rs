@@ -55,5 +55,6 @@ pub fn result_of(output: &ExecOutput) -> ExecResult {
         stdout_truncated: output.stdout.truncated(),
         stderr_truncated: output.stderr.truncated(),
         timed_out: output.timed_out,
+        memory_exceeded: output.memory_exceeded,
     }
 }

@@ -302,10 +302,13 @@ impl TaskRunner {
                         stdout_bytes: output.stdout.total,
                         stderr_bytes: output.stderr.total,
                         timed_out: output.timed_out,
+                        memory_exceeded: output.memory_exceeded,
                     },
                 ))
                 .await;
                 let result = TaskResult::Exec(result_of(&output));
+                let killed_for_memory =
+                    || "a process was killed for reaching the sandbox's memory limit".to_owned();
                 Ok(match (output.timed_out, output.exit_code) {
                     (true, _) => Finish::Done(
                         TaskState::TimedOut,
@@ -313,8 +316,16 @@ impl TaskRunner {
                         Some(format!("timed out after {} s", exec.timeout_s)),
                     ),
                     (false, Some(0)) => Finish::Done(TaskState::Succeeded, result, None),
+                    (false, Some(code)) if output.memory_exceeded => Finish::Done(
+                        TaskState::Failed,
+                        result,
+                        Some(format!("exit code {code}: {}", killed_for_memory())),
+                    ),
                     (false, Some(code)) => {
                         Finish::Done(TaskState::Failed, result, Some(format!("exit code {code}")))
+                    }
+                    (false, None) if output.memory_exceeded => {
+                        Finish::Done(TaskState::Failed, result, Some(killed_for_memory()))
                     }
                     (false, None) => {
                         Finish::Done(TaskState::Failed, result, Some("killed by a signal".into()))

@@ -87,6 +87,9 @@ pub struct ExecResult {
     pub stderr_truncated: bool,
     #[serde(default)]
     pub timed_out: bool,
+    /// A process was killed for reaching the sandbox's memory cap.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub memory_exceeded: bool,
 }
 
 /// A stored record could not be read back.
@@ -237,6 +240,7 @@ mod tests {
             stdout_truncated: false,
             stderr_truncated: false,
             timed_out: false,
+            memory_exceeded: false,
         }));
         let fields: HashMap<String, String> = record
             .to_fields()

@@ -122,6 +122,9 @@ pub struct ExecOutput {
     pub timed_out: bool,
     /// Stopped because the caller cancelled.
     pub cancelled: bool,
+    /// While it ran, the kernel killed a process of the sandbox for reaching
+    /// the sandbox's memory cap (local sandboxes with a cgroup).
+    pub memory_exceeded: bool,
 }
 
 /// One entry of a directory listing.
@@ -145,6 +148,9 @@ pub struct ShellOutput {
     pub timed_out: bool,
     /// The working directory after the command, when known.
     pub cwd: Option<String>,
+    /// While it ran, the kernel killed a process of the sandbox for reaching
+    /// the sandbox's memory cap (local sandboxes with a cgroup).
+    pub memory_exceeded: bool,
 }
 
 /// A long-lived shell inside a sandbox: `cd` and exported variables persist

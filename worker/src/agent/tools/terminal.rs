@@ -107,6 +107,11 @@ fn render(out: ShellOutput, no_output: Duration, hard: Duration) -> ToolOutput {
         };
         (format!("{said}{cwd}"), code)
     };
+    let note = if out.memory_exceeded {
+        format!("[A process was killed: the sandbox reached its memory limit. Use less memory (smaller inputs, fewer processes at once).]\n{note}")
+    } else {
+        note
+    };
     if !content.is_empty() {
         content.push('\n');
     }
@@ -202,5 +207,42 @@ impl Tool for Terminal {
                 )))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn finished(output: &str, exit_code: i32, memory_exceeded: bool) -> ShellOutput {
+        ShellOutput {
+            output: output.into(),
+            exit_code: Some(exit_code),
+            still_running: false,
+            timed_out: false,
+            cwd: Some("/workspace".into()),
+            memory_exceeded,
+        }
+    }
+
+    #[test]
+    fn a_memory_kill_is_named_in_the_observation() {
+        let minute = Duration::from_secs(60);
+        let killed = render(finished("Killed\n", 137, true), minute, minute);
+        assert_eq!(killed.exit_code, Some(137));
+        assert!(
+            killed
+                .content
+                .contains("[A process was killed: the sandbox reached its memory limit."),
+            "{}",
+            killed.content
+        );
+        assert!(
+            killed.content.contains("exit code 137"),
+            "{}",
+            killed.content
+        );
+        let plain = render(finished("done\n", 0, false), minute, minute);
+        assert!(!plain.content.contains("memory limit"), "{}", plain.content);
     }
 }

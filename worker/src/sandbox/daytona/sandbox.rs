@@ -329,6 +329,7 @@ impl Sandbox for DaytonaSandbox {
         };
         let duration = started.elapsed();
         let empty = |timed_out, cancelled| ExecOutput {
+            memory_exceeded: false,
             exit_code: None,
             stdout: CappedOutput::default(),
             stderr: CappedOutput::default(),
@@ -354,6 +355,7 @@ impl Sandbox for DaytonaSandbox {
         // `timeout` exits 124 (137 if the kill was needed) when it fired.
         let timed_out = matches!(framed.status, 124 | 137) && duration >= request.timeout;
         Ok(ExecOutput {
+            memory_exceeded: false,
             exit_code: (!timed_out).then_some(framed.status),
             stdout: framed.stdout,
             stderr: framed.stderr,

@@ -142,6 +142,7 @@ impl DaytonaShell {
                 let output = fresh(running.reported);
                 *slot = None;
                 return Ok(ShellOutput {
+                    memory_exceeded: false,
                     output,
                     exit_code: i32::try_from(exit).ok(),
                     still_running: false,
@@ -157,6 +158,7 @@ impl DaytonaShell {
                 *slot = None;
                 let output = self.output_after_kill(&cmd_id, reported).await;
                 return Ok(ShellOutput {
+                    memory_exceeded: false,
                     output,
                     exit_code: None,
                     still_running: false,
@@ -171,6 +173,7 @@ impl DaytonaShell {
                 let output = fresh(running.reported);
                 running.reported = text.len();
                 return Ok(ShellOutput {
+                    memory_exceeded: false,
                     output,
                     exit_code: None,
                     still_running: true,

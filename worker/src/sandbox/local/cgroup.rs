@@ -143,6 +143,24 @@ impl Cgroups {
             .collect()
     }
 
+    /// How many processes the kernel has killed in the sandbox for reaching
+    /// its memory cap (v1 `memory.oom_control`, v2 `memory.events`: the
+    /// `oom_kill` line); 0 when unreadable.
+    pub fn oom_kills(&self, id: &str) -> u64 {
+        let file = match &self.layout {
+            Layout::V2 { dir } => dir.join(id).join("memory.events"),
+            Layout::V1 { memory, .. } => memory.join(id).join("memory.oom_control"),
+        };
+        std::fs::read_to_string(file)
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|line| line.strip_prefix("oom_kill "))
+                    .and_then(|n| n.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
     /// Removes the sandbox's cgroup once its processes are gone (killed just
     /// before; a dying process can hold it for a moment). Missing is fine.
     pub async fn remove(&self, id: &str) -> Result<(), String> {
@@ -161,6 +179,20 @@ impl Cgroups {
             }
         }
         Ok(())
+    }
+}
+
+/// Tells whether the kernel killed something in one sandbox for memory
+/// while a command ran: read before, compare after.
+#[derive(Debug, Clone)]
+pub struct OomWatch {
+    pub cgroups: Cgroups,
+    pub id: String,
+}
+
+impl OomWatch {
+    pub fn count(&self) -> u64 {
+        self.cgroups.oom_kills(&self.id)
     }
 }
 
@@ -224,6 +256,14 @@ mod tests {
         assert_eq!(read("memory.max"), (64u64 << 20).to_string());
         assert_eq!(read("memory.swap.max"), "0");
         assert_eq!(read("pids.max"), "32");
+        // No file yet: no kills.
+        assert_eq!(cgroups.oom_kills("sb-1"), 0);
+        std::fs::write(
+            sandbox.join("memory.events"),
+            "low 0\nhigh 0\nmax 7\noom 2\noom_kill 2\noom_group_kill 0\n",
+        )
+        .unwrap();
+        assert_eq!(cgroups.oom_kills("sb-1"), 2);
     }
 
     #[test]

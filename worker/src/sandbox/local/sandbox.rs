@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use shoal_shared::template::Template;
 use tokio_util::sync::CancellationToken;
 
-use super::cgroup::Cgroups;
+use super::cgroup::{Cgroups, OomWatch};
 use super::command::{host_env, Jail};
 use super::files::Confined;
 use super::shell::LocalShell;
@@ -60,6 +60,13 @@ impl LocalSandbox {
         }
     }
 
+    fn oom_watch(&self) -> Option<OomWatch> {
+        self.cgroups.as_ref().map(|cgroups| OomWatch {
+            cgroups: cgroups.clone(),
+            id: self.id.clone(),
+        })
+    }
+
     fn confined(&self) -> Confined {
         Confined {
             root: self.fs_dir().join("workspace"),
@@ -78,6 +85,8 @@ impl LocalSandbox {
         cancel: &CancellationToken,
     ) -> Result<ExecOutput, SandboxError> {
         let (binary, args) = self.jail(network, true).argv(cwd, env, program);
+        let oom = self.oom_watch();
+        let kills = oom.as_ref().map_or(0, OomWatch::count);
         let started = Instant::now();
         let mut child = tokio::process::Command::new(binary)
             .args(args)
@@ -129,6 +138,7 @@ impl LocalSandbox {
             duration: started.elapsed(),
             timed_out,
             cancelled,
+            memory_exceeded: oom.as_ref().map_or(0, OomWatch::count) > kills,
         })
     }
 
@@ -182,7 +192,9 @@ impl Sandbox for LocalSandbox {
             .env_clear()
             .envs(host_env())
             .current_dir("/");
-        Ok(Box::new(LocalShell::start(command).await?))
+        Ok(Box::new(
+            LocalShell::start(command, self.oom_watch()).await?,
+        ))
     }
 
     async fn write_file(&self, path: &str, content: &[u8]) -> Result<(), SandboxError> {

@@ -17,6 +17,7 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use super::super::{SandboxError, SandboxErrorKind, ShellOutput, ShellSession};
+use super::cgroup::OomWatch;
 
 /// Output kept per call; the middle of longer output is dropped.
 const MAX_SHELL_OUTPUT: usize = 1 << 20;
@@ -27,6 +28,8 @@ const INTERRUPT_GRACE: Duration = Duration::from_secs(3);
 
 pub struct LocalShell {
     inner: Mutex<Inner>,
+    /// The sandbox's out-of-memory kills, when it has a cgroup.
+    oom: Option<OomWatch>,
 }
 
 struct Inner {
@@ -51,7 +54,10 @@ enum Ended {
 
 impl LocalShell {
     /// Starts bash (already wrapped by the caller in the sandbox's command line).
-    pub async fn start(command: pty_process::Command) -> Result<Self, SandboxError> {
+    pub async fn start(
+        command: pty_process::Command,
+        oom: Option<OomWatch>,
+    ) -> Result<Self, SandboxError> {
         let (pty, pts) =
             pty_process::open().map_err(|e| broken(format!("cannot open a pty: {e}")))?;
         pty.resize(pty_process::Size::new(40, 200))
@@ -92,6 +98,7 @@ impl LocalShell {
             Ended::Marker { .. } => {
                 inner.busy = false;
                 Ok(Self {
+                    oom,
                     inner: Mutex::new(inner),
                 })
             }
@@ -207,6 +214,7 @@ impl Inner {
             still_running: false,
             timed_out: false,
             cwd: None,
+            memory_exceeded: false,
         };
         match ended {
             Ended::Marker { exit_code, cwd } => {
@@ -248,6 +256,12 @@ impl Inner {
     }
 }
 
+impl LocalShell {
+    fn oom_kills(&self) -> u64 {
+        self.oom.as_ref().map_or(0, OomWatch::count)
+    }
+}
+
 #[async_trait]
 impl ShellSession for LocalShell {
     async fn run(
@@ -270,10 +284,13 @@ impl ShellSession for LocalShell {
         let encoded = base64::engine::general_purpose::STANDARD.encode(command.as_bytes());
         let line = format!("eval \"$(echo {encoded} | base64 -d)\"\n");
         inner.busy = true;
+        let kills = self.oom_kills();
         inner.write(line.as_bytes()).await?;
-        inner
+        let mut output = inner
             .collect(no_output_timeout, timeout, cancel, true)
-            .await
+            .await?;
+        output.memory_exceeded = self.oom_kills() > kills;
+        Ok(output)
     }
 
     async fn send_input(
@@ -285,15 +302,18 @@ impl ShellSession for LocalShell {
         if inner.broken {
             return Err(broken("the shell session has ended; open a new one".into()));
         }
+        let kills = self.oom_kills();
         if !input.is_empty() {
             inner.write(input.as_bytes()).await?;
         }
         let long = no_output_timeout
             .saturating_mul(4)
             .max(Duration::from_secs(30));
-        inner
+        let mut output = inner
             .collect(no_output_timeout, long, &CancellationToken::new(), false)
-            .await
+            .await?;
+        output.memory_exceeded = self.oom_kills() > kills;
+        Ok(output)
     }
 }
 
