@@ -5,7 +5,7 @@ SERVICES := deploy/local/services.sh
 ENV_FILE := .local/env
 CARGO ?= cargo
 
-.PHONY: help setup up down build demo demo-check llm test lint fmt bench clean-local
+.PHONY: help setup up down build demo fleet demo-check llm test lint fmt bench clean-local
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -24,6 +24,9 @@ build: ## build every binary
 
 demo: setup build ## an agent task end to end: services, LLM, scheduler, worker, submit, watch live
 	bash deploy/local/demo.sh
+
+fleet: setup build ## the demo's fleet (services, LLM, scheduler, worker) kept running for your own tasks; Ctrl-C stops it
+	SHOAL_DEMO_TASK=0 SHOAL_DEMO_STAY=1 bash deploy/local/demo.sh
 
 demo-check: setup build ## the demo on the real local model, checked (slow; not in CI)
 	bash deploy/local/demo-check.sh

@@ -10,6 +10,9 @@
 # the embedded local model (llama.cpp on loopback; built and fetched once by
 # deploy/local/llm.sh). SHOAL_DEMO_LLM_URL points the local profile at any
 # other OpenAI-compatible server instead (the tests use the LLM simulator).
+#
+# `make fleet` (SHOAL_DEMO_TASK=0 SHOAL_DEMO_STAY=1) starts the same fleet,
+# skips the demo task, and keeps it running for your own tasks until Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$(pwd)
@@ -17,6 +20,8 @@ services=deploy/local/services.sh
 port=${SHOAL_DEMO_PORT:-38080}
 logs=.local/demo
 bin=${SHOAL_BIN_DIR:-target/debug}
+run_task=${SHOAL_DEMO_TASK:-1}
+stay=${SHOAL_DEMO_STAY:-0}
 prompt=${SHOAL_DEMO_PROMPT:-"Write fib.py that prints the first 20 Fibonacci numbers, one per line, run it, and report the output."}
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
@@ -104,29 +109,48 @@ until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
   sleep 0.2
 done
 
-say "submitting an agent task: $prompt"
-started=$(date +%s.%N)
-id=$("$bin/shoal" submit --timeout "${SHOAL_DEMO_TIMEOUT:-300}" "$prompt")
-say "task $id — following it live (shoal watch $id)"
 status=0
-"$bin/shoal" watch "$id" || status=$?
-elapsed=$(awk -v s="$started" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
+if [ "$run_task" = 1 ]; then
+  say "submitting an agent task: $prompt"
+  started=$(date +%s.%N)
+  id=$("$bin/shoal" submit --timeout "${SHOAL_DEMO_TIMEOUT:-300}" "$prompt")
+  say "task $id — following it live (shoal watch $id)"
+  "$bin/shoal" watch "$id" || status=$?
+  elapsed=$(awk -v s="$started" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
 
-if [ "$status" = 0 ]; then
-  say "the agent finished the task in ${elapsed}s"
-else
-  say "the task did not succeed (${elapsed}s); the events above say why"
-fi
-cat <<EOT
+  if [ "$status" = 0 ]; then
+    say "the agent finished the task in ${elapsed}s"
+  else
+    say "the task did not succeed (${elapsed}s); the events above say why"
+  fi
+  cat <<EOT
 
 What next:
   - metrics of the worker: http://127.0.0.1:${SHOAL__WORKER__METRICS_LISTEN##*:}/metrics (while it runs);
     RabbitMQ: ${SHOAL_RABBITMQ_MGMT_URL} (guest/guest)
-  - your own task: make up, start target/debug/shoal-scheduler and target/debug/shoal-worker
-    (with the SHOAL__* settings above), then
+  - your own tasks: \`make fleet\` starts this fleet and keeps it running (Ctrl-C stops it), then
       $root/$bin/shoal submit "your prompt"          # an agent task
       $root/$bin/shoal submit --exec 'uname -a' --wait
       $root/$bin/shoal watch <id>
   - every event of this task: XRANGE ${SHOAL__NAMESPACE}:task:{$id}:events - +
 EOT
+fi
+
+if [ "$stay" = 1 ]; then
+  cat <<EOT
+
+The fleet is running: scheduler $SHOAL_SERVER, one worker, $llm.
+In another terminal:
+  export SHOAL_SERVER=$SHOAL_SERVER
+  $root/$bin/shoal submit "your prompt"                  # an agent task; prints its id
+  $root/$bin/shoal submit --exec 'uname -a' --wait       # a command in a sandbox
+  $root/$bin/shoal watch <id>                            # follow a task live
+Worker metrics: http://127.0.0.1:${SHOAL__WORKER__METRICS_LISTEN##*:}/metrics; logs in $logs/.
+Ctrl-C here stops everything this started.
+EOT
+  # Returns when the scheduler or the worker exits; Ctrl-C runs the cleanup.
+  wait -n "${pids[@]}" || true
+  say "the scheduler or the worker stopped; see $logs/"
+  exit 1
+fi
 exit "$status"

@@ -61,7 +61,7 @@ pub fn render(event: &Value) -> Option<String> {
         ),
         "exec_started" => format!("exec     $ {}", clip(str_of(event, "command"), 200)),
         "exec_finished" => format!(
-            "exec     exit {} in {} ms ({} bytes out, {} err){}",
+            "exec     exit {} in {} ms ({} bytes out, {} err){}{}",
             event
                 .get("exit_code")
                 .and_then(Value::as_i64)
@@ -75,6 +75,15 @@ pub fn render(event: &Value) -> Option<String> {
                 .unwrap_or(false)
             {
                 " — timed out"
+            } else {
+                ""
+            },
+            if event
+                .get("memory_exceeded")
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+            {
+                " — a process was killed: the sandbox reached its memory limit"
             } else {
                 ""
             }
@@ -186,5 +195,19 @@ mod tests {
             "04:41:10 ◀ terminal [exit 0] 0 1 1 2"
         );
         assert!(render(&json!({"type": "system_prompt"})).is_none());
+    }
+
+    #[test]
+    fn an_exec_that_hit_the_memory_limit_says_so() {
+        let finished = json!({"type": "exec_finished", "ts": "2026-12-02T12:38:04Z", "exit_code": 137,
+                              "duration_ms": 900, "stdout_bytes": 0, "stderr_bytes": 7,
+                              "timed_out": false, "memory_exceeded": true});
+        assert_eq!(
+            render(&finished).unwrap(),
+            "12:38:04 exec     exit 137 in 900 ms (0 bytes out, 7 err) — a process was killed: the sandbox reached its memory limit"
+        );
+        let fine = json!({"type": "exec_finished", "ts": "2026-12-02T12:38:04Z", "exit_code": 0,
+                          "duration_ms": 5, "stdout_bytes": 3, "stderr_bytes": 0, "timed_out": false});
+        assert!(!render(&fine).unwrap().contains("memory"));
     }
 }

@@ -77,3 +77,84 @@ async fn the_demo_script_runs_an_agent_task_to_its_answer() {
     sim.assert_no_violations();
     env.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn make_fleet_keeps_the_fleet_running_for_your_tasks_until_interrupted() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    // No scripted turns: this fleet only runs an exec task.
+    let (sim_url, _sim) = LlmSim::start(Script::turns([])).await;
+    let env = TestEnv::new("fleet", "").await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut fleet = tokio::process::Command::new("bash")
+        .arg(root.join("deploy/local/demo.sh"))
+        .env("SHOAL_DEMO_TASK", "0")
+        .env("SHOAL_DEMO_STAY", "1")
+        .env("SHOAL_DEMO_LLM_URL", &sim_url)
+        .env("SHOAL_DEMO_PORT", port.to_string())
+        .env("SHOAL__NAMESPACE", &env.settings.namespace)
+        .env("SHOAL__SANDBOX__ROOT", &env.settings.sandbox.root)
+        .env("SHOAL__WORKER__METRICS_LISTEN", "127.0.0.1:0")
+        .env_remove("ANTHROPIC_API_KEY")
+        .env_remove("OPENAI_API_KEY")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the fleet");
+    let mut lines = BufReader::new(fleet.stdout.take().expect("stdout")).lines();
+    let mut seen = Vec::new();
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(line) = lines.next_line().await.expect("read") {
+            let ready = line.contains("Ctrl-C here stops everything");
+            seen.push(line);
+            if ready {
+                return;
+            }
+        }
+        panic!("the fleet script ended early:\n{}", seen.join("\n"));
+    })
+    .await
+    .expect("the fleet comes up");
+    let text = seen.join("\n");
+    assert!(text.contains("The fleet is running"), "{text}");
+    assert!(!text.contains("submitting an agent task"), "{text}");
+
+    // Your own task, through the CLI, as the printed instructions say.
+    let cli = root.join("target/debug/shoal");
+    let output = tokio::process::Command::new(&cli)
+        .args(["submit", "--exec", "echo from-my-task", "--wait"])
+        .env("SHOAL_SERVER", format!("http://127.0.0.1:{port}"))
+        .output()
+        .await
+        .expect("run shoal");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("from-my-task"), "{stdout}");
+
+    // Ctrl-C: everything it started stops, and the script says so by exiting.
+    let pid = fleet.id().expect("pid").to_string();
+    let sent = tokio::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .await
+        .expect("kill");
+    assert!(sent.success());
+    let status = tokio::time::timeout(Duration::from_secs(60), fleet.wait())
+        .await
+        .expect("the fleet stops after Ctrl-C")
+        .expect("wait");
+    assert_eq!(status.code(), Some(130));
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the scheduler still listens after Ctrl-C"
+    );
+    env.teardown().await;
+}

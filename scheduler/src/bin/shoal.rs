@@ -386,6 +386,9 @@ fn print_record(output: Output, record: &TaskRecord) -> anyhow::Result<()> {
                 .map_or("killed".to_owned(), |c| c.to_string()),
             result.duration_ms
         );
+        if result.memory_exceeded {
+            println!("memory    a process was killed: the sandbox reached its memory limit");
+        }
         if !result.stdout.is_empty() {
             println!(
                 "--- stdout{}",
