@@ -37,6 +37,11 @@ pub struct TestEnv {
     pub topology: Topology,
     sandbox_root: PathBuf,
     tasks: Vec<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
+    /// In-process workers' metrics registries, by worker id.
+    metrics: Vec<(
+        String,
+        std::sync::Arc<prometheus_client::registry::Registry>,
+    )>,
     config_toml: String,
 }
 
@@ -94,6 +99,7 @@ impl TestEnv {
             topology,
             sandbox_root,
             tasks: Vec::new(),
+            metrics: Vec::new(),
             config_toml: merge_toml(&config_toml, extra_toml),
         }
     }
@@ -126,9 +132,22 @@ impl TestEnv {
         let worker = shoal_worker::Worker::connect(settings)
             .await
             .expect("worker connects");
+        self.metrics.push((id.to_owned(), worker.metrics()));
         let handle = tokio::spawn(worker.run(token.clone()));
         self.tasks.push((token.clone(), handle));
         token
+    }
+
+    /// What the in-process worker `id` would serve on `/metrics`.
+    pub fn worker_metrics(&self, id: &str) -> String {
+        let (_, registry) = self
+            .metrics
+            .iter()
+            .find(|(worker, _)| worker == id)
+            .unwrap_or_else(|| panic!("no in-process worker {id}"));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).expect("encode");
+        text
     }
 
     /// Starts the real `shoal-worker` binary as a child process.
@@ -350,6 +369,26 @@ impl WorkerProcess {
 /// (`worker.slots = 2`), which TOML lets us simply concatenate.
 fn merge_toml(base: &str, extra: &str) -> String {
     format!("{base}\n{extra}\n")
+}
+
+/// The value of the sample `name{labels…}` in Prometheus text, where every
+/// `label="value"` pair given appears among the sample's labels.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        let (label_part, value) = match rest.strip_prefix('{') {
+            Some(rest) => rest.split_once("} ")?,
+            None => ("", rest.strip_prefix(' ')?),
+        };
+        labels
+            .iter()
+            .all(|(k, v)| {
+                label_part
+                    .split(',')
+                    .any(|pair| pair == format!("{k}=\"{v}\""))
+            })
+            .then(|| value.trim().parse().ok())?
+    })
 }
 
 /// Path of a workspace binary next to the test executable's `deps/` folder.

@@ -8,6 +8,7 @@ use serde_json::json;
 use shoal_scheduler::client::Client;
 use shoal_shared::task::{AgentSpec, TaskKind, TaskResult, TaskSpec, TaskState};
 use shoal_shared::Event;
+use shoal_tests::harness::metric_value;
 use shoal_tests::llm_sim::{LlmSim, Script, Turn};
 use shoal_tests::TestEnv;
 
@@ -140,6 +141,53 @@ async fn run_fib(provider: &str, emulated: bool) {
     assert!(mine
         .iter()
         .all(|e| e.get::<String>("tenant").as_deref() == Some("default")));
+
+    // The worker's /metrics tell the same story: one agent run, succeeded,
+    // none running, three LLM calls costing what the record says.
+    let metrics = env.worker_metrics("w1");
+    let value = |name: &str, labels: &[(&str, &str)]| {
+        metric_value(&metrics, name, labels)
+            .unwrap_or_else(|| panic!("no {name} {labels:?} in\n{metrics}"))
+    };
+    assert_eq!(
+        value("shoal_tasks_started_total", &[("kind", "agent")]),
+        1.0
+    );
+    assert_eq!(
+        value(
+            "shoal_tasks_finished_total",
+            &[("kind", "agent"), ("state", "succeeded")]
+        ),
+        1.0
+    );
+    assert_eq!(value("shoal_tasks_running", &[("kind", "agent")]), 0.0);
+    assert_eq!(
+        value(
+            "shoal_tasks_run_seconds_count",
+            &[("kind", "agent"), ("state", "succeeded")]
+        ),
+        1.0
+    );
+    let model = mine[0]
+        .get::<String>("model")
+        .expect("model on the cost stream");
+    assert_eq!(value("shoal_llm_calls_total", &[("model", &model)]), 3.0);
+    assert_eq!(
+        value("shoal_llm_cost_microdollars_total", &[("model", &model)]),
+        result.cost_micros as f64
+    );
+    let prompt_tokens: u64 = mine
+        .iter()
+        .map(|e| e.get::<u64>("prompt_tokens").unwrap_or(0))
+        .sum();
+    assert!(prompt_tokens > 0);
+    assert_eq!(
+        value(
+            "shoal_llm_tokens_total",
+            &[("model", &model), ("kind", "prompt")]
+        ),
+        prompt_tokens as f64
+    );
     sim.assert_no_violations();
     env.teardown().await;
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 use shoal_scheduler::client::Client;
 use shoal_shared::task::{Priority, TaskResult, TaskSpec, TaskState};
 use shoal_shared::Event;
+use shoal_tests::harness::metric_value;
 use shoal_tests::TestEnv;
 
 fn stdout_of(record: &shoal_shared::TaskRecord) -> String {
@@ -299,6 +300,21 @@ async fn an_exec_task_past_its_sandbox_memory_limit_fails_and_says_why() {
         .expect("submit");
     let next = env.wait_terminal(&next.id, Duration::from_secs(60)).await;
     assert_eq!(next.state, TaskState::Succeeded);
+    // Three exec runs on this worker: one failed, two succeeded.
+    let metrics = env.worker_metrics("w1");
+    let finished = |state| {
+        metric_value(
+            &metrics,
+            "shoal_tasks_finished_total",
+            &[("kind", "exec"), ("state", state)],
+        )
+    };
+    assert_eq!(finished("failed"), Some(1.0), "{metrics}");
+    assert_eq!(finished("succeeded"), Some(2.0), "{metrics}");
+    assert_eq!(
+        metric_value(&metrics, "shoal_tasks_started_total", &[("kind", "exec")]),
+        Some(3.0)
+    );
     env.teardown().await;
 }
 

@@ -13,6 +13,7 @@ use tracing::{info, instrument, warn};
 
 use crate::agent::task::{run_agent, AgentEnd, AgentSetupError};
 use crate::exec::{result_of, run_exec};
+use crate::metrics::{kind_of, TaskMetrics};
 use crate::outcome::{Disposition, RunError};
 use crate::pool::{Pool, PoolError};
 
@@ -24,6 +25,7 @@ pub struct TaskRunner {
     pub store: Store,
     pub pool: Pool,
     pub settings: Settings,
+    pub metrics: TaskMetrics,
     /// `worker:<id>`, the source of this worker's events.
     pub source: String,
 }
@@ -35,12 +37,13 @@ enum Finish {
 }
 
 impl TaskRunner {
-    pub fn new(store: Store, pool: Pool, settings: Settings) -> Self {
+    pub fn new(store: Store, pool: Pool, settings: Settings, metrics: TaskMetrics) -> Self {
         let source = format!("worker:{}", settings.worker.id);
         Self {
             store,
             pool,
             settings,
+            metrics,
             source,
         }
     }
@@ -63,7 +66,11 @@ impl TaskRunner {
                     .field("last_error", error.clone())
                     .reason(error.clone());
                 match self.store.transition(&failed).await {
-                    Ok(_) => Disposition::Ack,
+                    Ok(_) => {
+                        self.metrics
+                            .finished(kind_of(&message.spec.kind), TaskState::Failed, None);
+                        Disposition::Ack
+                    }
                     Err(store_error) => {
                         warn!(%store_error, "recording the failure failed; retrying later");
                         Disposition::Retry {
@@ -181,14 +188,22 @@ impl TaskRunner {
             stop.clone(),
             [asked.clone(), run_cancel.clone()],
         ));
+        let kind = kind_of(&message.spec.kind);
+        let running = self.metrics.start(kind);
+        let started = std::time::Instant::now();
         let finish = self.run_sandboxed(message, &lease, &run_cancel).await;
+        drop(running);
         stop.cancel();
         let _ = renewer.await;
         let _ = watcher.await;
 
         match finish {
             Ok(Finish::Done(state, result, error)) => {
-                self.finish(message, &lease, state, result, error).await
+                let settled = self.finish(message, &lease, state, result, error).await;
+                if settled.is_ok() {
+                    self.metrics.finished(kind, state, Some(started.elapsed()));
+                }
+                settled
             }
             Ok(Finish::Interrupted) if lost.is_cancelled() => {
                 // Another worker may own the task now; our writes would be fenced.
@@ -201,6 +216,8 @@ impl TaskRunner {
                     .releasing()
                     .reason("cancelled on request");
                 self.store.transition(&cancelled).await.map_err(retryable)?;
+                self.metrics
+                    .finished(kind, TaskState::Cancelled, Some(started.elapsed()));
                 info!(task_id = %id, "cancelled on request");
                 Ok(Disposition::Ack)
             }
@@ -333,20 +350,12 @@ impl TaskRunner {
                 })
             }
             TaskKind::Agent(agent) => {
-                let ended = run_agent(
-                    &self.settings,
-                    &self.store,
-                    &self.source,
-                    message,
-                    agent,
-                    sandbox,
-                    cancel,
-                )
-                .await
-                .map_err(|error| match error {
-                    AgentSetupError::Fatal(e) => RunError::Fatal(e),
-                    AgentSetupError::Retryable(e) => RunError::Retryable(e),
-                })?;
+                let ended = run_agent(self, message, agent, sandbox, cancel)
+                    .await
+                    .map_err(|error| match error {
+                        AgentSetupError::Fatal(e) => RunError::Fatal(e),
+                        AgentSetupError::Retryable(e) => RunError::Retryable(e),
+                    })?;
                 Ok(match ended {
                     AgentEnd::Done(state, result, error) => {
                         Finish::Done(state, TaskResult::Agent(result), error)

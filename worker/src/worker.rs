@@ -1,3 +1,4 @@
+use crate::metrics::TaskMetrics;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -92,8 +93,14 @@ impl Worker {
             .collect();
         let mut registry = Registry::default();
         let pool_metrics = PoolMetrics::new(&mut registry);
+        let task_metrics = TaskMetrics::new(&mut registry);
         let pool = Pool::start_with(providers, templates, pool_metrics, REAP_EVERY).await;
-        let runner = Arc::new(TaskRunner::new(store, pool.clone(), settings.clone()));
+        let runner = Arc::new(TaskRunner::new(
+            store,
+            pool.clone(),
+            settings.clone(),
+            task_metrics,
+        ));
         Ok(Self {
             settings,
             broker,
@@ -102,6 +109,12 @@ impl Worker {
             pool,
             registry: Arc::new(registry),
         })
+    }
+
+    /// The worker's Prometheus metrics (pool and tasks), as `/metrics` serves
+    /// them: for tests and embedders that keep the worker in-process.
+    pub fn metrics(&self) -> Arc<Registry> {
+        self.registry.clone()
     }
 
     /// Runs the slots until `shutdown`, then drains: no new tasks; running ones

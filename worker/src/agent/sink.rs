@@ -3,6 +3,7 @@
 //! pipelined batches, so a slow Redis delays the loop only once the buffer is
 //! full; `flush` waits until everything sent so far is written.
 
+use crate::metrics::TaskMetrics;
 use std::sync::Mutex;
 
 use async_trait::async_trait;
@@ -37,17 +38,25 @@ pub struct RedisSink {
     task_id: TaskId,
     source: String,
     tx: mpsc::Sender<Item>,
+    /// The worker's metrics, counting each LLM call as it is costed.
+    metrics: Option<TaskMetrics>,
 }
 
 impl RedisSink {
     /// Starts the writer task; it ends when the sink is dropped.
-    pub fn start(store: Store, task_id: TaskId, source: String) -> Self {
+    pub fn start(
+        store: Store,
+        task_id: TaskId,
+        source: String,
+        metrics: Option<TaskMetrics>,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(BUFFER);
         tokio::spawn(write_loop(store, rx));
         Self {
             task_id,
             source,
             tx,
+            metrics,
         }
     }
 }
@@ -92,6 +101,9 @@ impl EventSink for RedisSink {
     }
 
     async fn cost(&self, entry: CostEntry) {
+        if let Some(metrics) = &self.metrics {
+            metrics.llm_call(&entry);
+        }
         let _ = self.tx.send(Item::Cost(entry)).await;
     }
 

@@ -2,9 +2,8 @@
 //! clone the repository, run the conversation in the leased sandbox, and
 //! turn its outcome into the task's terminal state.
 
+use crate::runner::TaskRunner;
 use shoal_shared::cost::MicroDollars;
-use shoal_shared::settings::Settings;
-use shoal_shared::store::Store;
 use shoal_shared::task::{AgentResult, AgentSpec, TaskState};
 use shoal_shared::TaskMessage;
 use tokio_util::sync::CancellationToken;
@@ -37,14 +36,13 @@ pub enum AgentSetupError {
 
 /// Runs `spec` in `sandbox`.
 pub async fn run_agent(
-    settings: &Settings,
-    store: &Store,
-    source: &str,
+    runner: &TaskRunner,
     message: &TaskMessage,
     spec: &AgentSpec,
     sandbox: &dyn Sandbox,
     cancel: &CancellationToken,
 ) -> Result<AgentEnd, AgentSetupError> {
+    let (settings, store, source) = (&runner.settings, &runner.store, runner.source.as_str());
     let profile_name = if spec.model == "default" {
         settings.agent.default_model.as_str()
     } else {
@@ -104,7 +102,12 @@ pub async fn run_agent(
             repo.url
         ));
     }
-    let sink = RedisSink::start(store.clone(), message.id, source.to_owned());
+    let sink = RedisSink::start(
+        store.clone(),
+        message.id,
+        source.to_owned(),
+        Some(runner.metrics.clone()),
+    );
     let config = AgentConfig {
         max_iterations: spec.limits.max_iterations,
         max_cost: spec.limits.max_cost_usd.map(MicroDollars::from_usd),

@@ -1,0 +1,186 @@
+//! A worker's task-level Prometheus metrics: what it ran, how each run ended
+//! and took, and what the agents' LLM calls used and cost. Served on
+//! `/metrics` next to the pool's (`shoal_pool_*`).
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use shoal_shared::store::CostEntry;
+use shoal_shared::TaskState;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// `exec` or `agent`.
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FinishLabels {
+    pub kind: String,
+    /// The terminal state this worker recorded.
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub model: String,
+    /// `prompt`, `completion`, `cache_read`, `cache_write`, `reasoning`.
+    pub kind: String,
+}
+
+/// Everything a worker counts about tasks.
+#[derive(Clone)]
+pub struct TaskMetrics {
+    pub started: Family<KindLabels, Counter>,
+    pub finished: Family<FinishLabels, Counter>,
+    pub running: Family<KindLabels, Gauge>,
+    pub run_seconds: Family<FinishLabels, Histogram>,
+    pub llm_calls: Family<ModelLabels, Counter>,
+    pub llm_tokens: Family<TokenLabels, Counter>,
+    pub llm_cost_microdollars: Family<ModelLabels, Counter>,
+    pub llm_call_seconds: Family<ModelLabels, Histogram>,
+}
+
+/// Decrements the running gauge when the run is over, however it ended.
+pub struct Running {
+    gauge: Gauge,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+impl TaskMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            started: Family::default(),
+            finished: Family::default(),
+            running: Family::default(),
+            // 10 ms .. ~3 h: a quick exec to a long agent run.
+            run_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.01, 3.0, 14))
+            }),
+            llm_calls: Family::default(),
+            llm_tokens: Family::default(),
+            llm_cost_microdollars: Family::default(),
+            // 10 ms .. ~3 min.
+            llm_call_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.01, 2.0, 15))
+            }),
+        };
+        let tasks = registry.sub_registry_with_prefix("shoal_tasks");
+        tasks.register(
+            "started",
+            "Task runs started on this worker",
+            metrics.started.clone(),
+        );
+        tasks.register(
+            "finished",
+            "Terminal states this worker recorded",
+            metrics.finished.clone(),
+        );
+        tasks.register("running", "Task runs in progress", metrics.running.clone());
+        tasks.register(
+            "run_seconds",
+            "Time from the start of a run to its recorded terminal state",
+            metrics.run_seconds.clone(),
+        );
+        let llm = registry.sub_registry_with_prefix("shoal_llm");
+        llm.register(
+            "calls",
+            "LLM calls of agent tasks",
+            metrics.llm_calls.clone(),
+        );
+        llm.register(
+            "tokens",
+            "Tokens used by LLM calls, by kind",
+            metrics.llm_tokens.clone(),
+        );
+        llm.register(
+            "cost_microdollars",
+            "What LLM calls cost, in millionths of a dollar (from the configured prices)",
+            metrics.llm_cost_microdollars.clone(),
+        );
+        llm.register(
+            "call_seconds",
+            "LLM call latency, retries included",
+            metrics.llm_call_seconds.clone(),
+        );
+        metrics
+    }
+
+    /// A run of a `kind` task starts; the returned guard ends it.
+    pub fn start(&self, kind: &str) -> Running {
+        let labels = KindLabels { kind: kind.into() };
+        self.started.get_or_create(&labels).inc();
+        let gauge = self.running.get_or_create(&labels).clone();
+        gauge.inc();
+        Running { gauge }
+    }
+
+    /// This worker recorded `state` for a `kind` task; `took` is the run's
+    /// time when it ran.
+    pub fn finished(&self, kind: &str, state: TaskState, took: Option<Duration>) {
+        let labels = FinishLabels {
+            kind: kind.into(),
+            state: state.as_str().into(),
+        };
+        self.finished.get_or_create(&labels).inc();
+        if let Some(took) = took {
+            self.run_seconds
+                .get_or_create(&labels)
+                .observe(took.as_secs_f64());
+        }
+    }
+
+    /// One LLM call, as it goes to the cost stream.
+    pub fn llm_call(&self, entry: &CostEntry) {
+        let model = ModelLabels {
+            model: entry.model.clone(),
+        };
+        self.llm_calls.get_or_create(&model).inc();
+        self.llm_cost_microdollars
+            .get_or_create(&model)
+            .inc_by(entry.cost_micros);
+        self.llm_call_seconds
+            .get_or_create(&model)
+            .observe(entry.latency_ms as f64 / 1000.0);
+        let usage = entry.usage;
+        for (kind, tokens) in [
+            ("prompt", usage.prompt_tokens),
+            ("completion", usage.completion_tokens),
+            ("cache_read", usage.cache_read_tokens),
+            ("cache_write", usage.cache_write_tokens),
+            ("reasoning", usage.reasoning_tokens),
+        ] {
+            if tokens > 0 {
+                self.llm_tokens
+                    .get_or_create(&TokenLabels {
+                        model: entry.model.clone(),
+                        kind: kind.into(),
+                    })
+                    .inc_by(tokens);
+            }
+        }
+    }
+}
+
+/// The name of a task's kind, as metrics label it.
+pub fn kind_of(kind: &shoal_shared::TaskKind) -> &'static str {
+    match kind {
+        shoal_shared::TaskKind::Exec(_) => "exec",
+        shoal_shared::TaskKind::Agent(_) => "agent",
+    }
+}
