@@ -205,3 +205,141 @@ async fn an_idempotency_key_returns_the_existing_task() {
     assert_eq!(health.status(), StatusCode::OK);
     env.teardown().await;
 }
+
+/// `GET /v1/tasks` and the client's `list`: newest first, filtered by state
+/// and tenant, paged with `next`, bad parameters refused, and a token sees
+/// only its own tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_are_listed_newest_first_by_state_and_tenant_in_pages() {
+    use shoal_scheduler::client::Client;
+    use shoal_shared::task::{TaskSpec, TaskState};
+
+    let mut env = TestEnv::new(
+        "list",
+        "scheduler.tokens.tok-alpha = \"alpha\"\nscheduler.tokens.tok-beta = \"beta\"\n",
+    )
+    .await;
+    let url = env.start_scheduler().await;
+    let alpha = Client::new(&url, Some("tok-alpha".into()));
+    let beta = Client::new(&url, Some("tok-beta".into()));
+    // No worker: everything stays queued, except one cancelled.
+    let mut mine = Vec::new();
+    for i in 0..5 {
+        let record = alpha
+            .submit(&TaskSpec::exec(format!("echo {i}")), None)
+            .await
+            .expect("submit");
+        mine.push(record.id);
+    }
+    let theirs = beta
+        .submit(&TaskSpec::exec("echo beta"), None)
+        .await
+        .expect("submit")
+        .id;
+    let cancelled = alpha.cancel(&mine[1]).await.expect("cancel");
+    assert_eq!(cancelled.state, TaskState::Cancelled);
+
+    // Newest first, results left out, the other tenant's task absent.
+    let page = alpha.list(&[], None, 50, None).await.expect("list");
+    let ids: Vec<_> = page.tasks.iter().map(|t| t.id).collect();
+    let newest_first: Vec<_> = mine.iter().rev().copied().collect();
+    assert_eq!(ids, newest_first);
+    assert!(page.next.is_none());
+    assert!(page
+        .tasks
+        .iter()
+        .all(|t| t.tenant == "alpha" && t.result.is_none()));
+
+    // By state, in pages of two.
+    let first = alpha
+        .list(&[TaskState::Queued], None, 2, None)
+        .await
+        .expect("page 1");
+    assert_eq!(
+        first.tasks.iter().map(|t| t.id).collect::<Vec<_>>(),
+        [mine[4], mine[3]]
+    );
+    let next = first.next.expect("more queued tasks");
+    let second = alpha
+        .list(&[TaskState::Queued], None, 2, Some(&next))
+        .await
+        .expect("page 2");
+    assert_eq!(
+        second.tasks.iter().map(|t| t.id).collect::<Vec<_>>(),
+        [mine[2], mine[0]]
+    );
+    let done = alpha
+        .list(&[TaskState::Queued], None, 2, second.next.as_ref())
+        .await
+        .expect("page 3");
+    assert!(done.tasks.is_empty() && done.next.is_none(), "{done:?}");
+    let gone = alpha
+        .list(
+            &[TaskState::Cancelled, TaskState::Succeeded],
+            None,
+            10,
+            None,
+        )
+        .await
+        .expect("cancelled");
+    assert_eq!(gone.tasks.len(), 1);
+    assert_eq!(gone.tasks[0].id, mine[1]);
+
+    // A token lists its own tenant only; asking for another is refused.
+    let page = beta.list(&[], None, 50, None).await.expect("beta");
+    assert_eq!(
+        page.tasks.iter().map(|t| t.id).collect::<Vec<_>>(),
+        [theirs]
+    );
+    let refused = beta.list(&[], Some("alpha"), 50, None).await;
+    assert!(
+        matches!(
+            &refused,
+            Err(shoal_scheduler::client::ClientError::Api { status: 403, .. })
+        ),
+        "{refused:?}"
+    );
+
+    // Bad parameters are problems, not empty pages.
+    let http = reqwest::Client::new();
+    for (query, says) in [
+        ("state=bogus", "unknown state"),
+        ("limit=0", "limit must be between"),
+        ("limit=5000", "limit must be between"),
+        ("before=nope", ""),
+        ("colour=blue", "unknown field"),
+    ] {
+        let response = http
+            .get(format!("{url}/v1/tasks?{query}"))
+            .bearer_auth("tok-alpha")
+            .send()
+            .await
+            .expect("request");
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {body}");
+        assert!(
+            body["detail"].as_str().unwrap_or("").contains(says),
+            "{query}: {body}"
+        );
+    }
+    let unauthenticated = http
+        .get(format!("{url}/v1/tasks"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(unauthenticated.status(), StatusCode::UNAUTHORIZED);
+
+    // A worker drains the queue; the listing follows the states.
+    env.start_worker("w1", 2).await;
+    for id in mine.iter().chain([&theirs]) {
+        env.wait_terminal(id, Duration::from_secs(60)).await;
+    }
+    let page = alpha
+        .list(&[TaskState::Succeeded], None, 50, None)
+        .await
+        .expect("succeeded");
+    assert_eq!(page.tasks.len(), 4);
+    assert!(page.tasks.iter().all(|t| t.worker.as_deref() == Some("w1")));
+    env.teardown().await;
+}
