@@ -343,3 +343,54 @@ async fn tasks_are_listed_newest_first_by_state_and_tenant_in_pages() {
     assert!(page.tasks.iter().all(|t| t.worker.as_deref() == Some("w1")));
     env.teardown().await;
 }
+
+/// Without tokens, a listing merges every tenant's tasks in creation order,
+/// and pages across them without losing or repeating one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_api_lists_all_tenants_merged_in_creation_order() {
+    use shoal_scheduler::client::Client;
+    use shoal_shared::task::TaskSpec;
+
+    let mut env = TestEnv::new("list-all", "").await;
+    let url = env.start_scheduler().await;
+    let client = Client::new(&url, None);
+    let mut created = Vec::new();
+    for (i, tenant) in ["a", "b", "a", "c", "b", "a"].iter().enumerate() {
+        let mut spec = TaskSpec::exec(format!("echo {i}"));
+        spec.tenant = Some((*tenant).to_owned());
+        let record = client.submit(&spec, None).await.expect("submit");
+        assert_eq!(record.tenant, *tenant);
+        created.push(record.id);
+    }
+    let newest_first: Vec<_> = created.iter().rev().copied().collect();
+    let all = client.list(&[], None, 50, None).await.expect("list");
+    assert_eq!(
+        all.tasks.iter().map(|t| t.id).collect::<Vec<_>>(),
+        newest_first
+    );
+    // Pages of two across three tenants' indexes.
+    let mut paged = Vec::new();
+    let mut before = None;
+    loop {
+        let page = client
+            .list(&[], None, 2, before.as_ref())
+            .await
+            .expect("page");
+        paged.extend(page.tasks.iter().map(|t| t.id));
+        match page.next {
+            Some(next) => before = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(paged, newest_first);
+    let b = client.list(&[], Some("b"), 50, None).await.expect("b");
+    assert_eq!(
+        b.tasks.iter().map(|t| t.id).collect::<Vec<_>>(),
+        [created[4], created[1]]
+    );
+    env.start_worker("w1", 2).await;
+    for id in &created {
+        env.wait_terminal(id, Duration::from_secs(60)).await;
+    }
+    env.teardown().await;
+}
