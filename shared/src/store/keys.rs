@@ -44,13 +44,13 @@ impl Keys {
         format!("{}:idem:{tenant}:{key}", self.namespace)
     }
 
-    /// The tenants that have task indexes.
-    pub fn tenants(&self) -> String {
-        format!("{}:tenants", self.namespace)
+    /// Every task id, newest last by id (UUIDv7 ids sort by creation time);
+    /// all scores 0, so it is read by lex range.
+    pub fn index(&self) -> String {
+        format!("{}:tasks", self.namespace)
     }
 
-    /// A tenant's task ids, newest last by id (UUIDv7 ids sort by creation
-    /// time); all scores 0, so it is read by lex range.
+    /// The same, for one tenant.
     pub fn tenant_index(&self, tenant: &str) -> String {
         format!("{}:tenant:{tenant}:tasks", self.namespace)
     }

@@ -208,68 +208,36 @@ impl Store {
     /// Adds `records` to the task indexes (global and per tenant) and trims
     /// entries older than the records can live, in `pipe`.
     fn index(&self, pipe: &mut redis::Pipeline, records: &[TaskRecord]) {
-        // One ZADD per tenant for the whole batch: per-command overhead, not
-        // the insert, is what a thousand small commands would cost.
-        let mut tenants: Vec<(&str, Vec<String>)> = Vec::new();
+        let mut tenants: Vec<&str> = Vec::new();
         for record in records {
             let id = record.id.to_string();
-            match tenants.iter_mut().find(|(t, _)| *t == record.tenant) {
-                Some((_, ids)) => ids.push(id),
-                None => tenants.push((&record.tenant, vec![id])),
+            pipe.cmd("ZADD")
+                .arg(self.keys.index())
+                .arg(0)
+                .arg(&id)
+                .ignore();
+            pipe.cmd("ZADD")
+                .arg(self.keys.tenant_index(&record.tenant))
+                .arg(0)
+                .arg(&id)
+                .ignore();
+            if !tenants.contains(&record.tenant.as_str()) {
+                tenants.push(&record.tenant);
             }
         }
         // A record lives at most `retention` after it ends; a day more covers
         // the longest run. Ids before the cutoff sort before its lower bound.
         let horizon = self.retention + Duration::from_secs(86_400);
         let cutoff = format!("({}", TaskId::earliest_at(chrono::Utc::now() - horizon));
-        for (tenant, ids) in &tenants {
-            let key = self.keys.tenant_index(tenant);
-            let add = pipe.cmd("ZADD").arg(&key);
-            for id in ids {
-                add.arg(0).arg(id);
-            }
-            add.ignore();
+        let keys = std::iter::once(self.keys.index())
+            .chain(tenants.iter().map(|t| self.keys.tenant_index(t)));
+        for key in keys {
             pipe.cmd("ZREMRANGEBYLEX")
-                .arg(&key)
+                .arg(key)
                 .arg("-")
                 .arg(&cutoff)
                 .ignore();
-            pipe.cmd("SADD")
-                .arg(self.keys.tenants())
-                .arg(*tenant)
-                .ignore();
         }
-    }
-
-    /// Up to `count` ids older than `max` (a lex bound), newest first, from
-    /// one tenant's index or merged across all tenants' (ids sort by time
-    /// whichever index they are in, so one bound serves them all).
-    async fn index_range(
-        &self,
-        conn: &mut ConnectionManager,
-        keys: &[String],
-        max: &str,
-        count: usize,
-    ) -> Result<Vec<(String, String)>, StoreError> {
-        let mut pipe = redis::pipe();
-        for key in keys {
-            pipe.cmd("ZREVRANGEBYLEX")
-                .arg(key)
-                .arg(max)
-                .arg("-")
-                .arg("LIMIT")
-                .arg(0)
-                .arg(count);
-        }
-        let lists: Vec<Vec<String>> = pipe.query_async(conn).await?;
-        let mut merged: Vec<(String, String)> = keys
-            .iter()
-            .zip(lists)
-            .flat_map(|(key, ids)| ids.into_iter().map(move |id| (id, key.clone())))
-            .collect();
-        merged.sort_unstable_by(|a, b| b.0.cmp(&a.0));
-        merged.truncate(count);
-        Ok(merged)
     }
 
     /// A page of task records, newest first: all of them or one tenant's,
@@ -284,41 +252,39 @@ impl Store {
         before: Option<&TaskId>,
         limit: usize,
     ) -> Result<TaskPage, StoreError> {
+        let key = tenant.map_or_else(|| self.keys.index(), |t| self.keys.tenant_index(t));
         let limit = limit.max(1);
         let mut conn = self.conn.clone();
-        let keys: Vec<String> = match tenant {
-            Some(tenant) => vec![self.keys.tenant_index(tenant)],
-            None => {
-                let tenants: Vec<String> = conn.smembers(self.keys.tenants()).await?;
-                tenants.iter().map(|t| self.keys.tenant_index(t)).collect()
-            }
-        };
-        if keys.is_empty() {
-            return Ok(TaskPage::default());
-        }
         let mut max = before.map_or_else(|| "+".to_owned(), |id| format!("({id}"));
         let mut page = TaskPage::default();
         let mut scanned = 0;
         loop {
             let chunk = (limit * 2).clamp(50, 1000);
-            let entries = self.index_range(&mut conn, &keys, &max, chunk).await?;
+            let ids: Vec<String> = redis::cmd("ZREVRANGEBYLEX")
+                .arg(&key)
+                .arg(&max)
+                .arg("-")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(chunk)
+                .query_async(&mut conn)
+                .await?;
             let mut pipe = redis::pipe();
-            for (id, _) in &entries {
+            for id in &ids {
                 // An entry that is not a task id reads as an expired record.
                 let key = id.parse::<TaskId>().map_or_else(
-                    |_| format!("{}:not-a-task", self.keys.tenants()),
+                    |_| format!("{}:not-a-task", self.keys.index()),
                     |id| self.keys.task(&id),
                 );
                 pipe.cmd("HMGET").arg(key).arg(&SUMMARY_FIELDS[..]);
             }
-            let rows: Vec<Vec<Option<String>>> = if entries.is_empty() {
+            let rows: Vec<Vec<Option<String>>> = if ids.is_empty() {
                 Vec::new()
             } else {
                 pipe.query_async(&mut conn).await?
             };
-            let mut expired = redis::pipe();
-            let mut any_expired = false;
-            for ((id, key), row) in entries.iter().zip(rows) {
+            let mut expired = Vec::new();
+            for (id, row) in ids.iter().zip(rows) {
                 scanned += 1;
                 max = format!("({id}");
                 let fields: HashMap<String, String> = SUMMARY_FIELDS
@@ -327,8 +293,7 @@ impl Store {
                     .filter_map(|(name, value)| value.map(|v| ((*name).to_owned(), v)))
                     .collect();
                 if fields.is_empty() {
-                    expired.cmd("ZREM").arg(key).arg(id).ignore();
-                    any_expired = true;
+                    expired.push(id.clone());
                     continue;
                 }
                 let record = TaskRecord::from_fields(&fields)
@@ -343,10 +308,14 @@ impl Store {
                     }
                 }
             }
-            if any_expired {
-                let _: () = expired.query_async(&mut conn).await?;
+            if !expired.is_empty() {
+                let _: i64 = redis::cmd("ZREM")
+                    .arg(&key)
+                    .arg(&expired)
+                    .query_async(&mut conn)
+                    .await?;
             }
-            if page.next.is_some() || entries.len() < chunk {
+            if page.next.is_some() || ids.len() < chunk {
                 return Ok(page);
             }
             if scanned >= LIST_SCAN {
