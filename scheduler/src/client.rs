@@ -2,8 +2,7 @@
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use shoal_shared::store::TaskPage;
-use shoal_shared::task::{TaskId, TaskRecord, TaskRef, TaskSpec, TaskState};
+use shoal_shared::task::{TaskId, TaskRecord, TaskRef, TaskSpec};
 
 /// A call to the scheduler failed.
 #[derive(Debug, thiserror::Error)]
@@ -80,34 +79,6 @@ impl Client {
     pub async fn get(&self, id: &TaskId) -> Result<TaskRecord, ClientError> {
         self.send(self.http.get(self.url(&format!("/v1/tasks/{id}"))))
             .await
-    }
-
-    /// A page of tasks, newest first (without results); `next` continues.
-    pub async fn list(
-        &self,
-        states: &[TaskState],
-        tenant: Option<&str>,
-        limit: usize,
-        before: Option<&TaskId>,
-    ) -> Result<TaskPage, ClientError> {
-        let mut query: Vec<(&str, String)> = vec![("limit", limit.to_string())];
-        if !states.is_empty() {
-            let names: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
-            query.push(("state", names.join(",")));
-        }
-        if let Some(tenant) = tenant {
-            query.push(("tenant", tenant.to_owned()));
-        }
-        if let Some(before) = before {
-            query.push(("before", before.to_string()));
-        }
-        let mut url =
-            reqwest::Url::parse(&self.url("/v1/tasks")).map_err(|e| ClientError::Api {
-                status: 0,
-                detail: format!("bad server URL {}: {e}", self.base),
-            })?;
-        url.query_pairs_mut().extend_pairs(&query);
-        self.send(self.http.get(url)).await
     }
 
     /// Cancels a task: its record afterwards (`cancelled`, or still running

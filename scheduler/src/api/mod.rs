@@ -33,7 +33,7 @@ pub struct AppState {
 /// The API's routes.
 pub fn router(state: AppState, settings: &Settings) -> Router {
     Router::new()
-        .route("/v1/tasks", post(tasks::submit).get(tasks::list))
+        .route("/v1/tasks", post(tasks::submit))
         .route("/v1/tasks/batch", post(tasks::submit_batch))
         .route("/v1/tasks/{id}", get(tasks::get))
         .route("/v1/tasks/{id}/events", get(events::events))

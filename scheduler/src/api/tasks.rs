@@ -1,13 +1,12 @@
 //! `/v1/tasks`: submit one, submit a batch, read one, cancel one.
 
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use shoal_shared::store::{CancelOutcome, TaskPage};
-use shoal_shared::task::{TaskId, TaskRecord, TaskRef, TaskSpec, TaskState};
+use shoal_shared::store::CancelOutcome;
+use shoal_shared::task::{TaskId, TaskRecord, TaskRef, TaskSpec};
 
 use super::auth::Tenant;
 use super::body::JsonBody;
@@ -121,71 +120,6 @@ pub async fn submit_batch(
                 .collect(),
         }),
     ))
-}
-
-/// The most tasks one listing page returns.
-const MAX_LIST_LIMIT: usize = 1000;
-
-/// `GET /v1/tasks` parameters, all optional.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ListQuery {
-    /// Comma-separated states (`queued,running`).
-    state: Option<String>,
-    tenant: Option<String>,
-    /// Tasks per page (default 50, at most 1000).
-    limit: Option<usize>,
-    /// The `next` of the previous page: only tasks older than this one.
-    before: Option<String>,
-}
-
-/// `GET /v1/tasks?state=&tenant=&limit=&before=`: newest first, without
-/// results; `next` continues the listing. With authentication a token sees
-/// its own tenant's tasks only.
-pub async fn list(
-    State(state): State<AppState>,
-    tenant: Tenant,
-    query: Result<Query<ListQuery>, QueryRejection>,
-) -> Result<Json<TaskPage>, Problem> {
-    let Query(query) = query.map_err(|e| Problem::bad_request(e.body_text()))?;
-    let states = match query.state.as_deref() {
-        None | Some("") => Vec::new(),
-        Some(list) => list
-            .split(',')
-            .map(|name| {
-                name.trim().parse::<TaskState>().map_err(|_| {
-                    Problem::bad_request(format!(
-                        "unknown state {name:?}: use queued, leased, running, succeeded, failed, cancelled or timed_out"
-                    ))
-                })
-            })
-            .collect::<Result<_, _>>()?,
-    };
-    let limit = query.limit.unwrap_or(50);
-    if limit == 0 || limit > MAX_LIST_LIMIT {
-        return Err(Problem::bad_request(format!(
-            "limit must be between 1 and {MAX_LIST_LIMIT}"
-        )));
-    }
-    let before = query.before.as_deref().map(parse_id).transpose()?;
-    let scope = match (&tenant.name, query.tenant) {
-        (Some(own), Some(asked)) if *own != asked => {
-            return Err(Problem::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                "Forbidden",
-                format!("this token may not list tenant {asked:?}"),
-            ))
-        }
-        (Some(own), _) => Some(own.clone()),
-        (None, asked) => asked,
-    };
-    let page = state
-        .store
-        .list(scope.as_deref(), &states, before.as_ref(), limit)
-        .await
-        .map_err(|e| unavailable(e.to_string()))?;
-    Ok(Json(page))
 }
 
 /// `GET /v1/tasks/{id}`.

@@ -8,10 +8,8 @@ use anyhow::{bail, Context};
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use shoal_scheduler::client::Client;
-use shoal_shared::store::TaskPage;
 use shoal_shared::task::{
     AgentSpec, ExecSpec, Language, Priority, TaskId, TaskKind, TaskRecord, TaskResult, TaskSpec,
-    TaskState,
 };
 
 #[derive(Parser)]
@@ -55,22 +53,6 @@ enum Command {
     Status {
         /// The task id.
         id: TaskId,
-    },
-    /// List tasks, newest first.
-    Ls {
-        /// Only tasks in these states (repeat, or comma-separate): queued,
-        /// leased, running, succeeded, failed, cancelled, timed_out.
-        #[arg(long = "state", value_delimiter = ',')]
-        states: Vec<String>,
-        /// Only this tenant's tasks (a token always lists its own).
-        #[arg(long)]
-        tenant: Option<String>,
-        /// How many.
-        #[arg(long, short = 'n', default_value_t = 20)]
-        limit: usize,
-        /// Continue a listing: only tasks older than this one (the `next` it printed).
-        #[arg(long)]
-        before: Option<TaskId>,
     },
     /// Cancel a task: at once if it has not started, else its worker stops it
     /// within about a second.
@@ -175,25 +157,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { id } => {
             let record = client.get(&id).await?;
             print_record(cli.output, &record)
-        }
-        Command::Ls {
-            states,
-            tenant,
-            limit,
-            before,
-        } => {
-            let states = states
-                .iter()
-                .map(|name| {
-                    name.trim()
-                        .parse::<TaskState>()
-                        .map_err(|_| anyhow::anyhow!("unknown state {name:?}"))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let page = client
-                .list(&states, tenant.as_deref(), limit, before.as_ref())
-                .await?;
-            print_page(cli.output, &page)
         }
         Command::Cancel { id, wait } => {
             let mut record = client.cancel(&id).await?;
@@ -365,36 +328,6 @@ async fn wait_for(client: &Client, id: &TaskId) -> anyhow::Result<TaskRecord> {
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(1));
     }
-}
-
-/// A listing as a table, newest first, and how to continue it.
-fn print_page(output: Output, page: &TaskPage) -> anyhow::Result<()> {
-    if output == Output::Json {
-        return print_json(page);
-    }
-    println!(
-        "{:<36}  {:<10}  {:<5}  {:<8}  {:<19}  {:>8}  WORKER",
-        "ID", "STATE", "KIND", "PRIORITY", "CREATED (UTC)", "ATTEMPTS"
-    );
-    for task in &page.tasks {
-        println!(
-            "{:<36}  {:<10}  {:<5}  {:<8}  {:<19}  {:>8}  {}",
-            task.id,
-            task.state.as_str(),
-            task.kind,
-            task.priority.as_str(),
-            task.created_at.format("%Y-%m-%d %H:%M:%S"),
-            format!("{}/{}", task.attempts, task.max_attempts),
-            task.worker.as_deref().unwrap_or("-"),
-        );
-    }
-    if page.tasks.is_empty() {
-        println!("(no tasks)");
-    }
-    if let Some(next) = &page.next {
-        println!("more: shoal ls --before {next} (with the same filters)");
-    }
-    Ok(())
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {

@@ -44,17 +44,6 @@ impl Keys {
         format!("{}:idem:{tenant}:{key}", self.namespace)
     }
 
-    /// Every task id, newest last by id (UUIDv7 ids sort by creation time);
-    /// all scores 0, so it is read by lex range.
-    pub fn index(&self) -> String {
-        format!("{}:tasks", self.namespace)
-    }
-
-    /// The same, for one tenant.
-    pub fn tenant_index(&self, tenant: &str) -> String {
-        format!("{}:tenant:{tenant}:tasks", self.namespace)
-    }
-
     /// The dead-letter log: why each dead message died.
     pub fn dead(&self) -> String {
         format!("{}:dead", self.namespace)

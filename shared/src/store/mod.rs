@@ -12,9 +12,7 @@ mod tasks;
 
 pub use keys::Keys;
 pub use lease::{Lease, LeaseAttempt};
-pub use tasks::{
-    CancelOutcome, Claim, CostEntry, DeadEntry, Store, TaskPage, Transition, TransitionOutcome,
-};
+pub use tasks::{CancelOutcome, Claim, CostEntry, DeadEntry, Store, Transition, TransitionOutcome};
 
 /// A Redis operation failed.
 #[derive(Debug, thiserror::Error)]

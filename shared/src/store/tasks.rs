@@ -197,132 +197,7 @@ impl Store {
         }
         let mut conn = self.conn.clone();
         let created: i64 = invocation.invoke_async(&mut conn).await?;
-        if created == 1 {
-            let mut pipe = redis::pipe();
-            self.index(&mut pipe, std::slice::from_ref(record));
-            let _: () = pipe.query_async(&mut conn).await?;
-        }
         Ok(created == 1)
-    }
-
-    /// Adds `records` to the task indexes (global and per tenant) and trims
-    /// entries older than the records can live, in `pipe`.
-    fn index(&self, pipe: &mut redis::Pipeline, records: &[TaskRecord]) {
-        let mut tenants: Vec<&str> = Vec::new();
-        for record in records {
-            let id = record.id.to_string();
-            pipe.cmd("ZADD")
-                .arg(self.keys.index())
-                .arg(0)
-                .arg(&id)
-                .ignore();
-            pipe.cmd("ZADD")
-                .arg(self.keys.tenant_index(&record.tenant))
-                .arg(0)
-                .arg(&id)
-                .ignore();
-            if !tenants.contains(&record.tenant.as_str()) {
-                tenants.push(&record.tenant);
-            }
-        }
-        // A record lives at most `retention` after it ends; a day more covers
-        // the longest run. Ids before the cutoff sort before its lower bound.
-        let horizon = self.retention + Duration::from_secs(86_400);
-        let cutoff = format!("({}", TaskId::earliest_at(chrono::Utc::now() - horizon));
-        let keys = std::iter::once(self.keys.index())
-            .chain(tenants.iter().map(|t| self.keys.tenant_index(t)));
-        for key in keys {
-            pipe.cmd("ZREMRANGEBYLEX")
-                .arg(key)
-                .arg("-")
-                .arg(&cutoff)
-                .ignore();
-        }
-    }
-
-    /// A page of task records, newest first: all of them or one tenant's,
-    /// optionally only in `states`, older than `before`. Results are left
-    /// out (fetch a task for its result). Scans at most `LIST_SCAN` ids per
-    /// call: `next`, when set, is where the following page starts (more may
-    /// match). Ids whose record has expired are dropped from the index.
-    pub async fn list(
-        &self,
-        tenant: Option<&str>,
-        states: &[TaskState],
-        before: Option<&TaskId>,
-        limit: usize,
-    ) -> Result<TaskPage, StoreError> {
-        let key = tenant.map_or_else(|| self.keys.index(), |t| self.keys.tenant_index(t));
-        let limit = limit.max(1);
-        let mut conn = self.conn.clone();
-        let mut max = before.map_or_else(|| "+".to_owned(), |id| format!("({id}"));
-        let mut page = TaskPage::default();
-        let mut scanned = 0;
-        loop {
-            let chunk = (limit * 2).clamp(50, 1000);
-            let ids: Vec<String> = redis::cmd("ZREVRANGEBYLEX")
-                .arg(&key)
-                .arg(&max)
-                .arg("-")
-                .arg("LIMIT")
-                .arg(0)
-                .arg(chunk)
-                .query_async(&mut conn)
-                .await?;
-            let mut pipe = redis::pipe();
-            for id in &ids {
-                // An entry that is not a task id reads as an expired record.
-                let key = id.parse::<TaskId>().map_or_else(
-                    |_| format!("{}:not-a-task", self.keys.index()),
-                    |id| self.keys.task(&id),
-                );
-                pipe.cmd("HMGET").arg(key).arg(&SUMMARY_FIELDS[..]);
-            }
-            let rows: Vec<Vec<Option<String>>> = if ids.is_empty() {
-                Vec::new()
-            } else {
-                pipe.query_async(&mut conn).await?
-            };
-            let mut expired = Vec::new();
-            for (id, row) in ids.iter().zip(rows) {
-                scanned += 1;
-                max = format!("({id}");
-                let fields: HashMap<String, String> = SUMMARY_FIELDS
-                    .iter()
-                    .zip(row)
-                    .filter_map(|(name, value)| value.map(|v| ((*name).to_owned(), v)))
-                    .collect();
-                if fields.is_empty() {
-                    expired.push(id.clone());
-                    continue;
-                }
-                let record = TaskRecord::from_fields(&fields)
-                    .map_err(|e| StoreError::Corrupt(format!("task {id}: {e}")))?;
-                if states.is_empty() || states.contains(&record.state) {
-                    page.tasks.push(record);
-                    if page.tasks.len() == limit {
-                        page.next = Some(id.parse().map_err(|_| {
-                            StoreError::Corrupt(format!("index entry {id:?} is not a task id"))
-                        })?);
-                        break;
-                    }
-                }
-            }
-            if !expired.is_empty() {
-                let _: i64 = redis::cmd("ZREM")
-                    .arg(&key)
-                    .arg(&expired)
-                    .query_async(&mut conn)
-                    .await?;
-            }
-            if page.next.is_some() || ids.len() < chunk {
-                return Ok(page);
-            }
-            if scanned >= LIST_SCAN {
-                page.next = max.strip_prefix('(').and_then(|id| id.parse().ok());
-                return Ok(page);
-            }
-        }
     }
 
     /// Creates many records in one pipeline (the batch submit path), with
@@ -363,7 +238,6 @@ impl Store {
                 .arg(SUBMITTED)
                 .ignore();
         }
-        self.index(&mut pipe, records);
         let mut conn = self.conn.clone();
         let _: () = pipe.query_async(&mut conn).await?;
         Ok(())
@@ -688,36 +562,6 @@ impl Store {
             .await?;
         Ok(())
     }
-}
-
-/// The record fields a listing reads: everything but the result.
-const SUMMARY_FIELDS: [&str; 15] = [
-    "id",
-    "state",
-    "kind",
-    "tenant",
-    "priority",
-    "attempts",
-    "max_attempts",
-    "created_at",
-    "updated_at",
-    "started_at",
-    "finished_at",
-    "worker",
-    "sandbox_id",
-    "last_error",
-    "cancel_requested_at",
-];
-
-/// The most index entries one listing call reads.
-const LIST_SCAN: usize = 10_000;
-
-/// One page of a task listing.
-#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
-pub struct TaskPage {
-    pub tasks: Vec<TaskRecord>,
-    /// Pass as `before` for the next page; `None` when the listing is complete.
-    pub next: Option<TaskId>,
 }
 
 /// The firehose `type` of a new task.

@@ -12,13 +12,6 @@ pub struct TaskId(Uuid);
 
 impl TaskId {
     /// A fresh, time-ordered id.
-    /// The smallest UUIDv7 id of millisecond `time`: every id created at or
-    /// after `time` sorts after it (as text too: ids are fixed-width hex).
-    pub fn earliest_at(time: chrono::DateTime<chrono::Utc>) -> Self {
-        let ms = u128::from(time.timestamp_millis().max(0) as u64) & ((1 << 48) - 1);
-        Self(Uuid::from_u128((ms << 80) | (0x7 << 76)))
-    }
-
     pub fn new() -> Self {
         Self(Uuid::now_v7())
     }
@@ -67,22 +60,5 @@ mod tests {
         assert!(first < second);
         assert_eq!(first.to_string().parse::<TaskId>().unwrap(), first);
         assert!("not-a-uuid".parse::<TaskId>().is_err());
-    }
-}
-
-#[cfg(test)]
-mod earliest_tests {
-    use super::*;
-
-    #[test]
-    fn ids_sort_around_the_earliest_id_of_their_millisecond_as_text() {
-        let before = TaskId::new();
-        std::thread::sleep(std::time::Duration::from_millis(3));
-        let cutoff = TaskId::earliest_at(chrono::Utc::now());
-        let after = TaskId::new();
-        assert!(before.to_string() < cutoff.to_string(), "{before} {cutoff}");
-        assert!(cutoff.to_string() <= after.to_string(), "{cutoff} {after}");
-        // The cutoff is a well-formed v7 id.
-        assert_eq!(cutoff.to_string().as_bytes()[14], b'7');
     }
 }
