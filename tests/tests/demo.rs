@@ -20,6 +20,32 @@ fn call(name: &str, params: &[(&str, &str)]) -> Turn {
     )
 }
 
+/// The repository's root.
+fn root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// `deploy/local/demo.sh` on a free port, with `env`'s namespace and sandbox
+/// root (its teardown then checks that nothing was left behind) and the LLM
+/// simulator at `sim_url` as its model; no provider key leaks in.
+fn demo_script(env: &TestEnv, sim_url: &str) -> (tokio::process::Command, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let mut command = tokio::process::Command::new("bash");
+    command
+        .arg(root().join("deploy/local/demo.sh"))
+        .env("SHOAL_DEMO_LLM_URL", sim_url)
+        .env("SHOAL_DEMO_PORT", port.to_string())
+        .env("SHOAL__NAMESPACE", &env.settings.namespace)
+        .env("SHOAL__SANDBOX__ROOT", &env.settings.sandbox.root)
+        .env("SHOAL__WORKER__METRICS_LISTEN", "127.0.0.1:0")
+        .env_remove("ANTHROPIC_API_KEY")
+        .env_remove("OPENAI_API_KEY");
+    (command, port)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_script_runs_an_agent_task_to_its_answer() {
     let (sim_url, sim) = LlmSim::start(Script::turns([
@@ -38,27 +64,11 @@ async fn the_demo_script_runs_an_agent_task_to_its_answer() {
     // The env gives the demo its own namespace and sandbox root, and checks
     // on teardown that nothing was left behind.
     let env = TestEnv::new("demo", "").await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let output = tokio::time::timeout(
-        Duration::from_secs(240),
-        tokio::process::Command::new("bash")
-            .arg(root.join("deploy/local/demo.sh"))
-            .env("SHOAL_DEMO_LLM_URL", &sim_url)
-            .env("SHOAL_DEMO_PORT", port.to_string())
-            .env("SHOAL__NAMESPACE", &env.settings.namespace)
-            .env("SHOAL__SANDBOX__ROOT", &env.settings.sandbox.root)
-            .env("SHOAL__WORKER__METRICS_LISTEN", "127.0.0.1:0")
-            .env_remove("ANTHROPIC_API_KEY")
-            .env_remove("OPENAI_API_KEY")
-            .output(),
-    )
-    .await
-    .expect("the demo finishes")
-    .expect("run the demo script");
+    let (mut demo, _) = demo_script(&env, &sim_url);
+    let output = tokio::time::timeout(Duration::from_secs(240), demo.output())
+        .await
+        .expect("the demo finishes")
+        .expect("run the demo script");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -85,22 +95,10 @@ async fn make_fleet_keeps_the_fleet_running_for_your_tasks_until_interrupted() {
     // No scripted turns: this fleet only runs an exec task.
     let (sim_url, _sim) = LlmSim::start(Script::turns([])).await;
     let env = TestEnv::new("fleet", "").await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut fleet = tokio::process::Command::new("bash")
-        .arg(root.join("deploy/local/demo.sh"))
+    let (mut fleet, port) = demo_script(&env, &sim_url);
+    let mut fleet = fleet
         .env("SHOAL_DEMO_TASK", "0")
         .env("SHOAL_DEMO_STAY", "1")
-        .env("SHOAL_DEMO_LLM_URL", &sim_url)
-        .env("SHOAL_DEMO_PORT", port.to_string())
-        .env("SHOAL__NAMESPACE", &env.settings.namespace)
-        .env("SHOAL__SANDBOX__ROOT", &env.settings.sandbox.root)
-        .env("SHOAL__WORKER__METRICS_LISTEN", "127.0.0.1:0")
-        .env_remove("ANTHROPIC_API_KEY")
-        .env_remove("OPENAI_API_KEY")
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -124,7 +122,7 @@ async fn make_fleet_keeps_the_fleet_running_for_your_tasks_until_interrupted() {
     assert!(!text.contains("submitting an agent task"), "{text}");
 
     // Your own task, through the CLI, as the printed instructions say.
-    let cli = root.join("target/debug/shoal");
+    let cli = root().join("target/debug/shoal");
     let output = tokio::process::Command::new(&cli)
         .args(["submit", "--exec", "echo from-my-task", "--wait"])
         .env("SHOAL_SERVER", format!("http://127.0.0.1:{port}"))
