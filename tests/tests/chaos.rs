@@ -47,8 +47,29 @@ async fn every_confirmed_task_completes_across_broker_restarts() {
         },
     )
     .await;
-    env.wait_state(&running[0].id, TaskState::Running, Duration::from_secs(60))
-        .await;
+    // Any task of the batch running will do: each runs for about 0.2 s, so
+    // waiting for one particular task to be seen `running` can miss it (that
+    // failed CI once), while the batch keeps two running for ~3 s.
+    let store = env.store.clone();
+    let ids: Vec<_> = running.iter().map(|r| r.id).collect();
+    shoal_tests::wait_until(
+        "a task of the second batch to be running",
+        Duration::from_secs(60),
+        || {
+            let (store, ids) = (store.clone(), ids.clone());
+            async move {
+                for id in &ids {
+                    if let Ok(Some(record)) = store.get(id).await {
+                        if record.state == TaskState::Running {
+                            return Some(());
+                        }
+                    }
+                }
+                None
+            }
+        },
+    )
+    .await;
     restart_rabbitmq().await;
 
     for (prefix, records) in [("q", &queued), ("r", &running)] {
