@@ -69,24 +69,12 @@ pub fn render(event: &Value) -> Option<String> {
             u64_of(event, "duration_ms"),
             u64_of(event, "stdout_bytes"),
             u64_of(event, "stderr_bytes"),
-            if event
-                .get("timed_out")
-                .and_then(Value::as_bool)
-                .unwrap_or(false)
-            {
-                " — timed out"
-            } else {
-                ""
-            },
-            if event
-                .get("memory_exceeded")
-                .and_then(Value::as_bool)
-                .unwrap_or(false)
-            {
+            flag(event, "timed_out", " — timed out"),
+            flag(
+                event,
+                "memory_exceeded",
                 " — a process was killed: the sandbox reached its memory limit"
-            } else {
-                ""
-            }
+            ),
         ),
         "system_prompt" => return None,
         "message" => format!(
@@ -173,6 +161,15 @@ pub fn render(event: &Value) -> Option<String> {
         other => other.to_owned(),
     };
     Some(format!("{time} {body}"))
+}
+
+/// `text` when the event's boolean `key` is true, else nothing.
+fn flag(event: &Value, key: &str, text: &'static str) -> &'static str {
+    if event.get(key).and_then(Value::as_bool).unwrap_or(false) {
+        text
+    } else {
+        ""
+    }
 }
 
 #[cfg(test)]

@@ -150,6 +150,27 @@ impl TestEnv {
         text
     }
 
+    /// Waits until the in-process worker `id`'s metric `name{labels}` equals
+    /// `expected` (counters move just after the terminal state is stored),
+    /// then returns the whole metrics text.
+    pub async fn wait_worker_metric(
+        &self,
+        id: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        expected: f64,
+    ) -> String {
+        wait_until(
+            &format!("{name} {labels:?} = {expected} on worker {id}"),
+            Duration::from_secs(10),
+            || async {
+                let text = self.worker_metrics(id);
+                (metric_value(&text, name, labels) == Some(expected)).then_some(text)
+            },
+        )
+        .await
+    }
+
     /// Starts the real `shoal-worker` binary as a child process.
     pub fn spawn_worker_process(
         &self,

@@ -10,7 +10,7 @@ use shoal_shared::task::{AgentSpec, TaskKind, TaskResult, TaskSpec, TaskState};
 use shoal_shared::Event;
 use shoal_tests::harness::metric_value;
 use shoal_tests::llm_sim::{LlmSim, Script, Turn};
-use shoal_tests::{wait_until, TestEnv};
+use shoal_tests::TestEnv;
 
 fn agent(prompt: &str, model: &str) -> TaskSpec {
     let mut agent: AgentSpec = serde_json::from_value(json!({ "prompt": prompt })).expect("spec");
@@ -145,16 +145,14 @@ async fn run_fib(provider: &str, emulated: bool) {
     // The worker's /metrics tell the same story: one agent run, succeeded,
     // none running, three LLM calls costing what the record says.
     // The counter moves just after the terminal state is stored: wait for it.
-    let metrics = wait_until("the run counted", Duration::from_secs(10), || async {
-        let text = env.worker_metrics("w1");
-        let counted = metric_value(
-            &text,
+    let metrics = env
+        .wait_worker_metric(
+            "w1",
             "shoal_tasks_finished_total",
             &[("kind", "agent"), ("state", "succeeded")],
-        );
-        (counted == Some(1.0)).then_some(text)
-    })
-    .await;
+            1.0,
+        )
+        .await;
     let value = |name: &str, labels: &[(&str, &str)]| {
         metric_value(&metrics, name, labels)
             .unwrap_or_else(|| panic!("no {name} {labels:?} in\n{metrics}"))

@@ -302,16 +302,14 @@ async fn an_exec_task_past_its_sandbox_memory_limit_fails_and_says_why() {
     assert_eq!(next.state, TaskState::Succeeded);
     // Three exec runs on this worker: one failed, two succeeded (counted just
     // after each terminal state is stored: wait for the last one).
-    let metrics = shoal_tests::wait_until("the runs counted", Duration::from_secs(10), || async {
-        let text = env.worker_metrics("w1");
-        let succeeded = metric_value(
-            &text,
+    let metrics = env
+        .wait_worker_metric(
+            "w1",
             "shoal_tasks_finished_total",
             &[("kind", "exec"), ("state", "succeeded")],
-        );
-        (succeeded == Some(2.0)).then_some(text)
-    })
-    .await;
+            2.0,
+        )
+        .await;
     let finished = |state| {
         metric_value(
             &metrics,
