@@ -42,7 +42,7 @@ fn policy(max_retries: u32, attempt_timeout: Duration) -> RetryPolicy {
         base_delay: Duration::from_millis(10),
         max_delay: Duration::from_millis(100),
         max_retry_after: Duration::from_secs(5),
-        attempt_timeout,
+        ..RetryPolicy::new(max_retries, attempt_timeout)
     }
 }
 

@@ -9,9 +9,11 @@
 //! Idle slots back off, and a doorbell from the scheduler wakes them at once
 //! (see docs/adr/0001).
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicRejectOptions, ConfirmSelectOptions};
 use lapin::Channel;
@@ -27,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::outcome::Disposition;
-use crate::runner::TaskRunner;
+use crate::runner::{panic_error, TaskRunner};
 
 /// The shortest idle wait between polls; it doubles up to the configured max.
 const IDLE_POLL_MIN: Duration = Duration::from_millis(5);
@@ -130,7 +132,20 @@ impl Slot {
             &settings.limits,
         ) {
             Ok(message) => {
-                let disposition = self.runner.run(&message, abort).await;
+                // The runner turns a panic in the run into a failed task; this
+                // catches one in its own bookkeeping, so the message is still
+                // settled and the slot goes on serving.
+                let disposition = match AssertUnwindSafe(self.runner.run(&message, abort))
+                    .catch_unwind()
+                    .await
+                {
+                    Ok(disposition) => disposition,
+                    Err(payload) => {
+                        let error = panic_error(&*payload);
+                        error!(slot = self.index, %error, "the runner panicked");
+                        self.runner.fail(&message, error).await
+                    }
+                };
                 self.settle(channel, &delivery, Some(&message), disposition)
                     .await;
                 return;

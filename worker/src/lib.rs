@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod consumer;
 pub mod exec;
+pub mod http_response;
 pub mod metrics;
 pub mod outcome;
 pub mod pool;

@@ -2,14 +2,17 @@
 //! The broker side (ack, retry, dead letter) is the consumer's business; the
 //! runner answers with a [`Disposition`].
 
+use std::panic::AssertUnwindSafe;
+
 use chrono::Utc;
+use futures::FutureExt;
 use shoal_shared::event::{Event, EventEnvelope};
 use shoal_shared::settings::Settings;
 use shoal_shared::store::{Lease, LeaseAttempt, Store, StoreError, Transition, TransitionOutcome};
 use shoal_shared::task::{format_time, TaskId, TaskKind, TaskRecord, TaskResult, TaskState};
 use shoal_shared::TaskMessage;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, instrument, warn};
+use tracing::{error, info, instrument, warn};
 
 use crate::agent::task::{run_agent, AgentEnd, AgentSetupError};
 use crate::exec::{result_of, run_exec};
@@ -50,34 +53,39 @@ impl TaskRunner {
 
     /// Runs the task in `message`. `abort` fires when a draining worker's
     /// deadline passed: the run stops and the task goes back to the queue.
+    /// A panic anywhere in the run fails the task (it is a bug of ours, not
+    /// worth another attempt) instead of taking the slot down with it.
     #[instrument(skip_all, fields(task_id = %message.id))]
     pub async fn run(&self, message: &TaskMessage, abort: &CancellationToken) -> Disposition {
-        match self.try_run(message, abort).await {
+        match fail_on_panic(self.try_run(message, abort)).await {
             Ok(disposition) => disposition,
             Err(RunError::Retryable(error)) => {
                 warn!(%error, "task run failed, will retry");
                 self.retry_or_dead(message, error).await
             }
-            Err(RunError::Fatal(error)) => {
-                // The task cannot succeed on any attempt: it fails, and the
-                // message is settled (it is not poison, the task is).
-                warn!(%error, "task failed with a fatal error");
-                let failed = Transition::to(message.id, TaskState::Failed, self.source.clone())
-                    .field("last_error", error.clone())
-                    .reason(error.clone());
-                match self.store.transition(&failed).await {
-                    Ok(_) => {
-                        self.metrics
-                            .finished(kind_of(&message.spec.kind), TaskState::Failed, None);
-                        Disposition::Ack
-                    }
-                    Err(store_error) => {
-                        warn!(%store_error, "recording the failure failed; retrying later");
-                        Disposition::Retry {
-                            delay: self.settings.broker.retry_tiers[0],
-                            reason: error,
-                        }
-                    }
+            Err(RunError::Fatal(error)) => self.fail(message, error).await,
+        }
+    }
+
+    /// Fails the task for good (unfenced: whatever attempt holds it) and
+    /// settles the message: the task cannot succeed on any attempt, the
+    /// message is not poison, the task is.
+    pub async fn fail(&self, message: &TaskMessage, error: String) -> Disposition {
+        warn!(%error, "task failed with a fatal error");
+        let failed = Transition::to(message.id, TaskState::Failed, self.source.clone())
+            .field("last_error", error.clone())
+            .reason(error.clone());
+        match self.store.transition(&failed).await {
+            Ok(_) => {
+                self.metrics
+                    .finished(kind_of(&message.spec.kind), TaskState::Failed, None);
+                Disposition::Ack
+            }
+            Err(store_error) => {
+                warn!(%store_error, "recording the failure failed; retrying later");
+                Disposition::Retry {
+                    delay: self.settings.broker.retry_tiers[0],
+                    reason: error,
                 }
             }
         }
@@ -188,12 +196,14 @@ impl TaskRunner {
             stop.clone(),
             [asked.clone(), run_cancel.clone()],
         ));
+        // Stops both watchers however this function is left, even unwinding.
+        let stop_guard = stop.clone().drop_guard();
         let kind = kind_of(&message.spec.kind);
         let running = self.metrics.start(kind);
         let started = std::time::Instant::now();
-        let finish = self.run_sandboxed(message, &lease, &run_cancel).await;
+        let finish = fail_on_panic(self.run_sandboxed(message, &lease, &run_cancel)).await;
         drop(running);
-        stop.cancel();
+        drop(stop_guard);
         let _ = renewer.await;
         let _ = watcher.await;
 
@@ -276,7 +286,10 @@ impl TaskRunner {
             .fenced(task_lease)
             .field("sandbox_id", sandbox.id().to_owned());
         let outcome = match self.store.transition(&running).await {
-            Ok(TransitionOutcome::Applied { .. }) => self.run_kind(message, sandbox, cancel).await,
+            // Caught here so the sandbox still goes back to the pool.
+            Ok(TransitionOutcome::Applied { .. }) => {
+                fail_on_panic(self.run_kind(message, sandbox, cancel)).await
+            }
             Ok(other) => Err(RunError::Retryable(format!("cannot start: {other:?}"))),
             Err(error) => Err(retryable(error)),
         };
@@ -492,6 +505,33 @@ impl TaskRunner {
     }
 }
 
+/// Runs `run`, turning a panic inside it into a fatal error that names it.
+/// `AssertUnwindSafe`: after a panic the task's own state is only dropped;
+/// the one shared thing it borrowed, the sandbox, goes back through the
+/// pool, whose health check decides whether it is kept.
+pub(crate) async fn fail_on_panic<T>(
+    run: impl std::future::Future<Output = Result<T, RunError>>,
+) -> Result<T, RunError> {
+    match AssertUnwindSafe(run).catch_unwind().await {
+        Ok(result) => result,
+        Err(payload) => {
+            let error = panic_error(&*payload);
+            error!(%error, "a task run panicked");
+            Err(RunError::Fatal(error))
+        }
+    }
+}
+
+/// `worker bug: the run panicked: <message>` for a panic's payload.
+pub fn panic_error(payload: &(dyn std::any::Any + Send)) -> String {
+    let message = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)");
+    format!("worker bug: the run panicked: {message}")
+}
+
 fn retryable(error: StoreError) -> RunError {
     RunError::Retryable(error.to_string())
 }
@@ -556,5 +596,44 @@ async fn watch_cancel(
             Ok(false) => {}
             Err(error) => warn!(task_id = %id, %error, "checking for a cancel failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_run_becomes_a_fatal_error_that_names_the_panic() {
+        let panicked = fail_on_panic(async {
+            tokio::task::yield_now().await;
+            if std::hint::black_box(true) {
+                panic!("cannot convert float seconds to Duration: value is either too big or NaN");
+            }
+            Ok::<(), RunError>(())
+        })
+        .await;
+        assert_eq!(
+            panicked,
+            Err(RunError::Fatal(
+                "worker bug: the run panicked: cannot convert float seconds to Duration: \
+                 value is either too big or NaN"
+                    .into()
+            ))
+        );
+        let formatted = fail_on_panic(async {
+            let index = std::hint::black_box(7);
+            Ok::<u32, RunError>([1u32, 2][index])
+        })
+        .await;
+        assert!(
+            matches!(&formatted, Err(RunError::Fatal(e)) if e.starts_with("worker bug: the run panicked: index out of bounds")),
+            "{formatted:?}"
+        );
+        assert_eq!(fail_on_panic(async { Ok::<u8, RunError>(1) }).await, Ok(1));
+        assert_eq!(
+            fail_on_panic(async { Err::<u8, _>(RunError::Retryable("x".into())) }).await,
+            Err(RunError::Retryable("x".into()))
+        );
     }
 }

@@ -65,6 +65,8 @@ struct Faults {
     create_502: u32,
     /// New sandboxes stay `creating`.
     stuck_creating: bool,
+    /// The `toolboxProxyUrl` sandboxes report (default: this fake's own).
+    toolbox_proxy_url: Option<String>,
 }
 
 /// What a handler answers.
@@ -119,6 +121,15 @@ pub(crate) struct FakeState {
     faults: Mutex<Faults>,
     pub(crate) create_delay: Mutex<Duration>,
     pub(crate) clones: Mutex<Vec<Value>>,
+}
+
+impl FakeState {
+    pub(crate) fn toolbox_proxy_url(&self) -> String {
+        lock(&self.faults)
+            .toolbox_proxy_url
+            .clone()
+            .unwrap_or_else(|| format!("{}/toolbox", self.base_url))
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -183,6 +194,12 @@ impl FakeDaytona {
         lock(&self.state.faults)
             .rate_limited
             .insert(operation.into(), (times, retry_after_secs));
+    }
+
+    /// Sandboxes report `url` as their `toolboxProxyUrl` (a hostile API
+    /// pointing the worker, and its API key, elsewhere).
+    pub fn set_toolbox_proxy_url(&self, url: &str) {
+        lock(&self.state.faults).toolbox_proxy_url = Some(url.to_owned());
     }
 
     /// The next `times` calls of `operation` are answered 409.

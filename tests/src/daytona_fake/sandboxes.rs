@@ -71,7 +71,7 @@ impl FakeSandbox {
         self.state == "destroyed"
     }
 
-    fn to_json(&self, base_url: &str, list_item: bool) -> Value {
+    fn to_json(&self, toolbox_url: &str, list_item: bool) -> Value {
         let body = &self.body;
         let mut value = json!({
             "id": self.id,
@@ -94,7 +94,7 @@ impl FakeSandbox {
             "createdAt": self.created_at,
             "updatedAt": self.created_at,
             "sandboxClass": "container",
-            "toolboxProxyUrl": format!("{base_url}/toolbox"),
+            "toolboxProxyUrl": toolbox_url,
         });
         if !list_item {
             value["env"] = json!({});
@@ -158,7 +158,8 @@ impl Sandboxes {
 }
 
 pub(crate) fn dispatch(state: &FakeState, operation: &str, request: &Incoming) -> Reply {
-    let base = state.base_url.as_str();
+    let toolbox = state.toolbox_proxy_url();
+    let base = toolbox.as_str();
     let id = request
         .path
         .get("sandboxIdOrName")

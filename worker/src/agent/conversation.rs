@@ -174,11 +174,14 @@ impl Conversation<'_> {
             Ok(entries) => entries
                 .into_iter()
                 .take(200)
+                // A file name is program output like any other: a secret
+                // written into one must not reach the result unmasked.
                 .map(|e| {
+                    let name = self.masker.mask(&e.name);
                     if e.is_dir {
-                        format!("{}/", e.name)
+                        format!("{name}/")
                     } else {
-                        e.name
+                        name
                     }
                 })
                 .collect(),

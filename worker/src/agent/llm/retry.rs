@@ -17,6 +17,11 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use tokio_util::sync::CancellationToken;
 
 use super::{LlmError, LlmErrorKind};
+use crate::http_response::{read_body, requested_wait, BodyError};
+
+/// The largest response body read from a provider. A completion is a few
+/// hundred KiB at most; anything near this is a broken or hostile server.
+pub const MAX_BODY_BYTES: usize = 32 << 20;
 
 /// Backoff settings. The profile supplies `max_retries` and the per-attempt
 /// timeout; the rest has defaults that tests may shorten.
@@ -32,6 +37,8 @@ pub struct RetryPolicy {
     pub max_retry_after: Duration,
     /// Per attempt, connection and whole body included.
     pub attempt_timeout: Duration,
+    /// A longer response body is refused (`InvalidResponse`).
+    pub max_body_bytes: usize,
 }
 
 impl RetryPolicy {
@@ -42,6 +49,7 @@ impl RetryPolicy {
             max_delay: Duration::from_secs(30),
             max_retry_after: Duration::from_secs(60),
             attempt_timeout,
+            max_body_bytes: MAX_BODY_BYTES,
         }
     }
 }
@@ -135,28 +143,6 @@ pub fn classify(status: u16, body: &str) -> LlmErrorKind {
         500..=599 => LlmErrorKind::Server,
         _ => LlmErrorKind::InvalidResponse,
     }
-}
-
-/// How long the provider asked us to wait: `retry-after-ms`, else
-/// `Retry-After` in seconds or as an HTTP date.
-pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let text = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-    };
-    if let Some(ms) = text("retry-after-ms").and_then(|t| t.parse::<f64>().ok()) {
-        if ms.is_finite() && ms >= 0.0 {
-            return Some(Duration::from_secs_f64(ms / 1000.0));
-        }
-    }
-    let value = text("retry-after")?;
-    if let Ok(seconds) = value.parse::<f64>() {
-        return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds));
-    }
-    let when = httpdate::parse_http_date(value).ok()?;
-    Some(when.duration_since(SystemTime::now()).unwrap_or_default())
 }
 
 /// The provider's error message from an error body (`error.message` in both
@@ -265,8 +251,20 @@ async fn attempt<T>(
         .body(exchange.body.clone());
     let response = request.send().await.map_err(transport)?;
     let status = response.status().as_u16();
-    let wait = retry_after(response.headers());
-    let body = response.bytes().await.map_err(transport)?;
+    let wait = requested_wait(
+        response.headers(),
+        SystemTime::now(),
+        policy.max_retry_after,
+    );
+    let body = read_body(response, policy.max_body_bytes)
+        .await
+        .map_err(|error| match error {
+            BodyError::Transport(e) => transport(e),
+            // Retried like any malformed answer: a proxy's glitch may pass.
+            too_large @ BodyError::TooLarge { .. } => {
+                LlmError::new(LlmErrorKind::InvalidResponse, too_large.to_string())
+            }
+        })?;
     if (200..300).contains(&status) {
         let value = parse(&body)?;
         return Ok((value, started.elapsed()));
@@ -368,24 +366,6 @@ mod tests {
         assert_eq!(classify(500, ""), Server);
         assert_eq!(classify(503, ""), Server);
         assert_eq!(classify(404, ""), BadRequest);
-    }
-
-    #[test]
-    fn retry_after_forms() {
-        let mut h = HeaderMap::new();
-        h.insert("retry-after", HeaderValue::from_static("2"));
-        assert_eq!(retry_after(&h), Some(Duration::from_secs(2)));
-        h.insert("retry-after-ms", HeaderValue::from_static("1500"));
-        assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
-        let mut dated = HeaderMap::new();
-        let later = SystemTime::now() + Duration::from_secs(30);
-        let value = HeaderValue::from_str(&httpdate::fmt_http_date(later)).unwrap();
-        dated.insert("retry-after", value);
-        let wait = retry_after(&dated).unwrap();
-        assert!(wait > Duration::from_secs(25) && wait <= Duration::from_secs(30));
-        let mut junk = HeaderMap::new();
-        junk.insert("retry-after", HeaderValue::from_static("soon"));
-        assert_eq!(retry_after(&junk), None);
     }
 
     #[test]

@@ -8,12 +8,19 @@
 use std::time::{Duration, SystemTime};
 
 use backon::{ExponentialBuilder, Retryable};
-use reqwest::header::{HeaderMap, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::header::{HeaderMap, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
 
 use super::config::{ApiKey, RetrySettings};
+use crate::http_response::{read_body, requested_wait, BodyError};
 use crate::sandbox::{SandboxError, SandboxErrorKind};
+
+/// The largest body read from an ordinary API or toolbox call (JSON).
+pub(crate) const MAX_BODY: usize = 8 << 20;
+/// The largest body of a call that carries a file or a command's output
+/// (the same bound as the local sandbox's file reads).
+pub(crate) const MAX_LARGE_BODY: usize = 64 << 20;
 
 /// Statuses worth another attempt (when the call may be replayed).
 pub(crate) const RETRY_STATUSES: &[u16] = &[429, 409, 502, 503, 504];
@@ -51,6 +58,8 @@ pub(crate) struct Call {
     pub retry_statuses: &'static [u16],
     /// Overrides the client's request timeout.
     pub timeout: Option<Duration>,
+    /// A longer response body is refused ([`HttpError::Decode`]).
+    pub max_body: usize,
 }
 
 impl Call {
@@ -62,6 +71,7 @@ impl Call {
             replay: Replay::Idempotent,
             retry_statuses: RETRY_STATUSES,
             timeout: None,
+            max_body: MAX_BODY,
         }
     }
 
@@ -82,6 +92,12 @@ impl Call {
 
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
+        self
+    }
+
+    /// For calls that carry a file or a command's output.
+    pub fn large_body(mut self) -> Self {
+        self.max_body = MAX_LARGE_BODY;
         self
     }
 }
@@ -255,8 +271,13 @@ impl Http {
         };
         let response = request.send().await.map_err(transport)?;
         let status = response.status();
-        let retry_after = wait_hint(status, response.headers());
-        let body = response.bytes().await.map_err(transport)?.to_vec();
+        let retry_after = wait_hint(status, response.headers(), self.retry.max_retry_after);
+        let body = read_body(response, call.max_body)
+            .await
+            .map_err(|error| match error {
+                BodyError::Transport(e) => transport(e),
+                too_large @ BodyError::TooLarge { .. } => HttpError::Decode(too_large.to_string()),
+            })?;
         if status.is_success() {
             return Ok(Reply { body });
         }
@@ -278,54 +299,16 @@ fn transport(error: reqwest::Error) -> HttpError {
     }
 }
 
-/// How long the server asked us to wait: `Retry-After` (seconds or an HTTP
-/// date) and rate-limit reset headers (`X-RateLimit-Reset`, also with a
-/// throttler suffix such as `X-RateLimit-Reset-sandbox-create`, in seconds or
-/// as a Unix time). The longest wins.
-pub(crate) fn wait_hint(status: StatusCode, headers: &HeaderMap) -> Option<Duration> {
-    if !matches!(status.as_u16(), 429 | 503) {
-        return None;
-    }
-    let now = SystemTime::now();
-    let mut longest: Option<Duration> = None;
-    let mut consider = |wait: Duration| {
-        longest = Some(longest.map_or(wait, |l| l.max(wait)));
-    };
-    for value in headers.get_all(RETRY_AFTER) {
-        let Ok(text) = value.to_str() else { continue };
-        let text = text.trim();
-        if let Ok(seconds) = text.parse::<f64>() {
-            if seconds.is_finite() && seconds >= 0.0 {
-                consider(Duration::from_secs_f64(seconds));
-            }
-        } else if let Ok(when) = httpdate::parse_http_date(text) {
-            consider(when.duration_since(now).unwrap_or_default());
-        }
-    }
-    for (name, value) in headers {
-        let name = name.as_str();
-        if !(name.starts_with("x-ratelimit-reset") || name.starts_with("ratelimit-reset")) {
-            continue;
-        }
-        let Some(number) = value
-            .to_str()
-            .ok()
-            .and_then(|t| t.trim().parse::<f64>().ok())
-        else {
-            continue;
-        };
-        if !number.is_finite() || number < 0.0 {
-            continue;
-        }
-        if number > 1e9 {
-            // A Unix time.
-            let when = SystemTime::UNIX_EPOCH + Duration::from_secs_f64(number);
-            consider(when.duration_since(now).unwrap_or_default());
-        } else {
-            consider(Duration::from_secs_f64(number));
-        }
-    }
-    longest
+/// How long the server asked us to wait (on 429 and 503 only), at most
+/// `cap`: the one parser in [`crate::http_response`].
+pub(crate) fn wait_hint(
+    status: StatusCode,
+    headers: &HeaderMap,
+    cap: Duration,
+) -> Option<Duration> {
+    matches!(status.as_u16(), 429 | 503)
+        .then(|| requested_wait(headers, SystemTime::now(), cap))
+        .flatten()
 }
 
 /// `base` with `segments` appended, each percent-encoded.
@@ -346,6 +329,61 @@ pub(crate) fn url_with(base: &Url, segments: &[&str]) -> Result<Url, SandboxErro
     Ok(url)
 }
 
+/// Refuses a server-sent toolbox URL the API key must not be sent to: the
+/// API key travels with every toolbox call, so the toolbox must be the API's
+/// own host (same port), a subdomain of it (Daytona's cloud answers
+/// `https://proxy.app.daytona.io/toolbox` to `https://app.daytona.io/api`),
+/// or a host named in `extra_hosts`; over https, or http only when the API
+/// itself is configured as http (a local fake or a self-hosted dev setup);
+/// and without credentials of its own.
+pub(crate) fn check_toolbox(
+    api: &Url,
+    toolbox: &Url,
+    extra_hosts: &[String],
+) -> Result<(), SandboxError> {
+    let refuse = |why: &str| {
+        Err(SandboxError::new(
+            SandboxErrorKind::Broken,
+            format!(
+                "the API's toolbox URL {:?} is refused (the API key is never sent to it): {why}",
+                redacted(toolbox)
+            ),
+        ))
+    };
+    match (toolbox.scheme(), api.scheme()) {
+        ("https", _) | ("http", "http") => {}
+        (scheme, _) => return refuse(&format!("scheme {scheme} (need https)")),
+    }
+    if !toolbox.username().is_empty() || toolbox.password().is_some() {
+        return refuse("it carries credentials");
+    }
+    let (Some(host), Some(api_host)) = (toolbox.host_str(), api.host_str()) else {
+        return refuse("it has no host");
+    };
+    let host = host.to_ascii_lowercase();
+    let api_host = api_host.to_ascii_lowercase();
+    let same = host == api_host && toolbox.port_or_known_default() == api.port_or_known_default();
+    let below = api.domain().is_some() && host.ends_with(&format!(".{api_host}"));
+    let named = extra_hosts.iter().any(|h| h.eq_ignore_ascii_case(&host));
+    if same || below || named {
+        Ok(())
+    } else {
+        refuse(&format!(
+            "host {host} is not the API host {api_host}, a subdomain of it, or a configured toolbox host"
+        ))
+    }
+}
+
+/// `url` without its query, fragment or credentials, for messages.
+fn redacted(url: &Url) -> String {
+    let mut shown = url.clone();
+    shown.set_query(None);
+    shown.set_fragment(None);
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    shown.to_string()
+}
+
 /// Parses a configured or server-sent base URL.
 pub(crate) fn parse_base(url: &str, what: &str) -> Result<Url, SandboxError> {
     Url::parse(url).map_err(|e| {
@@ -359,33 +397,27 @@ pub(crate) fn parse_base(url: &str, what: &str) -> Result<Url, SandboxError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reqwest::header::HeaderValue;
+    use reqwest::header::{HeaderValue, RETRY_AFTER};
 
     #[test]
-    fn retry_after_and_reset_headers_are_read() {
+    fn waits_are_obeyed_on_429_and_503_only_and_capped() {
+        let cap = Duration::from_secs(60);
         let mut headers = HeaderMap::new();
         headers.insert(RETRY_AFTER, HeaderValue::from_static("2"));
         assert_eq!(
-            wait_hint(StatusCode::TOO_MANY_REQUESTS, &headers),
+            wait_hint(StatusCode::TOO_MANY_REQUESTS, &headers, cap),
             Some(Duration::from_secs(2))
         );
+        assert_eq!(wait_hint(StatusCode::BAD_GATEWAY, &headers, cap), None);
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("1e20"));
         headers.insert(
-            "x-ratelimit-reset-sandbox-create",
-            HeaderValue::from_static("5"),
+            "x-ratelimit-reset",
+            HeaderValue::from_static("99999999999999999999999"),
         );
         assert_eq!(
-            wait_hint(StatusCode::TOO_MANY_REQUESTS, &headers),
-            Some(Duration::from_secs(5))
+            wait_hint(StatusCode::SERVICE_UNAVAILABLE, &headers, cap),
+            Some(cap)
         );
-        assert_eq!(wait_hint(StatusCode::BAD_GATEWAY, &headers), None);
-        let mut dated = HeaderMap::new();
-        let later = SystemTime::now() + Duration::from_secs(30);
-        dated.insert(
-            RETRY_AFTER,
-            HeaderValue::from_str(&httpdate::fmt_http_date(later)).unwrap(),
-        );
-        let wait = wait_hint(StatusCode::SERVICE_UNAVAILABLE, &dated).unwrap();
-        assert!(wait > Duration::from_secs(25) && wait <= Duration::from_secs(30));
     }
 
     #[test]
@@ -416,6 +448,51 @@ mod tests {
         let read = Call::new(Method::GET, Url::parse("http://x/sandbox/a").unwrap());
         assert!(cut.retryable(&read));
         assert!(busy.retryable(&read));
+    }
+
+    #[test]
+    fn a_toolbox_url_off_the_api_host_is_never_trusted_with_the_key() {
+        let cloud = Url::parse("https://app.daytona.io/api").unwrap();
+        let ok = |api: &Url, toolbox: &str, extra: &[String]| {
+            check_toolbox(api, &Url::parse(toolbox).unwrap(), extra).is_ok()
+        };
+        assert!(ok(&cloud, "https://proxy.app.daytona.io/toolbox", &[]));
+        assert!(ok(&cloud, "https://app.daytona.io/toolbox", &[]));
+        assert!(ok(&cloud, "https://APP.daytona.io:443/toolbox", &[]));
+        assert!(
+            !ok(&cloud, "http://proxy.app.daytona.io/toolbox", &[]),
+            "downgrade"
+        );
+        assert!(!ok(&cloud, "https://attacker.example/toolbox", &[]));
+        assert!(!ok(
+            &cloud,
+            "https://app.daytona.io.attacker.example/t",
+            &[]
+        ));
+        assert!(!ok(&cloud, "https://evilapp.daytona.io/t", &[]));
+        assert!(
+            !ok(&cloud, "https://app.daytona.io:8443/t", &[]),
+            "another port"
+        );
+        assert!(!ok(&cloud, "https://u:p@app.daytona.io/t", &[]));
+        assert!(!ok(&cloud, "file:///etc/passwd", &[]));
+        let named = vec!["toolbox.example.net".to_owned()];
+        assert!(ok(&cloud, "https://toolbox.example.net/t", &named));
+        assert!(!ok(&cloud, "http://toolbox.example.net/t", &named));
+        let fake = Url::parse("http://127.0.0.1:4000/api").unwrap();
+        assert!(ok(&fake, "http://127.0.0.1:4000/toolbox", &[]));
+        assert!(!ok(&fake, "http://127.0.0.1:6379/toolbox", &[]));
+        let refused = check_toolbox(
+            &cloud,
+            &Url::parse("https://x.example/t?token=abc").unwrap(),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            refused.contains("x.example") && !refused.contains("abc"),
+            "{refused}"
+        );
     }
 
     #[test]

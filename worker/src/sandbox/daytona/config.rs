@@ -99,6 +99,10 @@ pub struct DaytonaConfig {
     pub max_output_bytes: usize,
     pub retry: RetrySettings,
     pub poll: PollSettings,
+    /// Hosts besides the API's own (and its subdomains) that a sandbox's
+    /// `toolboxProxyUrl` may name. The API key is sent to the toolbox, so a
+    /// toolbox URL on any other host is refused.
+    pub toolbox_hosts: Vec<String>,
 }
 
 impl DaytonaConfig {
@@ -113,11 +117,13 @@ impl DaytonaConfig {
             max_output_bytes: 1 << 20,
             retry: RetrySettings::default(),
             poll: PollSettings::default(),
+            toolbox_hosts: Vec::new(),
         }
     }
 
     /// Reads `DAYTONA_API_KEY` (required), `DAYTONA_API_URL` (default
-    /// `https://app.daytona.io/api`) and `DAYTONA_TARGET` (optional).
+    /// `https://app.daytona.io/api`), `DAYTONA_TARGET` (optional) and
+    /// `DAYTONA_TOOLBOX_HOSTS` (optional, comma-separated).
     pub fn from_env(owner: impl Into<String>) -> Option<Self> {
         let key = std::env::var("DAYTONA_API_KEY")
             .ok()
@@ -130,6 +136,12 @@ impl DaytonaConfig {
         config.target = std::env::var("DAYTONA_TARGET")
             .ok()
             .filter(|t| !t.is_empty());
+        config.toolbox_hosts = std::env::var("DAYTONA_TOOLBOX_HOSTS")
+            .unwrap_or_default()
+            .split(',')
+            .map(|h| h.trim().to_ascii_lowercase())
+            .filter(|h| !h.is_empty())
+            .collect();
         Some(config)
     }
 }

@@ -39,7 +39,7 @@ use api::{
     classify, CreateSandbox, ListSandboxesResponse, SandboxDto, StateClass, WorkDirResponse,
     OWNER_LABEL, TEMPLATE_LABEL,
 };
-use client::{parse_base, url_with, Call, Http, HttpError};
+use client::{check_toolbox, parse_base, url_with, Call, Http, HttpError};
 use sandbox::DaytonaSandbox;
 
 use super::{
@@ -287,7 +287,9 @@ impl DaytonaProvider {
                 format!("sandbox {} has no toolbox URL", dto.id),
             )
         })?;
-        let toolbox = url_with(&parse_base(proxy, "toolbox URL")?, &[&dto.id])?;
+        let proxy = parse_base(proxy, "toolbox URL")?;
+        check_toolbox(&self.shared.api, &proxy, &self.shared.config.toolbox_hosts)?;
+        let toolbox = url_with(&proxy, &[&dto.id])?;
         let mut sandbox = DaytonaSandbox {
             id: dto.id.clone(),
             shared: self.shared.clone(),

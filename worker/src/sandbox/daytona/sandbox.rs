@@ -100,7 +100,8 @@ impl DaytonaSandbox {
         let call = Call::new(Method::POST, self.url_unchecked(&["process", "execute"]))
             .json(&body)
             .once()
-            .timeout(timeout + EXEC_SLACK);
+            .timeout(timeout + EXEC_SLACK)
+            .large_body();
         let reply: ExecuteResponse = self.shared.http.json(&call).await?;
         Ok(reply.result)
     }
@@ -267,7 +268,7 @@ impl DaytonaSandbox {
         let url = self.url(&["process", "session", session, "command", cmd_id, "logs"])?;
         self.shared
             .http
-            .json(&Call::new(Method::GET, url))
+            .json(&Call::new(Method::GET, url).large_body())
             .await
             .map_err(|e| e.into_sandbox("session command logs"))
     }
@@ -401,7 +402,9 @@ impl Sandbox for DaytonaSandbox {
 
     async fn read_file(&self, path: &str) -> Result<Vec<u8>, SandboxError> {
         let full = self.resolve(path)?;
-        let call = self.file_call(Method::GET, &["files", "download"], &[("path", &full)])?;
+        let call = self
+            .file_call(Method::GET, &["files", "download"], &[("path", &full)])?
+            .large_body();
         match self.shared.http.send(&call).await {
             Ok(reply) => Ok(reply.body),
             Err(error) => Err(not_found_is_no_such_file(error, "downloading a file", path)),
