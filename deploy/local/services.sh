@@ -178,7 +178,7 @@ POLICY_RC_D=/usr/sbin/policy-rc.d
 
 cmd_install() {
   local missing=() b
-  for b in rabbitmq-server redis-server redis-cli bwrap prometheus python3; do
+  for b in rabbitmq-server redis-server redis-cli bwrap prometheus python3 slirp4netns nft ip git; do
     have "$b" || missing+=("$b")
   done
   if ((${#missing[@]} == 0)); then
@@ -197,12 +197,13 @@ cmd_install() {
   fi
   apt-get update
   DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-    rabbitmq-server redis-server redis-tools bubblewrap prometheus util-linux python3
+    rabbitmq-server redis-server redis-tools bubblewrap prometheus util-linux python3 \
+    slirp4netns nftables iproute2 git
   if [[ $own_policy -eq 1 ]]; then
     rm -f "$POLICY_RC_D"
     trap - EXIT
   fi
-  for b in rabbitmq-server redis-server redis-cli bwrap epmd; do
+  for b in rabbitmq-server redis-server redis-cli bwrap epmd slirp4netns nft ip git; do
     have "$b" || die "install: $b still missing after apt-get install"
   done
 }

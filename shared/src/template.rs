@@ -113,6 +113,9 @@ pub struct Template {
     pub provider: ProviderKind,
     /// Network access (off by default).
     pub network: bool,
+    /// Addresses a network-enabled sandbox may reach although they are
+    /// loopback, private, link-local or the host's own (refused otherwise).
+    pub network_allow: Vec<ipnet::IpNet>,
     /// Hand a returned sandbox to the next task instead of destroying it (the
     /// RL/eval path; never across tenants).
     pub reuse: bool,
@@ -134,6 +137,7 @@ impl Template {
             name: "default".into(),
             provider: ProviderKind::Local,
             network: false,
+            network_allow: Vec::new(),
             reuse: false,
             setup: Vec::new(),
             image_root: None,

@@ -5,7 +5,9 @@
 //! sandbox's uid with no supplementary groups, and replaces itself with
 //! bubblewrap. One exec does what `sh` + `setpriv` + `prlimit` did (ADR 0011).
 //! Internal: the worker writes its command line,
-//! `--uid=U --rlimits=AS,FSIZE,NOFILE,NPROC,CPU [--cgroup=PROCS_FILE]... -- PROGRAM ARGS...`.
+//! `--uid=U --rlimits=AS,FSIZE,NOFILE,NPROC,CPU [--cgroup=PROCS_FILE]... [--netns=PATH] -- PROGRAM ARGS...`.
+//! With `--netns` it first enters the sandbox's network namespace (ADR 0014),
+//! so bubblewrap shares that namespace instead of making an empty one.
 //! Any failure exits 125 with the reason on stderr, before the program runs.
 
 #![forbid(unsafe_code)]
@@ -15,6 +17,7 @@ use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::process::ExitCode;
 
+use nix::sched::{setns, CloneFlags};
 use nix::sys::resource::{setrlimit, Resource};
 use nix::unistd::{setgroups, setresgid, setresuid, Gid, Uid};
 
@@ -32,6 +35,7 @@ fn run(mut args: impl Iterator<Item = OsString>) -> Result<Infallible, String> {
     let mut uid = None;
     let mut limits = None;
     let mut cgroups = Vec::new();
+    let mut netns = None;
     loop {
         let arg = args.next().ok_or("missing `--` before the program")?;
         let arg = arg
@@ -53,6 +57,8 @@ fn run(mut args: impl Iterator<Item = OsString>) -> Result<Infallible, String> {
             limits = Some(values);
         } else if let Some(file) = arg.strip_prefix("--cgroup=") {
             cgroups.push(file.to_owned());
+        } else if let Some(path) = arg.strip_prefix("--netns=") {
+            netns = Some(path.to_owned());
         } else {
             return Err(format!("unknown argument {arg:?}"));
         }
@@ -66,6 +72,12 @@ fn run(mut args: impl Iterator<Item = OsString>) -> Result<Infallible, String> {
     let pid = std::process::id().to_string();
     for file in &cgroups {
         std::fs::write(file, &pid).map_err(|e| format!("joining cgroup {file}: {e}"))?;
+    }
+    if let Some(path) = &netns {
+        let namespace =
+            std::fs::File::open(path).map_err(|e| format!("opening netns {path}: {e}"))?;
+        setns(&namespace, CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("entering netns {path}: {e}"))?;
     }
     for (resource, value) in [
         (Resource::RLIMIT_AS, address_space),
@@ -126,6 +138,21 @@ mod tests {
         ]);
         assert!(
             error.starts_with("joining cgroup /nonexistent/shoal/x/cgroup.procs: "),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_network_namespace_that_cannot_be_entered_stops_the_launch() {
+        let error = fails(&[
+            "--uid=1",
+            "--rlimits=1,2,3,4,5",
+            "--netns=/nonexistent/netns",
+            "--",
+            "true",
+        ]);
+        assert!(
+            error.starts_with("opening netns /nonexistent/netns: "),
             "{error}"
         );
     }

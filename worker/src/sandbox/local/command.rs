@@ -23,6 +23,10 @@ pub struct Jail<'a> {
     /// Host directory holding `workspace/` and `tmp/` (a size-capped tmpfs).
     pub fs_dir: PathBuf,
     pub network: bool,
+    /// The sandbox's own network namespace and resolver file, for a network
+    /// that reaches only what its egress rules allow (ADR 0014); `None`
+    /// shares the host's network when `network` is set.
+    pub netns: Option<(PathBuf, PathBuf)>,
     /// A new session detaches from any terminal (TIOCSTI protection); the
     /// persistent shell needs its pty as controlling terminal, so it keeps one.
     pub new_session: bool,
@@ -55,6 +59,12 @@ impl Jail<'_> {
         for procs in &self.cgroups {
             let mut arg = OsString::from("--cgroup=");
             arg.push(procs);
+            args.push(arg);
+        }
+        let netns = self.netns.as_ref().filter(|_| self.network);
+        if let Some((namespace, _)) = netns {
+            let mut arg = OsString::from("--netns=");
+            arg.push(namespace);
             args.push(arg);
         }
         args.extend([
@@ -101,8 +111,14 @@ impl Jail<'_> {
                     push(&["--ro-bind-try", etc, etc]);
                 }
                 if self.network {
-                    for etc in ["/etc/resolv.conf", "/etc/hosts", "/etc/nsswitch.conf"] {
+                    for etc in ["/etc/hosts", "/etc/nsswitch.conf"] {
                         push(&["--ro-bind-try", etc, etc]);
+                    }
+                    match netns {
+                        Some((_, resolv)) => {
+                            args_push_path(&mut push, "--ro-bind", resolv, "/etc/resolv.conf")
+                        }
+                        None => push(&["--ro-bind-try", "/etc/resolv.conf", "/etc/resolv.conf"]),
                     }
                 }
             }

@@ -36,6 +36,9 @@ pub struct LocalSandbox {
     pub(super) max_output_bytes: usize,
     /// The host's cgroups, when this sandbox has one.
     pub(super) cgroups: Option<Cgroups>,
+    /// Its network namespace and resolver file, when its template has
+    /// network and the provider isolates it (ADR 0014).
+    pub(super) netns: Option<(PathBuf, PathBuf)>,
 }
 
 impl LocalSandbox {
@@ -56,6 +59,7 @@ impl LocalSandbox {
             template: &self.template,
             fs_dir: self.fs_dir(),
             network,
+            netns: self.netns.clone(),
             new_session,
         }
     }
@@ -226,19 +230,59 @@ impl Sandbox for LocalSandbox {
             cwd: Some(dest.to_owned()),
             ..ExecRequest::new("", CLONE_TIMEOUT)
         })?;
-        let mut program = vec!["git", "clone", "--quiet"];
+        // A path is a repository inside the sandbox's own filesystem: no
+        // network involved. Anything else is a fetch made for the task and
+        // follows the task's network policy: no network, no clone; with
+        // network, only the egress the template's sandbox has (ADR 0014),
+        // after refusing local targets up front.
+        let in_sandbox = url.starts_with('/');
+        if in_sandbox {
+            if url.split('/').any(|part| part == "..") {
+                return Err(SandboxError::new(
+                    SandboxErrorKind::Rejected,
+                    format!("repo path {url:?} must not contain `..`"),
+                ));
+            }
+        } else if !self.template.network {
+            return Err(SandboxError::new(
+                SandboxErrorKind::Rejected,
+                format!(
+                    "template {} has no network, so repo.url cannot be cloned: use a template with network = true",
+                    self.template.name
+                ),
+            ));
+        }
+        if !in_sandbox {
+            super::network::check_fetch_url(url, &self.template.network_allow)
+                .map_err(|reason| SandboxError::new(SandboxErrorKind::Rejected, reason))?;
+        }
+        // Only the transport the URL needs: no ext:: or fd:: helpers, no
+        // file:// for a network URL.
+        let protocols: &[&str] = if in_sandbox {
+            &["-c", "protocol.file.allow=always"]
+        } else {
+            &[
+                "-c",
+                "protocol.https.allow=always",
+                "-c",
+                "protocol.http.allow=always",
+                "-c",
+                "protocol.git.allow=always",
+            ]
+        };
+        let mut program = vec!["git", "-c", "protocol.allow=never"];
+        program.extend(protocols);
+        program.extend(["clone", "--quiet"]);
         if let Some(git_ref) = git_ref {
             program.extend(["--branch", git_ref]);
         }
         program.extend(["--", url, &dest]);
-        // Cloning needs the network even in a template without it; the clone
-        // runs before any task code, as the sandbox's uid, in the sandbox.
         let output = self
             .run(
                 &program,
                 "",
                 &BTreeMap::new(),
-                true,
+                self.template.network,
                 CLONE_TIMEOUT,
                 &CancellationToken::new(),
             )
@@ -272,12 +316,26 @@ impl Sandbox for LocalSandbox {
     }
 }
 
+/// The longest a file operation may take. Reading or writing the largest
+/// allowed file on the workspace's tmpfs takes milliseconds; the file API
+/// never opens anything that can block (see files.rs), so this only bounds
+/// what nothing else does.
+const FILE_OP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs a file operation on the blocking pool, bounded by `FILE_OP_TIMEOUT`.
+/// A thread that overruns keeps running, but the caller gets its answer.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, SandboxError> + Send + 'static,
 ) -> Result<T, SandboxError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| SandboxError::new(SandboxErrorKind::Io, format!("file task failed: {e}")))?
+    match tokio::time::timeout(FILE_OP_TIMEOUT, tokio::task::spawn_blocking(work)).await {
+        Ok(joined) => joined.map_err(|e| {
+            SandboxError::new(SandboxErrorKind::Io, format!("file task failed: {e}"))
+        })?,
+        Err(_) => Err(SandboxError::new(
+            SandboxErrorKind::Io,
+            format!("the file operation took longer than {FILE_OP_TIMEOUT:?}"),
+        )),
+    }
 }
 
 async fn collect(
