@@ -100,7 +100,8 @@ pub struct WorkerSettings {
     pub lease_renew: Duration,
     /// Longest wait between polls of empty queues.
     pub idle_poll_max: Duration,
-    /// Where `/metrics` is served; `None` (empty in config) turns it off.
+    /// Where `/metrics` is served (default `127.0.0.1:9464`); `None` (empty
+    /// in config) turns it off.
     pub metrics_listen: Option<SocketAddr>,
 }
 
@@ -110,7 +111,9 @@ pub struct SandboxSettings {
     /// `shoal-sandbox-exec`; by default found next to the running program
     /// (or one folder up, for test binaries), else on `PATH`.
     pub launcher: Option<PathBuf>,
-    /// Where private workspaces are created (one folder per worker).
+    /// Where private workspaces are created (one folder per worker). Must be
+    /// owned by the worker's user and writable by no one else (checked at
+    /// startup): the reaper deletes and kills what it finds there.
     pub root: PathBuf,
     /// Per stream; output beyond it is drained and dropped.
     pub max_output_bytes: usize,
@@ -118,7 +121,8 @@ pub struct SandboxSettings {
     /// sandbox, so process limits and the final kill are per sandbox.
     pub uid_base: u32,
     pub uid_count: u32,
-    /// Host-wide directory of uid claims, shared by every worker on the host.
+    /// Host-wide directory of uid claims, shared by every worker on the host;
+    /// checked at startup like `root`.
     pub uid_dir: PathBuf,
     /// Whether local sandboxes get a cgroup of their own (memory and process
     /// caps for the sandbox as a whole).
@@ -333,7 +337,9 @@ impl Default for RawWorker {
             lease_ttl_s: 30,
             lease_renew_s: 10,
             idle_poll_max_ms: 200,
-            metrics_listen: "0.0.0.0:9464".into(),
+            // Loopback: sandboxes with network and the LAN must not reach it;
+            // a pod that is scraped sets `worker.metrics_listen = "0.0.0.0:9464"`.
+            metrics_listen: "127.0.0.1:9464".into(),
         }
     }
 }
@@ -358,11 +364,11 @@ impl Default for RawSandbox {
         Self {
             bwrap: "bwrap".into(),
             launcher: None,
-            root: std::env::temp_dir().join("shoal-sandboxes"),
+            root: default_state_dir().join("sandboxes"),
             max_output_bytes: 1 << 20,
             uid_base: 200_000,
             uid_count: 50_000,
-            uid_dir: std::env::temp_dir().join("shoal-sandbox-uids"),
+            uid_dir: default_state_dir().join("sandbox-uids"),
             cgroups: CgroupMode::Auto,
             cgroup_root: "/sys/fs/cgroup".into(),
             templates: BTreeMap::new(),
@@ -624,7 +630,7 @@ impl Settings {
             addr => Some(addr.parse().map_err(|_| {
                 invalid(
                     "worker.metrics_listen",
-                    "must be an address like 0.0.0.0:9464, or empty",
+                    "must be an address like 127.0.0.1:9464, or empty",
                 )
             })?),
         };
@@ -810,6 +816,35 @@ fn is_tenant(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
+/// Where local sandboxes and uid claims live by default: a directory only
+/// the worker's user can write, never the shared temp dir (the reaper deletes
+/// directories and kills uids named in what it finds there). Root:
+/// `/var/lib/shoal`; others: `$XDG_STATE_HOME/shoal` or
+/// `~/.local/state/shoal` (on disk: unprivileged workspaces are plain
+/// directories, too big for `$XDG_RUNTIME_DIR`).
+fn default_state_dir() -> PathBuf {
+    const SYSTEM: &str = "/var/lib/shoal";
+    if effective_uid() == Some(0) {
+        return SYSTEM.into();
+    }
+    let absolute = |var: &str| {
+        std::env::var_os(var)
+            .map(PathBuf::from)
+            .filter(|dir| dir.is_absolute())
+    };
+    absolute("XDG_STATE_HOME")
+        .map(|state| state.join("shoal"))
+        .or_else(|| absolute("HOME").map(|home| home.join(".local/state/shoal")))
+        .unwrap_or_else(|| SYSTEM.into())
+}
+
+/// The effective uid, from `/proc/self/status` (`Uid: real effective ...`).
+fn effective_uid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let uids = status.lines().find_map(|line| line.strip_prefix("Uid:"))?;
+    uids.split_whitespace().nth(1)?.parse().ok()
+}
+
 fn default_worker_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -829,6 +864,47 @@ mod tests {
         assert_eq!(settings.namespace, "shoal");
         assert_eq!(settings.worker.slots, 4);
         assert_eq!(settings.broker.retry_tiers.len(), 4);
+    }
+
+    #[test]
+    fn the_metrics_port_is_not_exposed_to_sandboxes_or_the_lan_by_default() {
+        let settings = Settings::from_toml("").unwrap();
+        let listen = settings
+            .worker
+            .metrics_listen
+            .expect("metrics on by default");
+        assert!(
+            listen.ip().is_loopback(),
+            "default metrics address {listen}"
+        );
+        assert_eq!(listen.port(), 9464);
+        let pod = Settings::from_toml("worker.metrics_listen = \"0.0.0.0:9464\"\n").unwrap();
+        assert_eq!(
+            pod.worker.metrics_listen,
+            Some("0.0.0.0:9464".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn sandbox_state_does_not_default_to_the_shared_temp_dir() {
+        let settings = Settings::from_toml("").unwrap();
+        let temp = std::env::temp_dir();
+        for dir in [&settings.sandbox.root, &settings.sandbox.uid_dir] {
+            assert!(
+                !dir.starts_with(&temp),
+                "{} is under {}",
+                dir.display(),
+                temp.display()
+            );
+            assert!(dir.is_absolute(), "{}", dir.display());
+        }
+        if effective_uid() == Some(0) {
+            assert_eq!(settings.sandbox.root, Path::new("/var/lib/shoal/sandboxes"));
+            assert_eq!(
+                settings.sandbox.uid_dir,
+                Path::new("/var/lib/shoal/sandbox-uids")
+            );
+        }
     }
 
     #[test]

@@ -64,7 +64,11 @@ impl TestEnv {
         let sandbox_root = std::env::temp_dir()
             .join("shoal-test-sandboxes")
             .join(&namespace);
-        std::fs::create_dir_all(&sandbox_root).expect("create the sandbox root");
+        // Writable by us alone (the provider refuses anything else);
+        // traversable, as bubblewrap runs as the sandbox's uid.
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o711)
+            .create(&sandbox_root)
+            .expect("create the sandbox root");
         let config_toml = format!(
             "namespace = \"{namespace}\"\n\
              broker.url = \"{broker}\"\n\

@@ -31,6 +31,7 @@ pub struct PoolMetrics {
     pub create_failures: Family<TemplateLabels, Counter>,
     pub health_failures: Family<TemplateLabels, Counter>,
     pub reaped: Family<TemplateLabels, Counter>,
+    pub evicted: Family<TemplateLabels, Counter>,
 }
 
 fn histogram() -> Histogram {
@@ -49,6 +50,7 @@ impl PoolMetrics {
             create_failures: Family::default(),
             health_failures: Family::default(),
             reaped: Family::default(),
+            evicted: Family::default(),
         };
         let pool = registry.sub_registry_with_prefix("shoal_pool");
         pool.register(
@@ -78,6 +80,11 @@ impl PoolMetrics {
             "reaped",
             "Owned but unleased sandboxes destroyed by the reaper",
             metrics.reaped.clone(),
+        );
+        pool.register(
+            "evicted",
+            "Idle reusable sandboxes kept for one tenant, destroyed to make room for another",
+            metrics.evicted.clone(),
         );
         metrics
     }

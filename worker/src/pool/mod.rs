@@ -7,7 +7,9 @@
 //! health check (a failing one is discarded and replaced), creates one when the
 //! pool has room, or waits for room up to `lease_timeout`. A returned sandbox
 //! is destroyed, unless the template says `reuse`, in which case it goes back
-//! idle for the next task of the same tenant. A reaper destroys sandboxes the
+//! idle for the next task of the same tenant; when the pool is full, another
+//! tenant's lease evicts the oldest such sandbox instead of waiting, so one
+//! tenant's kept sandboxes never hold the pool against the others. A reaper destroys sandboxes the
 //! provider lists as ours but the pool does not know (leaks after a crash).
 
 mod metrics;
@@ -110,10 +112,13 @@ pub struct Pool {
     inner: Arc<Inner>,
 }
 
-/// What the pool takes from a slot: one of its three answers.
+/// What the pool takes from a slot: one of its four answers.
 enum Take {
     Warm(Idle),
     Create,
+    /// The pool is full but holds another tenant's idle reusable sandbox:
+    /// its slot becomes this lease's create, so the total never grows.
+    Replace(Idle),
     Full,
 }
 
@@ -219,6 +224,12 @@ impl Pool {
                 } else if state.total() < pool.template.pool.max_total {
                     state.creating += 1;
                     Take::Create
+                } else if let Some(idle) = reusable.then(|| state.idle.pop_front()).flatten() {
+                    // Only other tenants' sandboxes are left idle (a fresh or
+                    // own one was taken above): kept for them, they must not
+                    // hold the pool against this tenant. The oldest goes.
+                    state.creating += 1;
+                    Take::Replace(idle)
                 } else {
                     Take::Full
                 }
@@ -248,7 +259,10 @@ impl Pool {
                         }
                     }
                 }
-                Take::Create => {
+                take @ (Take::Create | Take::Replace(_)) => {
+                    if let Take::Replace(idle) = take {
+                        self.evict(&pool, idle, tenant).await;
+                    }
                     let created = self.create(&pool).await;
                     let mut state = lock(&pool.state);
                     state.creating -= 1;
@@ -281,6 +295,19 @@ impl Pool {
                     }
                 }
             }
+        }
+    }
+
+    /// Destroys another tenant's idle sandbox whose slot a lease took over.
+    async fn evict(&self, pool: &TemplatePool, idle: Idle, tenant: &str) {
+        self.gauges(pool);
+        let id = idle.sandbox.id().to_owned();
+        let kept_for = idle.used_by.unwrap_or_default();
+        drop(idle.sandbox);
+        info!(template = %pool.template.name, sandbox = %id, %kept_for, %tenant, "evicting another tenant's idle sandbox to make room");
+        self.inner.metrics.evicted.get_or_create(&pool.labels).inc();
+        if let Err(error) = pool.provider.destroy(&id).await {
+            warn!(sandbox = %id, %error, "destroying an evicted sandbox failed; the reaper will retry");
         }
     }
 

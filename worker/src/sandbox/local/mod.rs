@@ -11,6 +11,7 @@
 
 mod cgroup;
 mod command;
+mod dirs;
 mod files;
 mod process;
 mod sandbox;
@@ -18,6 +19,7 @@ mod shell;
 mod uids;
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,8 +74,11 @@ impl LocalProvider {
     /// process with the same owner name, or any dead owner, left behind.
     pub async fn new(settings: SandboxSettings, owner: &str) -> Result<Self, SandboxError> {
         let launcher = find_launcher(settings.launcher.as_deref())?;
+        // Traversable (bubblewrap runs as the sandbox's uid and binds paths
+        // below it), writable by us alone.
+        dirs::check_private_dir("sandbox.root", &settings.root, 0o711)?;
+        dirs::check_private_dir("sandbox.uid_dir", &settings.uid_dir, 0o700)?;
         let root = settings.root.clone();
-        std::fs::create_dir_all(&root)?;
         let identity = process::identity(std::process::id()).unwrap_or_default();
         let uids = UidAllocator::new(
             settings.uid_dir.clone(),
@@ -104,7 +109,10 @@ impl LocalProvider {
                 "destroyed sandboxes left by dead workers"
             );
         }
-        std::fs::create_dir_all(&provider.owner_dir)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(&provider.owner_dir)?;
         std::fs::write(provider.owner_dir.join(OWNER_FILE), identity)?;
         Ok(provider)
     }
@@ -169,10 +177,35 @@ impl LocalProvider {
         }
     }
 
+    /// Claims a uid and prepares a sandbox with it; on any failure undoes
+    /// what was done (directory, mount, cgroup, uid claim) before returning.
     async fn prepare(&self, template: &Template) -> Result<LocalSandbox, SandboxError> {
         let uid = self.uids.claim()?;
         let id = format!("local-{}", uuid::Uuid::now_v7().simple());
         let dir = self.owner_dir.join(&id);
+        let prepared = self
+            .prepare_with(template, uid, id.clone(), dir.clone())
+            .await;
+        if let Err(error) = &prepared {
+            match self.destroy_dir(&dir).await {
+                // Without metadata (an early failure) destroy_dir cannot know
+                // the uid: release it here (releasing twice is harmless).
+                Ok(()) => self.uids.release(uid),
+                Err(cleanup) => {
+                    warn!(sandbox = %id, %error, %cleanup, "undoing a failed sandbox creation failed; the reaper will retry")
+                }
+            }
+        }
+        prepared
+    }
+
+    async fn prepare_with(
+        &self,
+        template: &Template,
+        uid: u32,
+        id: String,
+        dir: PathBuf,
+    ) -> Result<LocalSandbox, SandboxError> {
         let fs = dir.join("fs");
         let meta = Meta {
             id: id.clone(),
@@ -195,7 +228,10 @@ impl LocalProvider {
                 .map_err(|e| create_error("cgroup", &e))?;
         }
         if self.can_mount {
-            let size = template.limits.workspace_bytes + template.limits.tmp_bytes;
+            let size = template
+                .limits
+                .workspace_bytes
+                .saturating_add(template.limits.tmp_bytes);
             let options = format!("size={size},mode=0755,uid={uid},gid={uid}");
             mount(
                 Some("shoal-sandbox"),
@@ -260,11 +296,19 @@ impl LocalProvider {
     }
 
     /// Destroys one sandbox directory: every process of its uid, its mount,
-    /// its files, its uid claim.
+    /// its files, its uid claim. What it reads there is trusted only as far
+    /// as it checks: a symlink is removed as a link, never followed; the
+    /// uid must be in our range and the id the directory's own name.
     async fn destroy_dir(&self, dir: &Path) -> Result<(), SandboxError> {
-        let meta: Option<Meta> = std::fs::read(dir.join(META_FILE))
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        let is_link = std::fs::symlink_metadata(dir).is_ok_and(|m| !m.is_dir());
+        if is_link {
+            warn!(path = %dir.display(), "not a sandbox directory; removing the entry itself");
+            return match std::fs::remove_file(dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+                _ => Ok(()),
+            };
+        }
+        let meta = self.read_meta(dir);
         if let Some(meta) = &meta {
             let left = process::kill_all_of(meta.uid).await;
             if left > 0 {
@@ -280,7 +324,7 @@ impl LocalProvider {
         let fs = dir.join("fs");
         if self.can_mount {
             // Not mounted (crash before the mount) is fine.
-            let _ = umount2(&fs, MntFlags::MNT_DETACH);
+            let _ = umount2(&fs, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW);
         }
         match tokio::fs::remove_dir_all(dir).await {
             Ok(()) => {}
@@ -293,13 +337,41 @@ impl LocalProvider {
         Ok(())
     }
 
+    /// The metadata of the sandbox in `dir`, if it is a regular file that
+    /// names this directory and a uid in our range; `None` otherwise (then
+    /// nothing is killed and no uid released on its word).
+    fn read_meta(&self, dir: &Path) -> Option<Meta> {
+        let path = dir.join(META_FILE);
+        let file_meta = std::fs::symlink_metadata(&path).ok()?;
+        if !file_meta.is_file() || file_meta.len() > 64 << 10 {
+            warn!(path = %path.display(), "sandbox metadata is not a small regular file; ignored");
+            return None;
+        }
+        let meta: Meta = serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
+        let named = dir.file_name().and_then(|n| n.to_str()) == Some(meta.id.as_str());
+        if !named || !self.uids.in_range(meta.uid) {
+            warn!(
+                path = %path.display(),
+                uid = meta.uid,
+                id = %meta.id,
+                "sandbox metadata names another directory or a uid outside sandbox.uid_base .. + uid_count; ignored"
+            );
+            return None;
+        }
+        Some(meta)
+    }
+
     /// Destroys every sandbox in `owner_dir`; returns how many.
     async fn reap_owner_dir(&self, owner_dir: &Path) -> usize {
         let Ok(entries) = std::fs::read_dir(owner_dir) else {
             return 0;
         };
         let mut reaped = 0;
-        for entry in entries.flatten().filter(|e| e.path().is_dir()) {
+        // `file_type` does not follow symlinks: a link is not a sandbox.
+        for entry in entries
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        {
             match self.destroy_dir(&entry.path()).await {
                 Ok(()) => reaped += 1,
                 Err(error) => warn!(%error, dir = %entry.path().display(), "reaping failed"),
@@ -318,11 +390,23 @@ impl LocalProvider {
         for entry in entries.flatten() {
             let path = entry.path();
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') || !path.is_dir() || path == self.owner_dir {
+            if name.starts_with('.') || path == self.owner_dir {
                 continue;
             }
-            let alive = std::fs::read_to_string(path.join(OWNER_FILE))
-                .is_ok_and(|identity| process::is_alive(&identity));
+            if entry.file_type().is_ok_and(|t| t.is_symlink()) {
+                // Planted: remove the link, never what it points at.
+                warn!(path = %path.display(), "symlink in sandbox.root; removing the link");
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            // A regular file only: a FIFO planted here would block the read.
+            let owner_file = path.join(OWNER_FILE);
+            let alive = std::fs::symlink_metadata(&owner_file).is_ok_and(|m| m.is_file())
+                && std::fs::read_to_string(&owner_file)
+                    .is_ok_and(|identity| process::is_alive(&identity));
             if alive {
                 continue;
             }
@@ -388,12 +472,7 @@ impl SandboxProvider for LocalProvider {
     }
 
     async fn create(&self, template: &Template) -> Result<Box<dyn Sandbox>, SandboxError> {
-        let sandbox = match self.prepare(template).await {
-            Ok(sandbox) => sandbox,
-            Err(error) => {
-                return Err(error);
-            }
-        };
+        let sandbox = self.prepare(template).await?;
         if let Err(error) = self.ready(&sandbox, template).await {
             let _ = self.destroy_dir(&sandbox.dir).await;
             return Err(error);
@@ -403,9 +482,10 @@ impl SandboxProvider for LocalProvider {
 
     async fn reattach(&self, id: &str) -> Result<Box<dyn Sandbox>, SandboxError> {
         let dir = self.owner_dir.join(id);
-        let meta: Meta = std::fs::read(dir.join(META_FILE))
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        let plain = !(id.is_empty() || id.contains('/') || id.starts_with('.'));
+        let meta = plain
+            .then(|| self.read_meta(&dir))
+            .flatten()
             .ok_or_else(|| {
                 SandboxError::new(SandboxErrorKind::NotFound, format!("no local sandbox {id}"))
             })?;
@@ -425,10 +505,10 @@ impl SandboxProvider for LocalProvider {
     async fn list_owned(&self) -> Result<Vec<OwnedSandbox>, SandboxError> {
         let mut owned = Vec::new();
         for entry in std::fs::read_dir(&self.owner_dir)?.flatten() {
-            let Ok(bytes) = std::fs::read(entry.path().join(META_FILE)) else {
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
-            };
-            if let Ok(meta) = serde_json::from_slice::<Meta>(&bytes) {
+            }
+            if let Some(meta) = self.read_meta(&entry.path()) {
                 owned.push(OwnedSandbox {
                     id: meta.id,
                     template: meta.template,

@@ -56,10 +56,21 @@ impl UidAllocator {
     }
 
     pub fn release(&self, uid: u32) {
-        let _ = std::fs::remove_file(self.marker(uid));
+        if self.in_range(uid) {
+            let _ = std::fs::remove_file(self.marker(uid));
+        }
     }
 
-    /// Every claimed uid with the identity of the process that claimed it.
+    /// Whether `uid` is one of ours to hand out, and so to kill: a uid read
+    /// from disk (a claim, a sandbox's metadata) is trusted only then.
+    pub fn in_range(&self, uid: u32) -> bool {
+        uid.checked_sub(self.base)
+            .is_some_and(|offset| offset < self.count)
+    }
+
+    /// Every claimed uid in our range with the identity of the process that
+    /// claimed it. Anything else in the directory (other names, symlinks,
+    /// uids outside `base .. base + count`) is ignored, never acted on.
     pub fn claimed(&self) -> Vec<(u32, String)> {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return Vec::new();
@@ -69,6 +80,10 @@ impl UidAllocator {
             .filter_map(|entry| {
                 // Staged claims (".claim-*") are not claims yet.
                 let uid: u32 = entry.file_name().to_str()?.parse().ok()?;
+                // `file_type` does not follow symlinks.
+                if !self.in_range(uid) || !entry.file_type().ok()?.is_file() {
+                    return None;
+                }
                 let owner = std::fs::read_to_string(entry.path()).ok()?;
                 Some((uid, owner))
             })
