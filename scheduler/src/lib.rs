@@ -41,6 +41,11 @@ pub async fn run(
 
 /// Builds the shared state: store, broker, publisher.
 pub async fn connect(settings: &Settings) -> anyhow::Result<api::AppState> {
+    // Before any connection: a bad tokens file should fail fast.
+    let tokens = api::Tokens::from_settings(&settings.scheduler)?;
+    if !tokens.is_empty() {
+        tracing::info!(tenants = ?tokens.tenants(), "bearer tokens loaded");
+    }
     let store = Store::connect(&settings.redis, &settings.namespace)
         .await
         .context("connecting to redis")?;
@@ -59,7 +64,8 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<api::AppState> {
     Ok(api::AppState {
         submitter: Arc::new(submitter),
         store,
-        tokens: Arc::new(settings.scheduler.tokens.clone()),
+        tokens: Arc::new(tokens),
         max_batch: settings.scheduler.max_batch,
+        streams: Arc::new(tokio::sync::Semaphore::new(settings.scheduler.max_streams)),
     })
 }

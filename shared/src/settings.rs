@@ -86,6 +86,11 @@ pub struct SchedulerSettings {
     pub max_batch: usize,
     /// Bearer token -> tenant. Empty means no authentication (single tenant `default`).
     pub tokens: BTreeMap<String, String>,
+    /// A file of `<token> <tenant>` lines, read by the scheduler at start and
+    /// added to `tokens` (environment keys are lower-cased; a file keeps case).
+    pub tokens_file: Option<PathBuf>,
+    /// Most Server-Sent Event streams open at once; more are answered 503.
+    pub max_streams: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -303,6 +308,8 @@ struct RawScheduler {
     max_body_bytes: usize,
     max_batch: usize,
     tokens: BTreeMap<String, String>,
+    tokens_file: Option<PathBuf>,
+    max_streams: usize,
 }
 
 impl Default for RawScheduler {
@@ -312,6 +319,8 @@ impl Default for RawScheduler {
             max_body_bytes: 8 << 20,
             max_batch: 1000,
             tokens: BTreeMap::new(),
+            tokens_file: None,
+            max_streams: 1024,
         }
     }
 }
@@ -605,6 +614,9 @@ impl Settings {
         if raw.scheduler.max_batch == 0 {
             return Err(invalid("scheduler.max_batch", "must be at least 1"));
         }
+        if raw.scheduler.max_streams == 0 {
+            return Err(invalid("scheduler.max_streams", "must be at least 1"));
+        }
         for tenant in raw.scheduler.tokens.values() {
             if !is_tenant(tenant) {
                 return Err(invalid(
@@ -767,6 +779,8 @@ impl Settings {
                 max_body_bytes: raw.scheduler.max_body_bytes,
                 max_batch: raw.scheduler.max_batch,
                 tokens: raw.scheduler.tokens,
+                tokens_file: raw.scheduler.tokens_file,
+                max_streams: raw.scheduler.max_streams,
             },
             worker: WorkerSettings {
                 id: worker_id,

@@ -16,6 +16,7 @@ use serde_json::Value;
 use shoal_shared::event::{Event, EventEnvelope};
 use shoal_shared::store::Store;
 use shoal_shared::task::{TaskId, TaskState};
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::auth::Tenant;
 use super::{AppState, Problem};
@@ -24,6 +25,8 @@ use super::{AppState, Problem};
 const PAGE: usize = 500;
 /// How often a live stream looks for new events.
 const POLL: Duration = Duration::from_millis(150);
+/// What a client refused for too many open streams is told to wait, in seconds.
+const STREAMS_FULL_RETRY_S: u32 = 5;
 
 #[derive(Debug, Deserialize)]
 pub struct EventsQuery {
@@ -113,7 +116,18 @@ pub async fn events(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
     if wants_sse {
-        return Ok(Sse::new(live(state.store.clone(), id, resume))
+        // Held by the stream, so released when the client goes away.
+        let permit = state.streams.clone().try_acquire_owned().map_err(|_| {
+            Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too-many-streams",
+                "Too many event streams",
+                "every event stream this scheduler serves at once is open \
+                 (scheduler.max_streams); try again later or read the events as JSON pages",
+            )
+            .with_retry_after(STREAMS_FULL_RETRY_S)
+        })?;
+        return Ok(Sse::new(live(state.store.clone(), id, resume, permit))
             .keep_alive(KeepAlive::default())
             .into_response());
     }
@@ -132,11 +146,13 @@ pub async fn events(
     .into_response())
 }
 
-/// Polls the stream and yields events until the task's final event.
+/// Polls the stream and yields events until the task's final event, or,
+/// when resumed past it, until the task is terminal and nothing is left.
 fn live(
     store: Store,
     id: TaskId,
     after: Option<String>,
+    permit: OwnedSemaphorePermit,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     struct Cursor {
         store: Store,
@@ -144,6 +160,7 @@ fn live(
         after: Option<String>,
         pending: std::collections::VecDeque<(String, EventEnvelope)>,
         finished: bool,
+        _permit: OwnedSemaphorePermit,
     }
     let cursor = Cursor {
         store,
@@ -151,6 +168,7 @@ fn live(
         after,
         pending: Default::default(),
         finished: false,
+        _permit: permit,
     };
     stream::unfold(cursor, |mut cursor| async move {
         loop {
@@ -175,16 +193,27 @@ fn live(
                 .await
             {
                 Ok(page) if !page.is_empty() => cursor.pending.extend(page),
-                Ok(_) => {
-                    // Nothing new: a task already finished before we came
-                    // (events expired) ends the stream too.
-                    if let Ok(Some(record)) = cursor.store.get(&cursor.id).await {
-                        if record.state.is_terminal() && cursor.after.is_none() {
-                            return None;
+                Ok(_) => match cursor.store.get(&cursor.id).await {
+                    // Nothing new and the task is over: its final event was
+                    // delivered before (a resume past it), or has expired.
+                    // The state and its event are written in one step, so a
+                    // second look after seeing the state cannot miss it.
+                    Ok(Some(record)) if record.state.is_terminal() => {
+                        match cursor
+                            .store
+                            .events_after(&cursor.id, cursor.after.as_deref(), PAGE)
+                            .await
+                        {
+                            Ok(page) if !page.is_empty() => cursor.pending.extend(page),
+                            Ok(_) => return None,
+                            Err(_) => tokio::time::sleep(POLL * 4).await,
                         }
                     }
-                    tokio::time::sleep(POLL).await;
-                }
+                    // The record is gone (retention or deletion): nothing more will come.
+                    Ok(None) => return None,
+                    Ok(Some(_)) => tokio::time::sleep(POLL).await,
+                    Err(_) => tokio::time::sleep(POLL * 4).await,
+                },
                 Err(_) => tokio::time::sleep(POLL * 4).await,
             }
         }

@@ -7,7 +7,6 @@ mod health;
 mod problem;
 mod tasks;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
@@ -16,6 +15,7 @@ use axum::Router;
 use shoal_shared::settings::Settings;
 use shoal_shared::store::Store;
 
+pub use auth::{Tokens, TokensError};
 pub use problem::Problem;
 
 use crate::submit::Submitter;
@@ -26,8 +26,10 @@ pub struct AppState {
     pub submitter: Arc<Submitter>,
     pub store: Store,
     /// Bearer token -> tenant; empty disables authentication.
-    pub tokens: Arc<BTreeMap<String, String>>,
+    pub tokens: Arc<Tokens>,
     pub max_batch: usize,
+    /// One permit per open event stream (`scheduler.max_streams`).
+    pub streams: Arc<tokio::sync::Semaphore>,
 }
 
 /// The API's routes.

@@ -18,6 +18,9 @@ pub struct Problem {
     /// For batch validation problems: the index of the offending task.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub index: Option<usize>,
+    /// Seconds the client should wait before trying again (`Retry-After`).
+    #[serde(skip)]
+    pub retry_after_s: Option<u32>,
 }
 
 impl Problem {
@@ -34,6 +37,7 @@ impl Problem {
             detail: detail.into(),
             field: None,
             index: None,
+            retry_after_s: None,
         }
     }
 
@@ -64,18 +68,29 @@ impl Problem {
         self.index = Some(index);
         self
     }
+
+    pub fn with_retry_after(mut self, seconds: u32) -> Self {
+        self.retry_after_s = Some(seconds);
+        self
+    }
 }
 
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = serde_json::to_vec(&self).unwrap_or_default();
-        (
+        let mut response = (
             status,
             [(header::CONTENT_TYPE, "application/problem+json")],
             body,
         )
-            .into_response()
+            .into_response();
+        if let Some(seconds) = self.retry_after_s {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
+        }
+        response
     }
 }
 

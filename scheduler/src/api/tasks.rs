@@ -5,7 +5,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use shoal_shared::store::CancelOutcome;
+use shoal_shared::store::{CancelOutcome, StoreError};
 use shoal_shared::task::{TaskId, TaskRecord, TaskRef, TaskSpec};
 
 use super::auth::Tenant;
@@ -218,6 +218,15 @@ fn problem_of(error: SubmitError) -> Problem {
             "Submission in progress",
             error.to_string(),
         ),
+        SubmitError::Store(StoreError::Corrupt(_)) => {
+            tracing::error!(%error, "submission refused: stored data is damaged");
+            Problem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "stored-data-damaged",
+                "Stored data is damaged",
+                error.to_string(),
+            )
+        }
         SubmitError::Publish(_) | SubmitError::Store(_) => {
             tracing::warn!(%error, "submission failed");
             unavailable(error.to_string())

@@ -500,32 +500,35 @@ impl Store {
         Ok(events)
     }
 
-    /// Claims `key` for `id` unless the tenant already used it.
+    /// Claims `key` for `id` unless the tenant already used it. One atomic
+    /// step, so a record cannot expire between the claim and the read; a
+    /// record that is not a task id is reported as damaged (naming the key),
+    /// never retried.
     pub async fn claim_idempotency(
         &self,
         tenant: &str,
         key: &str,
         id: &TaskId,
     ) -> Result<Claim, StoreError> {
+        static SCRIPT: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
+        let script = SCRIPT.get_or_init(|| Script::new(CLAIM_IDEMPOTENCY));
         let mut conn = self.conn.clone();
         let redis_key = self.keys.idempotency(tenant, key);
-        let set: Option<String> = redis::cmd("SET")
-            .arg(&redis_key)
+        let existing: Option<String> = script
+            .key(&redis_key)
             .arg(id.to_string())
-            .arg("NX")
-            .arg("EX")
-            .arg(self.idempotency_ttl.as_secs())
-            .query_async(&mut conn)
+            .arg(self.idempotency_ttl.as_secs().max(1))
+            .invoke_async(&mut conn)
             .await?;
-        if set.is_some() {
+        let Some(existing) = existing else {
             return Ok(Claim::Claimed);
-        }
-        let existing: Option<String> = conn.get(&redis_key).await?;
-        match existing.and_then(|v| v.parse().ok()) {
-            Some(existing) => Ok(Claim::Existing(existing)),
-            // Expired between the two calls: try once more.
-            None => Box::pin(self.claim_idempotency(tenant, key, id)).await,
-        }
+        };
+        existing.parse().map(Claim::Existing).map_err(|_| {
+            StoreError::Corrupt(format!(
+                "idempotency record {redis_key:?} holds {:?}, not a task id",
+                existing.chars().take(64).collect::<String>(),
+            ))
+        })
     }
 
     /// Frees a key whose task was never published.
@@ -563,6 +566,15 @@ impl Store {
         Ok(())
     }
 }
+
+/// Sets KEYS[1] to ARGV[1] (expiring in ARGV[2] s) unless it exists; returns
+/// nil when it set it, else the value already there.
+const CLAIM_IDEMPOTENCY: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  return false
+end
+return redis.call('GET', KEYS[1])
+";
 
 /// The firehose `type` of a new task.
 const SUBMITTED: &str = "submitted";
