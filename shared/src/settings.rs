@@ -134,8 +134,23 @@ pub struct SandboxSettings {
     pub cgroups: CgroupMode,
     /// Where the cgroup hierarchies are mounted.
     pub cgroup_root: PathBuf,
+    /// How network-enabled templates reach the network (ADR 0014).
+    pub network_isolation: NetworkIsolation,
     /// Templates by name; `default` always exists.
     pub templates: BTreeMap<String, Template>,
+}
+
+/// How a local sandbox of a network-enabled template reaches the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkIsolation {
+    /// A network namespace of its own per sandbox, routed through
+    /// slirp4netns with egress rules: no host loopback, no private,
+    /// link-local or host addresses unless the template allows them.
+    Namespace,
+    /// The host's network namespace, as the worker itself sees it (the
+    /// sandbox reaches the host's loopback services): opt-in, unsafe.
+    Host,
 }
 
 /// Per-sandbox cgroups: used when the host offers them (`auto`), never
@@ -365,6 +380,7 @@ struct RawSandbox {
     uid_dir: PathBuf,
     cgroups: CgroupMode,
     cgroup_root: PathBuf,
+    network_isolation: NetworkIsolation,
     templates: BTreeMap<String, RawTemplate>,
 }
 
@@ -380,6 +396,7 @@ impl Default for RawSandbox {
             uid_dir: default_state_dir().join("sandbox-uids"),
             cgroups: CgroupMode::Auto,
             cgroup_root: "/sys/fs/cgroup".into(),
+            network_isolation: NetworkIsolation::Namespace,
             templates: BTreeMap::new(),
         }
     }
@@ -390,6 +407,7 @@ impl Default for RawSandbox {
 struct RawTemplate {
     provider: ProviderKind,
     network: bool,
+    network_allow: Vec<String>,
     reuse: bool,
     setup: Vec<String>,
     image_root: Option<PathBuf>,
@@ -421,6 +439,7 @@ impl Default for RawTemplate {
         Self {
             provider: template.provider,
             network: template.network,
+            network_allow: Vec::new(),
             reuse: template.reuse,
             setup: Vec::new(),
             image_root: None,
@@ -448,6 +467,14 @@ impl Default for RawTemplate {
     }
 }
 
+/// A CIDR block, or one address as a block of one.
+fn parse_net(entry: &str) -> Result<ipnet::IpNet, String> {
+    entry
+        .parse::<ipnet::IpNet>()
+        .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| "not an IP address or CIDR block".to_owned())
+}
+
 impl RawTemplate {
     fn into_template(self, name: &str) -> Result<Template, SettingsError> {
         let key = "sandbox.templates";
@@ -466,10 +493,29 @@ impl RawTemplate {
                 format!("template {name}: create_concurrency, limit_processes and workspace_mb must be positive"),
             ));
         }
+        let network_allow = self
+            .network_allow
+            .iter()
+            .map(|entry| {
+                parse_net(entry).map_err(|e| {
+                    invalid(
+                        key,
+                        format!("template {name}: network_allow {entry:?}: {e}"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if !network_allow.is_empty() && !self.network {
+            return Err(invalid(
+                key,
+                format!("template {name}: network_allow needs network = true"),
+            ));
+        }
         Ok(Template {
             name: name.to_owned(),
             provider: self.provider,
             network: self.network,
+            network_allow,
             reuse: self.reuse,
             setup: self.setup,
             image_root: self.image_root,
@@ -801,6 +847,7 @@ impl Settings {
                 uid_dir: raw.sandbox.uid_dir,
                 cgroups: raw.sandbox.cgroups,
                 cgroup_root: raw.sandbox.cgroup_root,
+                network_isolation: raw.sandbox.network_isolation,
                 templates,
             },
             limits,

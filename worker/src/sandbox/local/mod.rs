@@ -13,6 +13,7 @@ mod cgroup;
 mod command;
 mod dirs;
 mod files;
+mod network;
 mod process;
 mod sandbox;
 mod shell;
@@ -27,7 +28,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use serde::{Deserialize, Serialize};
-use shoal_shared::settings::{CgroupMode, SandboxSettings};
+use shoal_shared::settings::{CgroupMode, NetworkIsolation, SandboxSettings};
 use shoal_shared::template::Template;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -44,6 +45,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 const OWNER_FILE: &str = "owner";
 /// The file in a sandbox directory describing it.
 const META_FILE: &str = "sandbox.json";
+/// The resolver file of a sandbox with a network namespace.
+const RESOLV_FILE: &str = "resolv.conf";
 
 /// What is recorded about a sandbox on disk, so a later process can clean up.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -67,6 +70,11 @@ pub struct LocalProvider {
     cgroups: Option<Cgroups>,
     /// `shoal-sandbox-exec`, the first program of every sandbox process.
     launcher: PathBuf,
+    /// Network namespaces for network-enabled templates (ADR 0014); `None`
+    /// when no template has network or `sandbox.network_isolation = "host"`.
+    network: Option<network::NetworkTools>,
+    /// The live network (slirp4netns) of each sandbox that has one, by id.
+    nets: std::sync::Mutex<std::collections::HashMap<String, network::SandboxNet>>,
 }
 
 impl LocalProvider {
@@ -91,7 +99,10 @@ impl LocalProvider {
             warn!("not root: sandbox workspaces are plain directories without a size cap");
         }
         let cgroups = Self::cgroups(&settings, can_mount)?;
+        let network = Self::network(&settings)?;
         let provider = Self {
+            network,
+            nets: Default::default(),
             launcher,
             owner_dir: root.join(owner),
             owner: owner.to_owned(),
@@ -144,6 +155,31 @@ impl LocalProvider {
         }
     }
 
+    /// The tools for per-sandbox network namespaces, when a template needs
+    /// them; a startup error when they are missing (never a silent fallback
+    /// to the host's network).
+    fn network(settings: &SandboxSettings) -> Result<Option<network::NetworkTools>, SandboxError> {
+        let wanted = settings.templates.values().any(|t| t.network);
+        if !wanted || settings.network_isolation == NetworkIsolation::Host {
+            if wanted {
+                warn!("sandbox.network_isolation = \"host\": network-enabled sandboxes share the host's network and reach its loopback services");
+            }
+            return Ok(None);
+        }
+        if !nix::unistd::geteuid().is_root() {
+            return Err(SandboxError::new(
+                SandboxErrorKind::Create,
+                "network-enabled templates need root for their network namespaces (or sandbox.network_isolation = \"host\")",
+            ));
+        }
+        network::NetworkTools::detect().map(Some).map_err(|e| {
+            SandboxError::new(
+                SandboxErrorKind::Create,
+                format!("network-enabled templates need a network namespace each: {e}"),
+            )
+        })
+    }
+
     /// Whether its sandboxes get a cgroup each.
     pub fn has_cgroups(&self) -> bool {
         self.cgroups.is_some()
@@ -165,11 +201,19 @@ impl LocalProvider {
     }
 
     fn sandbox_from(&self, meta: &Meta, dir: PathBuf) -> LocalSandbox {
+        let template = self.template(&meta.template);
+        let netns = (template.network && self.network.is_some()).then(|| {
+            (
+                network::netns_path(&network::netns_name(&meta.id)),
+                dir.join(RESOLV_FILE),
+            )
+        });
         LocalSandbox {
+            netns,
             id: meta.id.clone(),
             dir,
             uid: meta.uid,
-            template: self.template(&meta.template),
+            template,
             bwrap: self.settings.bwrap.clone(),
             launcher: self.launcher.clone(),
             max_output_bytes: self.settings.max_output_bytes,
@@ -226,6 +270,18 @@ impl LocalProvider {
             cgroups
                 .create(&id, &template.limits)
                 .map_err(|e| create_error("cgroup", &e))?;
+        }
+        if let (Some(tools), Some(_)) = (&self.network, &sandbox.netns) {
+            std::fs::write(sandbox.dir.join(RESOLV_FILE), network::resolv_conf())
+                .map_err(|e| create_error("resolv.conf", &e))?;
+            let net = tools
+                .create(&network::netns_name(&id), &sandbox.template.network_allow)
+                .await
+                .map_err(|e| create_error("sandbox network", &e))?;
+            self.nets
+                .lock()
+                .expect("the nets lock is never poisoned")
+                .insert(id.clone(), net);
         }
         if self.can_mount {
             let size = template
@@ -313,6 +369,23 @@ impl LocalProvider {
             let left = process::kill_all_of(meta.uid).await;
             if left > 0 {
                 warn!(sandbox = %meta.id, uid = meta.uid, left, "processes survived the kill sweep");
+            }
+            let net = self
+                .nets
+                .lock()
+                .expect("the nets lock is never poisoned")
+                .remove(&meta.id);
+            if let Some(net) = net {
+                net.stop().await;
+            }
+            if let Some(tools) = &self.network {
+                // Keep the directory while the namespace stays: the reaper retries.
+                tools
+                    .remove(&network::netns_name(&meta.id))
+                    .await
+                    .map_err(|e| {
+                        SandboxError::new(SandboxErrorKind::Io, format!("sandbox network: {e}"))
+                    })?;
             }
             if let Some(cgroups) = &self.cgroups {
                 // Keep the directory while the cgroup stays: the reaper retries.
