@@ -9,6 +9,7 @@ pub mod exec;
 pub mod http_response;
 pub mod metrics;
 pub mod outcome;
+mod panic;
 pub mod pool;
 pub mod runner;
 pub mod sandbox;

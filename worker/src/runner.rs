@@ -524,12 +524,10 @@ pub(crate) async fn fail_on_panic<T>(
 
 /// `worker bug: the run panicked: <message>` for a panic's payload.
 pub fn panic_error(payload: &(dyn std::any::Any + Send)) -> String {
-    let message = payload
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("(no message)");
-    format!("worker bug: the run panicked: {message}")
+    format!(
+        "worker bug: the run panicked: {}",
+        crate::panic::message(payload)
+    )
 }
 
 fn retryable(error: StoreError) -> RunError {

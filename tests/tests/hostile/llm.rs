@@ -104,7 +104,9 @@ async fn a_retry_after_of_1e20_neither_panics_a_slot_nor_leaves_its_task_running
 }
 
 /// A provider whose `create` panics: the least invasive way to reach a panic
-/// inside a run now that no known input causes one.
+/// inside a run now that no known input causes one. The pool catches it (so
+/// its `creating` count stays right) and the task fails with it; panics
+/// elsewhere in a run are caught by the runner (unit-tested there).
 struct PanickingProvider;
 
 #[async_trait]
@@ -132,7 +134,13 @@ impl SandboxProvider for PanickingProvider {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_inside_a_run_fails_the_task_settles_the_message_and_keeps_the_slot() {
-    let mut env = TestEnv::new("hostile-panic", "sandbox.templates.default.min_idle = 0\n").await;
+    // One sandbox at most: a create that panicked and stayed counted as
+    // `creating` would leave the second task waiting for a full pool.
+    let mut env = TestEnv::new(
+        "hostile-panic",
+        "sandbox.templates.default.min_idle = 0\nsandbox.templates.default.max_total = 1\n",
+    )
+    .await;
     let url = env.start_scheduler().await;
     let mut settings = env.settings.clone();
     settings.worker.id = "panicky".into();
@@ -169,7 +177,7 @@ async fn a_panic_inside_a_run_fails_the_task_settles_the_message_and_keeps_the_s
         assert_eq!(done.state, TaskState::Failed);
         assert_eq!(
             done.last_error.as_deref(),
-            Some("worker bug: the run panicked: the test provider panics on create")
+            Some("worker bug: the sandbox provider panicked: the test provider panics on create")
         );
         assert!(!serving.is_finished(), "the slot died with the run");
     }

@@ -18,6 +18,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use shoal_shared::template::Template;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -27,7 +28,7 @@ use tracing::{debug, info, warn};
 pub use metrics::PoolMetrics;
 use metrics::{LeaseLabels, TemplateLabels};
 
-use crate::sandbox::{Sandbox, SandboxError, SandboxProvider};
+use crate::sandbox::{Sandbox, SandboxError, SandboxErrorKind, SandboxProvider};
 
 /// Why no sandbox could be leased.
 #[derive(Debug, thiserror::Error)]
@@ -376,7 +377,22 @@ impl Pool {
     async fn create(&self, pool: &TemplatePool) -> Result<Box<dyn Sandbox>, SandboxError> {
         let _permit = pool.create_permits.acquire().await;
         let started = Instant::now();
-        match pool.provider.create(&pool.template).await {
+        // A provider that panics must not leave `creating` counted forever
+        // (the template would look full): the panic becomes an error, not
+        // retried (a bug, not the infrastructure).
+        let created = std::panic::AssertUnwindSafe(pool.provider.create(&pool.template))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                Err(SandboxError::new(
+                    SandboxErrorKind::Rejected,
+                    format!(
+                        "worker bug: the sandbox provider panicked: {}",
+                        crate::panic::message(&*panic)
+                    ),
+                ))
+            });
+        match created {
             Ok(sandbox) => {
                 let took = started.elapsed();
                 self.inner
