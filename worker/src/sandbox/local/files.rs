@@ -3,6 +3,13 @@
 //! the workspace directory, so `..`, absolute paths and symlinks planted by the
 //! sandbox cannot lead outside, race or no race. Created files and directories
 //! belong to the sandbox's uid. These calls block; run them off the runtime.
+//!
+//! Only regular files are read or written: a FIFO, socket or device planted
+//! by the sandbox would block the calling thread (a FIFO without a writer) or
+//! act on something that is not a file. The target is first opened with
+//! `O_PATH`, which has no side effects on any file type, and checked; the
+//! real open adds `O_NONBLOCK` and checks again that it got the same regular
+//! file, so a swap between the two opens is refused too.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -11,13 +18,15 @@ use std::path::{Component, Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
-use nix::sys::stat::{fstatat, mkdirat, Mode, SFlag};
-use nix::unistd::{fchown, Gid, Uid};
+use nix::sys::stat::{fstat, fstatat, mkdirat, FileStat, Mode, SFlag};
+use nix::unistd::{fchown, ftruncate, Gid, Uid};
 
 use super::super::{FileEntry, SandboxError, SandboxErrorKind};
 
 /// The largest file `read` returns.
 pub const MAX_READ_BYTES: u64 = 64 << 20;
+/// The most entries `list` returns; a larger directory is refused.
+pub const MAX_LIST_ENTRIES: usize = 10_000;
 
 pub struct Confined {
     pub root: PathBuf,
@@ -65,6 +74,63 @@ fn how(flags: OFlag) -> OpenHow {
     }
 }
 
+/// What kind of file `stat` describes, in words for an error message.
+fn kind_name(stat: &FileStat) -> &'static str {
+    match SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT {
+        SFlag::S_IFREG => "regular file",
+        SFlag::S_IFDIR => "directory",
+        SFlag::S_IFIFO => "FIFO (named pipe)",
+        SFlag::S_IFSOCK => "socket",
+        SFlag::S_IFCHR => "character device",
+        SFlag::S_IFBLK => "block device",
+        SFlag::S_IFLNK => "symbolic link",
+        _ => "special file",
+    }
+}
+
+fn is_regular(stat: &FileStat) -> bool {
+    SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG
+}
+
+/// Refuses anything but a regular file, naming what it is instead.
+fn regular(path: &str, stat: &FileStat) -> Result<(), SandboxError> {
+    if stat.st_mode & SFlag::S_IFMT.bits() == SFlag::S_IFDIR.bits() {
+        return Err(errno(path, Errno::EISDIR));
+    }
+    if is_regular(stat) {
+        return Ok(());
+    }
+    Err(SandboxError::new(
+        SandboxErrorKind::Rejected,
+        format!(
+            "{path} is a {}, not a regular file: only regular files can be read or written",
+            kind_name(stat)
+        ),
+    ))
+}
+
+/// Opens an existing `name` under `dir` for `flags` only if it is a regular
+/// file: checked through an `O_PATH` descriptor first (opening that has no
+/// effect on a FIFO or device), then again on the real, non-blocking
+/// descriptor, which must be the same file.
+fn open_regular(
+    dir: std::os::fd::BorrowedFd<'_>,
+    name: &str,
+    path: &str,
+    flags: OFlag,
+) -> Result<OwnedFd, SandboxError> {
+    let probe = openat2(dir, name, how(OFlag::O_PATH)).map_err(|e| errno(path, e))?;
+    let before = fstat(probe.as_fd()).map_err(|e| errno(path, e))?;
+    regular(path, &before)?;
+    let fd = openat2(dir, name, how(flags | OFlag::O_NONBLOCK)).map_err(|e| errno(path, e))?;
+    let after = fstat(fd.as_fd()).map_err(|e| errno(path, e))?;
+    regular(path, &after)?;
+    if (before.st_dev, before.st_ino) != (after.st_dev, after.st_ino) {
+        return Err(refuse(path, "it was replaced while being opened"));
+    }
+    Ok(fd)
+}
+
 /// Relative path components, refusing absolute paths and NUL early with a
 /// clear message (the kernel would refuse them too).
 fn components(path: &str) -> Result<Vec<String>, SandboxError> {
@@ -105,13 +171,14 @@ impl Confined {
             return Err(refuse(path, "names the workspace itself"));
         }
         let root = self.root_fd()?;
-        let fd = openat2(root.as_fd(), parts.join("/").as_str(), how(OFlag::O_RDONLY))
-            .map_err(|e| errno(path, e))?;
+        let fd = open_regular(
+            root.as_fd(),
+            parts.join("/").as_str(),
+            path,
+            OFlag::O_RDONLY,
+        )?;
         let mut file = File::from(fd);
         let size = file.metadata()?.len();
-        if file.metadata()?.is_dir() {
-            return Err(errno(path, Errno::EISDIR));
-        }
         if size > MAX_READ_BYTES {
             return Err(SandboxError::new(
                 SandboxErrorKind::Rejected,
@@ -157,12 +224,22 @@ impl Confined {
                 Err(e) => return Err(errno(path, e)),
             }
         }
-        let fd = openat2(
+        // Create it if missing (O_EXCL: nothing else can be there then);
+        // an existing file goes through the regular-file checks, and is
+        // truncated only once it is known to be one.
+        let fd = match openat2(
             dir.as_fd(),
             name.as_str(),
-            how(OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC),
-        )
-        .map_err(|e| errno(path, e))?;
+            how(OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NONBLOCK),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::EEXIST) => {
+                let fd = open_regular(dir.as_fd(), name.as_str(), path, OFlag::O_WRONLY)?;
+                ftruncate(&fd, 0).map_err(|e| errno(path, e))?;
+                fd
+            }
+            Err(e) => return Err(errno(path, e)),
+        };
         fchown(fd.as_fd(), uid, gid).map_err(|e| errno(path, e))?;
         let mut file = File::from(fd);
         file.write_all(content)?;
@@ -191,6 +268,15 @@ impl Confined {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name == "." || name == ".." {
                 continue;
+            }
+            if entries.len() == MAX_LIST_ENTRIES {
+                return Err(SandboxError::new(
+                    SandboxErrorKind::Rejected,
+                    format!(
+                        "{path:?} has more than {MAX_LIST_ENTRIES} entries: list a \
+                         subdirectory or use a shell command such as `ls | head`"
+                    ),
+                ));
             }
             let Ok(stat) = fstatat(
                 fd.as_fd(),

@@ -2,12 +2,23 @@
 //! exported variables and background jobs survive between commands and
 //! `C-c` interrupts the running command the way a terminal does.
 //!
-//! Protocol: bash runs with echo off and empty prompts; its `PROMPT_COMMAND`
-//! prints a marker `\x1e<nonce>:<exit code>:<cwd>\x1e` whenever it is ready for
-//! the next line. A command is sent as one line, `eval "$(echo <base64> |
-//! base64 -d)"`, so its text needs no quoting and a multi-line command yields
-//! one marker.
+//! Protocol: bash runs with echo off, empty prompts and no history. A
+//! command is sent as one line, `eval "$(echo <base64> | base64 -d)"; builtin
+//! printf '\036%s:%s:%s\036\n' <nonce> "$?" "$PWD"`, so its text needs no
+//! quoting and a multi-line command yields one marker
+//! `\x1e<nonce>:<exit code>:<cwd>\x1e`. The nonce is fresh for every line and
+//! lives only in that line as bash parsed it: not in a variable, the
+//! environment, the history or a file, so output of the command, or code
+//! reading what the shell holds, cannot produce an accepted marker, and a
+//! nonce seen once is worth nothing later (ADR 0013).
+//!
+//! C-c aborts the rest of the line, marker included. After one, the shell is
+//! known to be back at its prompt when the terminal's foreground process
+//! group is the shell's own again (the kernel says so, not the output); only
+//! then is a status line with a new nonce sent, so no program that is still
+//! running can read it from the terminal.
 
+use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -37,7 +48,13 @@ struct Inner {
     reader: pty_process::OwnedReadPty,
     writer: pty_process::OwnedWritePty,
     pending: Vec<u8>,
+    /// The nonce of the marker expected next.
     nonce: String,
+    /// The pty's master side, to ask for its foreground process group.
+    master: OwnedFd,
+    /// The shell's own process group: the foreground one while it waits for
+    /// a line.
+    shell_pgrp: nix::unistd::Pid,
     /// A command was sent and its marker has not been seen yet.
     busy: bool,
     broken: bool,
@@ -68,21 +85,25 @@ impl LocalShell {
                 format!("cannot start the shell: {e}"),
             )
         })?;
+        let master = std::os::fd::AsFd::as_fd(&pty)
+            .try_clone_to_owned()
+            .map_err(|e| broken(format!("cannot keep the pty: {e}")))?;
         let (reader, writer) = pty.into_split();
-        let nonce = format!("{:016x}", uuid::Uuid::now_v7().as_u128() as u64);
         let mut inner = Inner {
             child,
             reader,
             writer,
             pending: Vec::new(),
-            nonce,
+            nonce: String::new(),
+            master,
+            shell_pgrp: nix::unistd::Pid::from_raw(0),
             busy: true,
             broken: false,
         };
-        let setup = format!(
-            "stty -echo -onlcr 2>/dev/null; unset HISTFILE; PS1=''; PS2=''; \
-             PROMPT_COMMAND='__r=$?; printf \"\\036%s:%s:%s\\036\\n\" {} \"$__r\" \"$PWD\"'\n",
-            inner.nonce
+        // `noflsh`: C-c must not discard a status line queued right after it.
+        let setup = inner.marked(
+            "stty -echo -onlcr noflsh 2>/dev/null; unset HISTFILE PROMPT_COMMAND; set +o history; \
+             PS1=''; PS2=''",
         );
         inner.write(setup.as_bytes()).await?;
         let mut sink = Vec::new();
@@ -97,6 +118,9 @@ impl LocalShell {
         {
             Ended::Marker { .. } => {
                 inner.busy = false;
+                // Waiting for a line now: the foreground group is the shell's.
+                inner.shell_pgrp = nix::unistd::tcgetpgrp(&inner.master)
+                    .map_err(|e| broken(format!("cannot read the pty's process group: {e}")))?;
                 Ok(Self {
                     oom,
                     inner: Mutex::new(inner),
@@ -120,7 +144,60 @@ fn broken(message: String) -> SandboxError {
     SandboxError::new(SandboxErrorKind::Broken, message)
 }
 
+/// A fresh nonce: 124 random bits.
+fn new_nonce() -> String {
+    let random = || uuid::Uuid::now_v7().as_u128() as u64;
+    format!("{:016x}{:016x}", random(), random())
+}
+
 impl Inner {
+    /// `command` followed by the status marker, with a fresh nonce that
+    /// becomes the one expected.
+    fn marked(&mut self, command: &str) -> String {
+        self.nonce = new_nonce();
+        format!(
+            "{command}; builtin printf '\\036%s:%s:%s\\036\\n' {} \"$?\" \"$PWD\"\n",
+            self.nonce
+        )
+    }
+
+    /// Whether the shell itself holds the terminal, i.e. no job of it runs
+    /// in the foreground: it is at its prompt or running builtins.
+    fn shell_in_foreground(&self) -> bool {
+        nix::unistd::tcgetpgrp(&self.master).is_ok_and(|pgrp| pgrp == self.shell_pgrp)
+    }
+
+    /// After C-c: waits up to `wait` for the shell to hold the terminal
+    /// again, then asks it for its status with a new nonce. Output read
+    /// meanwhile goes to `output`. `Quiet` when the shell did not come back.
+    async fn settle_interrupt(
+        &mut self,
+        output: &mut Vec<u8>,
+        wait: Duration,
+    ) -> Result<Ended, SandboxError> {
+        const POLL: Duration = Duration::from_millis(25);
+        let never = CancellationToken::new();
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            // The command may also have finished on its own, marker and all.
+            match self.read_until(output, POLL, POLL, &never).await? {
+                Ended::Quiet | Ended::Deadline => {}
+                ended => return Ok(ended),
+            }
+            if self.shell_in_foreground() {
+                // `(exit $?)` keeps the status of the interrupted line.
+                let status = self.marked("(exit $?)");
+                self.write(status.as_bytes()).await?;
+                return self
+                    .read_until(output, INTERRUPT_GRACE, INTERRUPT_GRACE, &never)
+                    .await;
+            }
+            if tokio::time::Instant::now() >= until {
+                return Ok(Ended::Quiet);
+            }
+        }
+    }
+
     async fn write(&mut self, bytes: &[u8]) -> Result<(), SandboxError> {
         self.writer
             .write_all(bytes)
@@ -228,14 +305,7 @@ impl Inner {
                 result.timed_out = matches!(ended, Ended::Deadline);
                 // Interrupt, then give the command a moment to stop.
                 self.write(b"\x03").await?;
-                let interrupted = self
-                    .read_until(
-                        &mut output,
-                        INTERRUPT_GRACE,
-                        INTERRUPT_GRACE,
-                        &CancellationToken::new(),
-                    )
-                    .await?;
+                let interrupted = self.settle_interrupt(&mut output, INTERRUPT_GRACE).await?;
                 match interrupted {
                     Ended::Marker { cwd, .. } => {
                         self.busy = false;
@@ -250,6 +320,33 @@ impl Inner {
             Ended::Closed => {
                 self.broken = true;
             }
+        }
+        result.output = String::from_utf8_lossy(&output).replace("\r\n", "\n");
+        Ok(result)
+    }
+}
+
+impl Inner {
+    /// The answer after the agent sent C-c: the status once the shell is
+    /// back, or still running if it is not within `wait`.
+    async fn interrupted(&mut self, wait: Duration) -> Result<ShellOutput, SandboxError> {
+        let mut output = Vec::new();
+        let mut result = ShellOutput {
+            output: String::new(),
+            exit_code: None,
+            still_running: false,
+            timed_out: false,
+            cwd: None,
+            memory_exceeded: false,
+        };
+        match self.settle_interrupt(&mut output, wait).await? {
+            Ended::Marker { exit_code, cwd } => {
+                self.busy = false;
+                result.exit_code = Some(exit_code);
+                result.cwd = Some(cwd);
+            }
+            Ended::Closed => self.broken = true,
+            Ended::Quiet | Ended::Deadline | Ended::Cancelled => result.still_running = true,
         }
         result.output = String::from_utf8_lossy(&output).replace("\r\n", "\n");
         Ok(result)
@@ -282,7 +379,7 @@ impl ShellSession for LocalShell {
             ));
         }
         let encoded = base64::engine::general_purpose::STANDARD.encode(command.as_bytes());
-        let line = format!("eval \"$(echo {encoded} | base64 -d)\"\n");
+        let line = inner.marked(&format!("eval \"$(echo {encoded} | base64 -d)\""));
         inner.busy = true;
         let kills = self.oom_kills();
         inner.write(line.as_bytes()).await?;
@@ -306,12 +403,17 @@ impl ShellSession for LocalShell {
         if !input.is_empty() {
             inner.write(input.as_bytes()).await?;
         }
-        let long = no_output_timeout
-            .saturating_mul(4)
-            .max(Duration::from_secs(30));
-        let mut output = inner
-            .collect(no_output_timeout, long, &CancellationToken::new(), false)
-            .await?;
+        let mut output = if input.contains('\u{3}') && inner.busy {
+            // C-c drops the line's own marker: settle as after a timeout.
+            inner.interrupted(no_output_timeout).await?
+        } else {
+            let long = no_output_timeout
+                .saturating_mul(4)
+                .max(Duration::from_secs(30));
+            inner
+                .collect(no_output_timeout, long, &CancellationToken::new(), false)
+                .await?
+        };
         output.memory_exceeded = self.oom_kills() > kills;
         Ok(output)
     }
