@@ -72,6 +72,7 @@ pub fn raw_call(id: &str, tool: &str, arguments: &str) -> LlmResponse {
             arguments: arguments.into(),
         }],
         tool_call_id: None,
+        thinking: Vec::new(),
     })
 }
 

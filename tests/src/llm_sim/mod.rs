@@ -38,12 +38,15 @@ use axum::response::Response;
 use serde_json::Value;
 
 pub use request::{Format, SimCall, SimMessage, SimRequest};
-pub use script::{Matcher, Reply, Responder, Rule, Script, SimToolCall, SimUsage, Turn};
+pub use script::{
+    Matcher, Reply, Responder, Rule, Script, SimThinking, SimToolCall, SimUsage, Turn, CUT_OFF,
+};
 
 struct SimState {
     script: Mutex<Script>,
     requests: Mutex<Vec<SimRequest>>,
     violations: Mutex<Vec<String>>,
+    thinking: Mutex<validate::IssuedThinking>,
     latency: Mutex<Duration>,
     api_key: Option<String>,
     strict: bool,
@@ -112,6 +115,7 @@ impl SimBuilder {
             script: Mutex::new(script),
             requests: Mutex::new(Vec::new()),
             violations: Mutex::new(Vec::new()),
+            thinking: Mutex::new(validate::IssuedThinking::default()),
             latency: Mutex::new(latency),
             api_key: self.api_key,
             strict: self.strict,
@@ -252,7 +256,10 @@ async fn handle(State(state): State<Arc<SimState>>, request: Request) -> Respons
         .unwrap_or_default();
     let (body, problems) = match serde_json::from_slice::<Value>(&bytes) {
         Ok(body) => {
-            let problems = validate::validate(format, &headers, &body);
+            let mut problems = validate::validate(format, &headers, &body);
+            if format == Format::Anthropic {
+                problems.extend(validate::thinking(&body, &lock(&state.thinking)));
+            }
             (body, problems)
         }
         Err(e) => (Value::Null, vec![format!("body is not JSON: {e}")]),
@@ -288,7 +295,9 @@ async fn handle(State(state): State<Arc<SimState>>, request: Request) -> Respons
                     }
                 }
                 sim_request.answered = turn.label().into();
-                wire::render(&turn, &sim_request, index)
+                let answer = wire::render(&turn, &sim_request, index);
+                lock(&state.thinking).record(&answer.thinking, &answer.tool_use_ids);
+                answer
             }
             None => {
                 record_problems(
@@ -311,10 +320,11 @@ async fn handle(State(state): State<Arc<SimState>>, request: Request) -> Respons
     respond(answer.status, answer.headers, answer.body)
 }
 
-/// The text of a turn that is a normal reply.
+/// The text of a turn that is a normal, complete reply (one cut off at the
+/// token limit stops mid-schema, as a real server's does).
 fn reply_text(turn: &Turn) -> Option<&str> {
     match turn {
-        Turn::Reply(reply) | Turn::Slow { reply, .. } => Some(&reply.text),
+        Turn::Reply(reply) | Turn::Slow { reply, .. } if !reply.is_cut_off() => Some(&reply.text),
         _ => None,
     }
 }

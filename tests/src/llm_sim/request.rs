@@ -33,6 +33,8 @@ pub struct SimMessage {
     pub tool_calls: Vec<SimCall>,
     /// `(tool call id, content)`.
     pub tool_results: Vec<(String, String)>,
+    /// Anthropic `thinking` / `redacted_thinking` blocks, as received.
+    pub thinking: Vec<Value>,
 }
 
 /// A recorded request.
@@ -216,6 +218,7 @@ fn openai_messages(body: &Value) -> (String, Vec<SimMessage>) {
             text,
             tool_calls,
             tool_results,
+            thinking: Vec::new(),
         });
     }
     (system.join("\n\n"), out)
@@ -238,8 +241,10 @@ fn anthropic_messages(body: &Value) -> (String, Vec<SimMessage>) {
             .unwrap_or_default();
         let mut tool_calls = Vec::new();
         let mut tool_results = Vec::new();
+        let mut thinking = Vec::new();
         for block in &blocks {
             match block.get("type").and_then(Value::as_str) {
+                Some("thinking" | "redacted_thinking") => thinking.push(block.clone()),
                 Some("tool_use") => tool_calls.push(SimCall {
                     id: str_of(block.get("id")),
                     name: str_of(block.get("name")),
@@ -257,6 +262,7 @@ fn anthropic_messages(body: &Value) -> (String, Vec<SimMessage>) {
             text: text_of(content),
             tool_calls,
             tool_results,
+            thinking,
         });
     }
     (system, out)

@@ -125,6 +125,23 @@ pub struct Reply {
     /// Overrides the model name echoed back.
     #[serde(default)]
     pub model: Option<String>,
+    /// Extended-thinking blocks before the text and calls (Anthropic
+    /// endpoint only; OpenAI has no such blocks). The simulator signs them
+    /// and refuses a later request that sends them back altered, or drops
+    /// them from the assistant turn whose tool calls it answers.
+    #[serde(default)]
+    pub thinking: Vec<SimThinking>,
+}
+
+/// A reasoning block the simulator sends (it makes up the signature or the
+/// encrypted data).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum SimThinking {
+    /// `{"type": "thinking", "thinking": ..., "signature": ...}`.
+    Thinking { thinking: String },
+    /// `{"type": "redacted_thinking", "data": ...}`.
+    RedactedThinking,
 }
 
 impl Reply {
@@ -154,7 +171,39 @@ impl Reply {
         self.usage = Some(usage);
         self
     }
+
+    /// Stopped by the token limit: `finish_reason: "length"` on the OpenAI
+    /// endpoint, `stop_reason: "max_tokens"` on the Anthropic one.
+    pub fn cut_off(mut self) -> Reply {
+        self.finish_reason = Some(CUT_OFF.into());
+        self
+    }
+
+    /// Whether the reply says it was stopped by the token limit.
+    pub fn is_cut_off(&self) -> bool {
+        matches!(
+            self.finish_reason.as_deref(),
+            Some(CUT_OFF | "length" | "max_tokens")
+        )
+    }
+
+    /// Adds a thinking block with this text.
+    pub fn with_thinking(mut self, text: &str) -> Reply {
+        self.thinking.push(SimThinking::Thinking {
+            thinking: text.into(),
+        });
+        self
+    }
+
+    /// Adds a redacted thinking block.
+    pub fn with_redacted_thinking(mut self) -> Reply {
+        self.thinking.push(SimThinking::RedactedThinking);
+        self
+    }
 }
+
+/// The `finish_reason` that renders as each format's token-limit stop.
+pub const CUT_OFF: &str = "cut_off";
 
 /// A tool call in a reply. `arguments`: a JSON object, or a string sent as
 /// the raw arguments text (which may be malformed on purpose).
@@ -276,6 +325,11 @@ pub struct Script {
     /// Fixed latency of every answer (the binary's script file may set it).
     #[serde(default)]
     pub latency_ms: Option<u64>,
+    /// The model's context window in (estimated) tokens: a longer request is
+    /// answered with the provider's context-overflow error before any other
+    /// source is consulted, and uses up no queued turn.
+    #[serde(default)]
+    pub context_window: Option<u64>,
     #[serde(skip)]
     pub responder: Option<Responder>,
 }
@@ -287,6 +341,7 @@ impl fmt::Debug for Script {
             .field("rules", &self.rules)
             .field("fallback", &self.fallback)
             .field("echo", &self.echo)
+            .field("context_window", &self.context_window)
             .field("responder", &self.responder.is_some())
             .finish()
     }
@@ -332,8 +387,20 @@ impl Script {
         self
     }
 
+    /// Refuses requests longer than `tokens` as the provider does.
+    pub fn with_context_window(mut self, tokens: u64) -> Script {
+        self.context_window = Some(tokens);
+        self
+    }
+
     /// The answer to `request`, consuming a queued turn or a rule's use.
     pub(crate) fn next(&mut self, request: &SimRequest) -> Option<Turn> {
+        if self
+            .context_window
+            .is_some_and(|window| request.estimated_tokens() > window)
+        {
+            return Some(Turn::context_window_exceeded());
+        }
         if let Some(turn) = self.turns.pop_front() {
             return Some(turn);
         }

@@ -2,7 +2,7 @@
 //! violation (the simulator records it and, when strict, answers 400 as the
 //! real API would).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use serde_json::Value;
 
@@ -447,4 +447,118 @@ fn check_cache_controls(value: &Value, v: &mut Vec<String>) {
         Value::Array(items) => items.iter().for_each(|i| check_cache_controls(i, v)),
         _ => {}
     }
+}
+
+/// The reasoning blocks the simulator sent, to check they come back as sent.
+#[derive(Debug, Default)]
+pub(crate) struct IssuedThinking {
+    /// Every block sent.
+    pub blocks: Vec<Value>,
+    /// The blocks each `tool_use` id was sent with, in order.
+    pub by_call: HashMap<String, Vec<Value>>,
+}
+
+impl IssuedThinking {
+    pub(crate) fn record(&mut self, blocks: &[Value], tool_use_ids: &[String]) {
+        if blocks.is_empty() {
+            return;
+        }
+        self.blocks.extend_from_slice(blocks);
+        for id in tool_use_ids {
+            self.by_call.insert(id.clone(), blocks.to_vec());
+        }
+    }
+}
+
+/// What the Messages API checks of extended-thinking blocks: each one sent
+/// back is exactly as issued (its signature covers it), they open their
+/// assistant turn, and the final assistant turn of a tool-use loop (the one
+/// whose `tool_use` blocks the last user turn answers) carries the blocks
+/// that came with those calls, unchanged and in order.
+pub(crate) fn thinking(body: &Value, issued: &IssuedThinking) -> Vec<String> {
+    let mut v = Vec::new();
+    let messages = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let blocks_of = |m: &Value| -> Vec<Value> {
+        m.get("content")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let is_thinking = |b: &Value| {
+        matches!(
+            b.get("type").and_then(Value::as_str),
+            Some("thinking" | "redacted_thinking")
+        )
+    };
+    for (i, m) in messages.iter().enumerate() {
+        let role = m.get("role").and_then(Value::as_str).unwrap_or("");
+        let mut leading = true;
+        for (j, b) in blocks_of(m).iter().enumerate() {
+            if !is_thinking(b) {
+                leading = false;
+                continue;
+            }
+            let at = format!("messages.{i}.content.{j}");
+            if role != "assistant" {
+                v.push(format!("{at}: thinking blocks only in assistant messages"));
+            }
+            if !leading {
+                v.push(format!(
+                    "{at}: thinking blocks must come before the other blocks of the message"
+                ));
+            }
+            if !issued.blocks.contains(b) {
+                let kind = b.get("type").and_then(Value::as_str).unwrap_or("");
+                v.push(if kind == "thinking" {
+                    format!("{at}: Invalid `signature` in `thinking` block")
+                } else {
+                    format!("{at}: Invalid `data` in `redacted_thinking` block")
+                });
+            }
+        }
+    }
+    // The tool-use loop in progress: the last message answers tool calls of
+    // the assistant turn before it.
+    let Some(last) = messages.len().checked_sub(1) else {
+        return v;
+    };
+    let answers_calls = blocks_of(&messages[last])
+        .iter()
+        .any(|b| b.get("type").and_then(Value::as_str) == Some("tool_result"));
+    if last == 0 || !answers_calls {
+        return v;
+    }
+    let turn = last - 1;
+    let blocks = blocks_of(&messages[turn]);
+    let expected = blocks
+        .iter()
+        .filter(|b| b.get("type").and_then(Value::as_str) == Some("tool_use"))
+        .filter_map(|b| b.get("id").and_then(Value::as_str))
+        .find_map(|id| issued.by_call.get(id));
+    if let Some(expected) = expected {
+        let sent: Vec<&Value> = blocks.iter().take_while(|b| is_thinking(b)).collect();
+        if sent.is_empty() {
+            let found = blocks
+                .first()
+                .and_then(|b| b.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("nothing");
+            v.push(format!(
+                "messages.{turn}.content.0.type: Expected `thinking` or `redacted_thinking`, \
+                 but found `{found}`. When `thinking` is enabled, a final `assistant` message \
+                 must start with a thinking block (preceeding the lastmost set of `tool_use` \
+                 and `tool_result` blocks)"
+            ));
+        } else if sent.len() != expected.len() || sent.iter().zip(expected).any(|(a, b)| *a != b) {
+            v.push(format!(
+                "messages.{turn}: the thinking blocks of the final assistant message are not \
+                 the ones the reply carried, unchanged and in order"
+            ));
+        }
+    }
+    v
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::{json, Value};
 
 use super::request::{Format, SimRequest};
-use super::script::{Reply, SimUsage, Turn};
+use super::script::{Reply, SimThinking, SimUsage, Turn, CUT_OFF};
 
 /// An HTTP answer, before the fixed latency.
 pub(crate) struct Answer {
@@ -15,6 +15,9 @@ pub(crate) struct Answer {
     pub body: Vec<u8>,
     /// Extra wait before answering (slow turns).
     pub delay: Duration,
+    /// Reasoning blocks sent, and the ids of the tool calls they came with.
+    pub thinking: Vec<Value>,
+    pub tool_use_ids: Vec<String>,
 }
 
 impl Answer {
@@ -24,6 +27,8 @@ impl Answer {
             headers: Vec::new(),
             body: serde_json::to_vec(value).unwrap_or_default(),
             delay: Duration::ZERO,
+            thinking: Vec::new(),
+            tool_use_ids: Vec::new(),
         }
     }
 }
@@ -91,6 +96,9 @@ pub(crate) fn render(turn: &Turn, request: &SimRequest, serial: usize) -> Answer
             let mut answer = reply_answer(&reply, request, serial);
             let half = answer.body.len() / 2;
             answer.body.truncate(half);
+            // Nothing of it can be read back, so nothing was issued.
+            answer.thinking.clear();
+            answer.tool_use_ids.clear();
             answer
         }
         Turn::RateLimit {
@@ -221,7 +229,40 @@ fn reply_answer(reply: &Reply, request: &SimRequest, serial: usize) -> Answer {
         Format::OpenAi => openai_reply(reply, &model, usage, serial),
         Format::Anthropic => anthropic_reply(reply, &model, usage, serial),
     };
-    Answer::json(200, &body)
+    let mut answer = Answer::json(200, &body);
+    if request.format == Format::Anthropic {
+        let blocks = body["content"].as_array().cloned().unwrap_or_default();
+        for block in blocks {
+            match block.get("type").and_then(Value::as_str) {
+                Some("thinking" | "redacted_thinking") => answer.thinking.push(block),
+                Some("tool_use") => answer
+                    .tool_use_ids
+                    .push(block["id"].as_str().unwrap_or_default().to_owned()),
+                _ => {}
+            }
+        }
+    }
+    answer
+}
+
+/// A made-up signature that differs for every block (the real one is an
+/// opaque cryptographic token; the simulator checks blocks come back as sent).
+fn signature(text: &str, serial: usize, index: usize) -> String {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut hasher = DefaultHasher::new();
+    text.hash(&mut hasher);
+    format!("EqSim{serial}x{index}x{:016x}", hasher.finish())
+}
+
+/// The stop reason of `format` for a reply (`CUT_OFF` becomes the format's
+/// token-limit stop).
+fn stop_reason(reply: &Reply, format: Format, default: &str) -> String {
+    match reply.finish_reason.as_deref() {
+        Some(CUT_OFF) if format == Format::OpenAi => "length".into(),
+        Some(CUT_OFF) => "max_tokens".into(),
+        Some(other) => other.into(),
+        None => default.into(),
+    }
 }
 
 fn openai_reply(reply: &Reply, model: &str, usage: SimUsage, serial: usize) -> Value {
@@ -246,14 +287,15 @@ fn openai_reply(reply: &Reply, model: &str, usage: SimUsage, serial: usize) -> V
     if !calls.is_empty() {
         message["tool_calls"] = Value::Array(calls.clone());
     }
-    let finish = reply.finish_reason.clone().unwrap_or_else(|| {
+    let finish = stop_reason(
+        reply,
+        Format::OpenAi,
         if calls.is_empty() {
             "stop"
         } else {
             "tool_calls"
-        }
-        .to_owned()
-    });
+        },
+    );
     let prompt = usage.input + usage.cache_read;
     let created = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -278,6 +320,19 @@ fn openai_reply(reply: &Reply, model: &str, usage: SimUsage, serial: usize) -> V
 
 fn anthropic_reply(reply: &Reply, model: &str, usage: SimUsage, serial: usize) -> Value {
     let mut content = Vec::new();
+    for (i, block) in reply.thinking.iter().enumerate() {
+        content.push(match block {
+            SimThinking::Thinking { thinking } => json!({
+                "type": "thinking",
+                "thinking": thinking,
+                "signature": signature(thinking, serial, i),
+            }),
+            SimThinking::RedactedThinking => json!({
+                "type": "redacted_thinking",
+                "data": format!("EmwKAhgBEgy{serial}x{i}SimRedactedThinkingData"),
+            }),
+        });
+    }
     if !reply.text.is_empty() {
         content.push(json!({"type": "text", "text": reply.text}));
     }
@@ -295,14 +350,15 @@ fn anthropic_reply(reply: &Reply, model: &str, usage: SimUsage, serial: usize) -
             "input": input,
         }));
     }
-    let stop = reply.finish_reason.clone().unwrap_or_else(|| {
+    let stop = stop_reason(
+        reply,
+        Format::Anthropic,
         if reply.tool_calls.is_empty() {
             "end_turn"
         } else {
             "tool_use"
-        }
-        .to_owned()
-    });
+        },
+    );
     json!({
         "id": format!("msg_sim_{serial}"),
         "type": "message",

@@ -10,6 +10,11 @@ use tokio_util::sync::CancellationToken;
 const HEAD: usize = 2;
 /// Characters of each message shown to the summariser.
 const PER_MESSAGE: usize = 2_000;
+/// Messages at the end kept as they are when condensing.
+pub const KEEP_TAIL: usize = 6;
+/// The shortest tail: the last call and its result (after a context overflow
+/// the usual tail did not help).
+pub const MIN_TAIL: usize = 2;
 
 /// Size of a history in characters.
 pub fn size(messages: &[ChatMessage]) -> usize {
@@ -123,6 +128,7 @@ mod tests {
                 arguments: "{}".into(),
             }],
             tool_call_id: None,
+            thinking: Vec::new(),
         }
     }
 

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::condenser;
 use super::llm::{ChatMessage, LlmClient, LlmErrorKind, LlmRequest, LlmResponse, ToolCall};
-use super::prompt::{system_prompt, CONTINUE_NUDGE};
+use super::prompt::{system_prompt, CONTINUE_NUDGE, CUT_OFF_NOTE};
 use super::secrets::Masker;
 use super::sink::EventSink;
 use super::stuck::{self, Step, Verdict};
@@ -34,6 +34,10 @@ pub enum Outcome {
     TimedOut,
     Cancelled,
     Stuck(String),
+    /// The history no longer fits the model's context window, even condensed.
+    ContextExceeded(String),
+    /// The model's replies were cut off at the token limit twice in a row.
+    Truncated(String),
     Error(String),
 }
 
@@ -47,6 +51,8 @@ impl Outcome {
             Self::TimedOut => "timed_out",
             Self::Cancelled => "cancelled",
             Self::Stuck(_) => "stuck",
+            Self::ContextExceeded(_) => "context_exceeded",
+            Self::Truncated(_) => "truncated",
             Self::Error(_) => "error",
         }
     }
@@ -55,6 +61,13 @@ impl Outcome {
     pub fn is_success(&self) -> bool {
         matches!(self, Self::Finished | Self::Answered)
     }
+}
+
+/// How a conversation ended, typed, and the result it produced.
+#[derive(Debug, Clone)]
+pub struct Ended {
+    pub outcome: Outcome,
+    pub result: AgentResult,
 }
 
 /// Limits and knobs of one conversation.
@@ -102,6 +115,8 @@ struct Run {
     cost: MicroDollars,
     calls: u32,
     final_message: Option<String>,
+    /// The last reply was cut off at the token limit (the model was told).
+    cut_off: bool,
 }
 
 /// Why a race against cancel and the deadline ended early.
@@ -113,6 +128,11 @@ enum Interrupted {
 impl Conversation<'_> {
     /// Runs the conversation on `prompt` to its end.
     pub async fn run(self, prompt: &str) -> AgentResult {
+        self.run_to_end(prompt).await.result
+    }
+
+    /// Runs the conversation on `prompt` to its end; the outcome stays typed.
+    pub async fn run_to_end(self, prompt: &str) -> Ended {
         let deadline = tokio::time::Instant::now() + self.config.timeout;
         let tools = self.toolbox.names();
         let system = system_prompt(&tools);
@@ -135,9 +155,12 @@ impl Conversation<'_> {
             cost: MicroDollars::default(),
             calls: 0,
             final_message: None,
+            cut_off: false,
         };
         let outcome = self.drive(&mut run, deadline).await;
-        if let Outcome::Error(error) = &outcome {
+        if let Outcome::Error(error) | Outcome::ContextExceeded(error) | Outcome::Truncated(error) =
+            &outcome
+        {
             self.sink
                 .event(Event::ConversationError {
                     error: self.masker.mask(error),
@@ -146,6 +169,9 @@ impl Conversation<'_> {
         }
         let message = match &outcome {
             Outcome::Stuck(reason) => Some(format!("stopped: {reason}")),
+            Outcome::ContextExceeded(reason) | Outcome::Truncated(reason) => {
+                Some(self.masker.mask(reason))
+            }
             _ => run.final_message.clone(),
         };
         self.sink
@@ -158,14 +184,15 @@ impl Conversation<'_> {
             })
             .await;
         self.sink.flush().await;
-        AgentResult {
+        let result = AgentResult {
             outcome: outcome.name().into(),
             message,
             steps: run.calls,
             usage: run.usage,
             cost_micros: run.cost.0,
             workspace_files: self.listing().await,
-        }
+        };
+        Ended { outcome, result }
     }
 
     /// The workspace's top level, for the result (best effort).
@@ -204,7 +231,6 @@ impl Conversation<'_> {
     }
 
     async fn drive(&self, run: &mut Run, deadline: tokio::time::Instant) -> Outcome {
-        let mut context_retries = 0;
         loop {
             if run.calls >= self.config.max_iterations {
                 return Outcome::MaxIterations;
@@ -232,11 +258,9 @@ impl Conversation<'_> {
             {
                 Err(Interrupted::Cancelled) => return Outcome::Cancelled,
                 Err(Interrupted::TimedOut) => return Outcome::TimedOut,
-                Ok(Err(error))
-                    if error.kind == LlmErrorKind::ContextWindowExceeded && context_retries < 2 =>
-                {
-                    context_retries += 1;
-                    if let Err(outcome) = self.condense(run, deadline).await {
+                // Never the same request again: a smaller history, or the end.
+                Ok(Err(error)) if error.kind == LlmErrorKind::ContextWindowExceeded => {
+                    if let Err(outcome) = self.shrink(run, deadline, &error.message).await {
                         return outcome;
                     }
                     continue;
@@ -247,8 +271,14 @@ impl Conversation<'_> {
                 Ok(Err(error)) => return Outcome::Error(format!("LLM call failed: {error}")),
                 Ok(Ok(response)) => response,
             };
-            context_retries = 0;
             self.account(run, &response).await;
+            // A reply cut off at the token limit is never an answer: the
+            // model is told once; cut off again, the conversation ends.
+            let cut_off = response.is_truncated();
+            if cut_off && run.cut_off {
+                return Outcome::Truncated(self.cut_off_twice());
+            }
+            run.cut_off = cut_off;
             let message = response.message;
             let thought = (!message.content.trim().is_empty())
                 .then(|| self.masker.mask(message.content.trim()));
@@ -263,6 +293,10 @@ impl Conversation<'_> {
                         content: text.clone(),
                     })
                     .await;
+                if cut_off {
+                    self.nudge(run, CUT_OFF_NOTE).await;
+                    continue;
+                }
                 if !self.config.nudge_plain_text {
                     run.final_message = Some(text);
                     return Outcome::Answered;
@@ -278,6 +312,12 @@ impl Conversation<'_> {
             let steps_before = run.steps.len();
             for (index, call) in calls.iter().enumerate() {
                 let thought = if index == 0 { thought.clone() } else { None };
+                if cut_off {
+                    if let Some(error) = self.cut_off_call(call, index + 1 == calls.len()) {
+                        self.refuse_cut(run, call, thought, error).await;
+                        continue;
+                    }
+                }
                 match self.act(run, call, thought, deadline).await {
                     Ok(None) => {}
                     Ok(Some(finish)) => {
@@ -303,6 +343,11 @@ impl Conversation<'_> {
             if run.steps.len() - steps_before > 1 {
                 let parts: Vec<Step> = run.steps.drain(steps_before..).collect();
                 run.steps.push(combine(parts));
+            }
+            if cut_off {
+                // What followed the last complete call (text, a call the
+                // emulated parser could not read) is lost: say so.
+                self.nudge(run, CUT_OFF_NOTE).await;
             }
             match stuck::check(&run.steps) {
                 Verdict::Fine => {}
@@ -435,6 +480,70 @@ impl Conversation<'_> {
         }
     }
 
+    /// Why a call of a reply cut off at the token limit is not run, if it
+    /// is not: the last call when its arguments are incomplete, and `finish`
+    /// (its message may be cut short, and a cut-off reply is no answer).
+    fn cut_off_call(&self, call: &ToolCall, last: bool) -> Option<String> {
+        let complete = call.arguments.trim().is_empty()
+            || matches!(
+                serde_json::from_str::<serde_json::Value>(&call.arguments),
+                Ok(serde_json::Value::Object(_))
+            );
+        if last && !complete {
+            return Some(format!(
+                "Not run: your reply was cut off at the token limit ({}) in the middle of this \
+                 call's arguments. Send the call again with shorter arguments (write a big file in parts).",
+                self.max_tokens_label()
+            ));
+        }
+        let is_finish = self
+            .toolbox
+            .get(&call.name)
+            .is_some_and(|t| t.name() == "finish");
+        is_finish.then(|| {
+            format!(
+                "Not accepted: your reply was cut off at the token limit ({}), so this `finish` \
+                 may be incomplete. Call `finish` again, in a shorter reply.",
+                self.max_tokens_label()
+            )
+        })
+    }
+
+    /// Answers a call of a cut-off reply that is not run.
+    async fn refuse_cut(
+        &self,
+        run: &mut Run,
+        call: &ToolCall,
+        thought: Option<String>,
+        error: String,
+    ) {
+        self.sink
+            .event(Event::Action {
+                action_id: call.id.clone(),
+                tool: call.name.clone(),
+                arguments: self.masker.mask(&call.arguments),
+                thought,
+            })
+            .await;
+        self.fail(run, call, error).await;
+    }
+
+    fn max_tokens_label(&self) -> String {
+        match self.config.max_tokens {
+            Some(n) => format!("max_tokens = {n}"),
+            None => "max_tokens".into(),
+        }
+    }
+
+    /// The reason a conversation ends `truncated`.
+    fn cut_off_twice(&self) -> String {
+        format!(
+            "the model's reply was cut off at the token limit ({}) twice in a row; \
+             raise max_tokens in the model profile or ask for smaller steps",
+            self.max_tokens_label()
+        )
+    }
+
     /// A call the loop could not run: the model sees the error.
     async fn fail(&self, run: &mut Run, call: &ToolCall, error: String) {
         self.sink
@@ -486,10 +595,46 @@ impl Conversation<'_> {
         run.messages.push(ChatMessage::user(text));
     }
 
+    /// Condenses past the size threshold (nothing to condense is fine).
     async fn condense(&self, run: &mut Run, deadline: tokio::time::Instant) -> Result<(), Outcome> {
-        let Some(range) = condenser::middle(&run.messages, 6) else {
-            return Ok(());
-        };
+        match condenser::middle(&run.messages, condenser::KEEP_TAIL) {
+            Some(range) => self.condense_range(run, range, deadline).await,
+            None => Ok(()),
+        }
+    }
+
+    /// After the provider said the prompt does not fit: makes the history
+    /// smaller (condensing with the usual tail, then with the shortest one),
+    /// or ends `context_exceeded` when it cannot. The next request is never
+    /// the one that overflowed.
+    async fn shrink(
+        &self,
+        run: &mut Run,
+        deadline: tokio::time::Instant,
+        provider_said: &str,
+    ) -> Result<(), Outcome> {
+        let before = condenser::size(&run.messages);
+        for keep_tail in [condenser::KEEP_TAIL, condenser::MIN_TAIL] {
+            let Some(range) = condenser::middle(&run.messages, keep_tail) else {
+                continue;
+            };
+            self.condense_range(run, range, deadline).await?;
+            if condenser::size(&run.messages) < before {
+                return Ok(());
+            }
+        }
+        Err(Outcome::ContextExceeded(format!(
+            "the conversation no longer fits the model's context window and cannot be \
+             condensed further (the provider said: {provider_said})"
+        )))
+    }
+
+    async fn condense_range(
+        &self,
+        run: &mut Run,
+        range: std::ops::Range<usize>,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), Outcome> {
         let condensed = match self
             .race(
                 deadline,
@@ -499,6 +644,16 @@ impl Conversation<'_> {
         {
             Err(Interrupted::Cancelled) => return Err(Outcome::Cancelled),
             Err(Interrupted::TimedOut) => return Err(Outcome::TimedOut),
+            Ok(Err(error)) if error.kind == LlmErrorKind::Cancelled => {
+                return Err(Outcome::Cancelled)
+            }
+            Ok(Err(error)) if error.kind == LlmErrorKind::ContextWindowExceeded => {
+                return Err(Outcome::ContextExceeded(format!(
+                    "even the summary request does not fit the model's context window \
+                     (the provider said: {})",
+                    error.message
+                )))
+            }
             Ok(Err(error)) => {
                 return Err(Outcome::Error(format!(
                     "condensing the history failed: {error}"

@@ -11,4 +11,4 @@ pub mod stuck;
 pub mod task;
 pub mod tools;
 
-pub use conversation::{AgentConfig, Billing, Conversation, Outcome};
+pub use conversation::{AgentConfig, Billing, Conversation, Ended, Outcome};

@@ -34,3 +34,8 @@ pub fn system_prompt(tools: &[String]) -> String {
 /// asks for tool calls.
 pub const CONTINUE_NUDGE: &str =
     "Continue with the next step using a tool call. If the task is complete, call `finish` with the result.";
+
+/// Told to the model after a reply cut off at the token limit.
+pub const CUT_OFF_NOTE: &str =
+    "Your previous reply was cut off at the token limit: whatever came after the last complete tool call was lost. \
+     Continue from there, and keep each reply shorter (for a big file, write it in parts).";

@@ -8,7 +8,7 @@ use shoal_shared::task::{AgentResult, AgentSpec, TaskState};
 use shoal_shared::TaskMessage;
 use tokio_util::sync::CancellationToken;
 
-use super::conversation::{AgentConfig, Billing, Conversation};
+use super::conversation::{AgentConfig, Billing, Conversation, Outcome};
 use super::llm::{client_for, LlmErrorKind};
 use super::secrets::{self, Masker};
 use super::sink::RedisSink;
@@ -121,7 +121,7 @@ pub async fn run_agent(
         temperature: profile.temperature,
     };
     let env: Vec<(String, String)> = found;
-    let result = Conversation {
+    let ended = Conversation {
         llm: &*llm,
         sandbox,
         sink: &sink,
@@ -135,22 +135,32 @@ pub async fn run_agent(
         },
         cancel: cancel.clone(),
     }
-    .run(&prompt)
+    .run_to_end(&prompt)
     .await;
-    let outcome = result.outcome.as_str();
+    let (outcome, result) = (ended.outcome, ended.result);
     Ok(match outcome {
-        "finished" | "answered" => AgentEnd::Done(TaskState::Succeeded, result, None),
-        "timed_out" => {
+        Outcome::Finished | Outcome::Answered => AgentEnd::Done(TaskState::Succeeded, result, None),
+        Outcome::TimedOut => {
             let error = format!("timed out after {} s", spec.limits.timeout_s);
             AgentEnd::Done(TaskState::TimedOut, result, Some(error))
         }
-        "cancelled" => AgentEnd::Interrupted,
-        _ => {
+        Outcome::Cancelled => AgentEnd::Interrupted,
+        // The reason is already masked in the result's message.
+        Outcome::ContextExceeded(_) | Outcome::Truncated(_) => {
+            let reason = result.message.clone().unwrap_or_default();
+            let error = format!("{}: {reason}", outcome.name());
+            AgentEnd::Done(TaskState::Failed, result, Some(error))
+        }
+        Outcome::MaxIterations
+        | Outcome::BudgetExceeded
+        | Outcome::Stuck(_)
+        | Outcome::Error(_) => {
+            let name = outcome.name();
             let error = result
                 .message
                 .clone()
-                .map(|m| format!("{outcome}: {m}"))
-                .unwrap_or_else(|| outcome.to_owned());
+                .map(|m| format!("{name}: {m}"))
+                .unwrap_or_else(|| name.to_owned());
             AgentEnd::Done(TaskState::Failed, result, Some(error))
         }
     })

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::retry::{self, ApiKey, Exchange, RetryPolicy};
 use super::{
     generated_call_id, http_client, invalid, ChatMessage, LlmClient, LlmError, LlmErrorKind,
-    LlmRequest, LlmResponse, Parsed, Role, ToolCall,
+    LlmRequest, LlmResponse, Parsed, Role, ThinkingBlock, ToolCall,
 };
 
 /// The API version this client speaks.
@@ -128,7 +128,15 @@ fn wire_messages(messages: &[ChatMessage], caching: bool) -> Vec<Value> {
                 ("user", vec![block])
             }
             Role::Assistant => {
-                let mut blocks: Vec<Value> = text_block(&m.content).into_iter().collect();
+                // Reasoning blocks first, exactly as received: the API
+                // checks their signatures and requires them on the turn
+                // whose tool calls the next user turn answers.
+                let mut blocks: Vec<Value> = m
+                    .thinking
+                    .iter()
+                    .filter_map(|b| serde_json::to_value(b).ok())
+                    .collect();
+                blocks.extend(text_block(&m.content));
                 blocks.extend(m.tool_calls.iter().map(|c| {
                     json!({"type": "tool_use", "id": c.id, "name": c.name, "input": input_of(c)})
                 }));
@@ -185,8 +193,23 @@ pub(crate) fn parse_response(body: &[u8]) -> Result<Parsed, LlmError> {
         .ok_or_else(|| invalid("response has no content array"))?;
     let mut texts = Vec::new();
     let mut tool_calls = Vec::new();
+    let mut thinking = Vec::new();
     for block in blocks {
+        let field = |name: &str| {
+            block
+                .get(name)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| invalid(&format!("a reasoning block without `{name}`")))
+        };
         match block.get("type").and_then(Value::as_str) {
+            Some("thinking") => thinking.push(ThinkingBlock::Thinking {
+                thinking: field("thinking")?,
+                signature: field("signature")?,
+            }),
+            Some("redacted_thinking") => thinking.push(ThinkingBlock::RedactedThinking {
+                data: field("data")?,
+            }),
             Some("text") => {
                 if let Some(text) = block.get("text").and_then(Value::as_str) {
                     texts.push(text);
@@ -213,12 +236,14 @@ pub(crate) fn parse_response(body: &[u8]) -> Result<Parsed, LlmError> {
                     arguments,
                 });
             }
-            // thinking, redacted_thinking, server tool blocks: not ours.
+            // Server tool blocks and the like: not ours.
             _ => {}
         }
     }
+    let mut message = ChatMessage::assistant_with_calls(texts.join("\n"), tool_calls);
+    message.thinking = thinking;
     Ok(Parsed {
-        message: ChatMessage::assistant_with_calls(texts.join("\n"), tool_calls),
+        message,
         usage: usage_of(value.get("usage")),
         model: value
             .get("model")
@@ -313,5 +338,37 @@ mod tests {
         assert_eq!(last[2]["cache_control"]["type"], "ephemeral");
         assert!(wire[0]["content"][0].get("cache_control").is_none());
         assert_eq!(wire[1]["content"][0]["input"]["cmd"], "ls");
+    }
+
+    #[test]
+    fn thinking_blocks_go_back_first_and_unchanged() {
+        let body = json!({
+            "model": "claude-sonnet-4-5", "stop_reason": "tool_use",
+            "content": [
+                {"type": "thinking", "thinking": "List first.\n", "signature": "EqQBCgIYAhIM"},
+                {"type": "redacted_thinking", "data": "EmwKAhgBEgy3va"},
+                {"type": "text", "text": "Looking."},
+                {"type": "tool_use", "id": "toolu_1", "name": "run", "input": {"cmd": "ls"}}
+            ],
+            "usage": {"input_tokens": 10, "output_tokens": 500}
+        });
+        let parsed = parse_response(body.to_string().as_bytes()).unwrap();
+        assert_eq!(parsed.message.thinking.len(), 2);
+        // Thinking is billed in `output_tokens`; nothing is added to it.
+        assert_eq!(parsed.usage.completion_tokens, 500);
+        let messages = vec![
+            ChatMessage::user("hi"),
+            parsed.message,
+            ChatMessage::tool_result("toolu_1", "a.txt"),
+        ];
+        let wire = wire_messages(&messages, false);
+        let sent = wire[1]["content"].as_array().unwrap();
+        assert_eq!(sent[..2], body["content"].as_array().unwrap()[..2]);
+        assert_eq!(sent[2]["type"], "text");
+        assert_eq!(sent[3]["id"], "toolu_1");
+        // A reasoning block without its signature is not what the API sends.
+        let broken = json!({"content": [{"type": "thinking", "thinking": "x"}]});
+        let error = parse_response(broken.to_string().as_bytes()).unwrap_err();
+        assert_eq!(error.kind, LlmErrorKind::InvalidResponse);
     }
 }

@@ -80,7 +80,9 @@ impl LlmClient for ConstrainedToolCalls {
         if let Some((thought, call)) = parsed {
             response.message.content = thought;
             response.message.tool_calls.push(call);
-            response.finish_reason = Some("tool_calls".into());
+            if !truncated {
+                response.finish_reason = Some("tool_calls".into());
+            }
         }
         Ok(response)
     }

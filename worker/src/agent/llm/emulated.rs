@@ -61,7 +61,11 @@ impl LlmClient for EmulatedToolCalls {
         if !calls.is_empty() {
             response.message.content = content;
             response.message.tool_calls.extend(calls);
-            response.finish_reason = Some("tool_calls".into());
+            // A cut-off reply stays one: what followed the last complete
+            // call was lost, and the loop tells the model.
+            if !truncated {
+                response.finish_reason = Some("tool_calls".into());
+            }
         }
         Ok(response)
     }
@@ -485,6 +489,51 @@ mod tests {
         let (content, calls) = parse_calls(tagged, &bash());
         assert_eq!(content, "");
         assert_eq!(args(&calls[0]), json!({"command": "pwd"}));
+    }
+
+    /// The model behind the wrapper: one fixed reply.
+    struct Fixed(LlmResponse);
+
+    #[async_trait]
+    impl LlmClient for Fixed {
+        fn model(&self) -> &str {
+            "fixed"
+        }
+
+        async fn complete(
+            &self,
+            _request: &LlmRequest,
+            _cancel: &CancellationToken,
+        ) -> Result<LlmResponse, LlmError> {
+            Ok(self.0.clone())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cut_off_reply_with_a_complete_call_stays_cut_off() {
+        let text = "<function=execute_bash>\n<parameter=command>ls</parameter>\n</function>\n<function=execute_bash>\n<parameter=comm";
+        let reply = LlmResponse {
+            message: ChatMessage::assistant(text),
+            usage: Default::default(),
+            latency: std::time::Duration::ZERO,
+            model: "fixed".into(),
+            finish_reason: Some("length".into()),
+            attempts: 1,
+        };
+        let client = EmulatedToolCalls::new(Arc::new(Fixed(reply)));
+        let request = LlmRequest {
+            messages: vec![ChatMessage::user("list")],
+            tools: bash(),
+            max_tokens: None,
+            temperature: None,
+            response_format: None,
+        };
+        let response = client
+            .complete(&request, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(response.message.tool_calls.len(), 1);
+        assert!(response.is_truncated(), "{:?}", response.finish_reason);
     }
 
     #[test]

@@ -43,6 +43,23 @@ pub struct ToolCall {
     pub arguments: String,
 }
 
+/// A reasoning block of an Anthropic reply (extended thinking), kept
+/// exactly as received: the API checks the signature and requires the blocks
+/// back, unchanged and in order, at the start of the assistant turn whose
+/// tool calls the next request answers. Serialises to the wire form.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ThinkingBlock {
+    Thinking {
+        thinking: String,
+        signature: String,
+    },
+    /// Thinking the provider's safety systems encrypted: opaque `data`.
+    RedactedThinking {
+        data: String,
+    },
+}
+
 /// One message of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
@@ -54,6 +71,10 @@ pub struct ChatMessage {
     /// For `Role::Tool`: the call this answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_call_id: Option<String>,
+    /// For `Role::Assistant`: the reasoning blocks that came before the text
+    /// and calls (Anthropic only; other formats drop them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub thinking: Vec<ThinkingBlock>,
 }
 
 impl ChatMessage {
@@ -83,6 +104,7 @@ impl ChatMessage {
             content: content.into(),
             tool_calls: Vec::new(),
             tool_call_id: Some(call_id.into()),
+            thinking: Vec::new(),
         }
     }
 
@@ -92,6 +114,7 @@ impl ChatMessage {
             content: content.into(),
             tool_calls: Vec::new(),
             tool_call_id: None,
+            thinking: Vec::new(),
         }
     }
 }
