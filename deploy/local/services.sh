@@ -284,6 +284,11 @@ prometheus.tcp.port = ${PROM_PORT}
 # than this, and Shoal keeps a message unacked while its task runs.
 consumer_timeout = 10800000
 
+# 16 MiB, above Shoal's broker.max_message_bytes (8 MiB by default): the
+# scheduler refuses a larger task at submit (413), so the broker's own limit is
+# never what stops a task (docs/adr/0016-message-size.md).
+max_message_size = 16777216
+
 # guest/guest stays usable: it is only refused on non-loopback connections.
 log.console = false
 log.file = shoal.log

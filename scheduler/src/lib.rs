@@ -59,6 +59,7 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<api::AppState> {
         Publisher::new(broker),
         topology,
         settings.limits.clone(),
+        settings.broker.max_message_bytes,
         settings.sandbox.templates.keys().cloned().collect(),
     );
     Ok(api::AppState {

@@ -1,7 +1,9 @@
 //! The submit path: validate, claim idempotency keys, publish with confirms,
 //! then record. A task is reported `queued` only after the broker confirmed it.
 
-use shoal_shared::broker::{Broker, OutgoingMessage, PublishError, Publisher, Topology};
+use shoal_shared::broker::{
+    Broker, OutgoingMessage, PublishError, Publisher, Topology, HEADER_TASK_ID,
+};
 use shoal_shared::store::{Claim, Store, StoreError};
 use shoal_shared::task::{SpecError, SpecLimits, TaskId, TaskRecord, TaskSpec};
 use shoal_shared::TaskMessage;
@@ -12,8 +14,27 @@ use tracing::warn;
 pub enum SubmitError {
     #[error("task {index}: {error}")]
     Invalid { index: usize, error: SpecError },
+    #[error(
+        "task {index} is {size} bytes as a queue message; this fleet queues at most \
+         {limit} bytes per task (broker.max_message_bytes): split the task, or fetch \
+         large inputs from a repository"
+    )]
+    TooLarge {
+        index: usize,
+        size: usize,
+        limit: usize,
+    },
     #[error("idempotency key {key:?} is in use by a submission still in progress")]
     InProgress { key: String },
+    #[error(
+        "idempotency key {key:?} was already used for task {existing} with a different \
+         request body; use a new key for a different task"
+    )]
+    Conflict {
+        index: usize,
+        key: String,
+        existing: TaskId,
+    },
     #[error("the broker did not confirm the task: {0}")]
     Publish(#[from] PublishError),
     #[error("the task store is unavailable: {0}")]
@@ -35,6 +56,9 @@ pub struct Submitter {
     publisher: Publisher,
     topology: Topology,
     limits: SpecLimits,
+    /// The largest message a task may be (`broker.max_message_bytes`): a
+    /// larger one is refused here, never accepted and then dead-lettered.
+    max_message_bytes: usize,
     /// Sandbox templates the fleet offers; a spec naming another is refused.
     templates: Vec<String>,
 }
@@ -46,6 +70,7 @@ impl Submitter {
         publisher: Publisher,
         topology: Topology,
         limits: SpecLimits,
+        max_message_bytes: usize,
         templates: Vec<String>,
     ) -> Self {
         Self {
@@ -54,6 +79,7 @@ impl Submitter {
             publisher,
             topology,
             limits,
+            max_message_bytes,
             templates,
         }
     }
@@ -92,15 +118,44 @@ impl Submitter {
             }
         }
 
+        // Every message as it will be published: one too large for the
+        // broker limit refuses the whole submission before anything is claimed.
+        let mut prepared = Vec::with_capacity(specs.len());
+        for (index, spec) in specs.into_iter().enumerate() {
+            let message = TaskMessage::new(TaskId::new(), tenant.to_owned(), spec);
+            let body = message.to_bytes();
+            if body.len() > self.max_message_bytes {
+                return Err(SubmitError::TooLarge {
+                    index,
+                    size: body.len(),
+                    limit: self.max_message_bytes,
+                });
+            }
+            prepared.push((message, body));
+        }
+
         // Claim idempotency keys first; replays return the existing task.
-        let mut slots: Vec<Result<(TaskId, TaskSpec), TaskRecord>> =
-            Vec::with_capacity(specs.len());
+        let mut slots: Vec<Result<(TaskMessage, Vec<u8>), TaskRecord>> =
+            Vec::with_capacity(prepared.len());
         let mut claimed: Vec<String> = Vec::new();
-        for spec in specs {
-            let id = TaskId::new();
-            if let Some(key) = spec.idempotency_key.clone() {
-                match self.store.claim_idempotency(tenant, &key, &id).await {
+        for (index, (message, body)) in prepared.into_iter().enumerate() {
+            let id = message.id;
+            if let Some(key) = message.spec.idempotency_key.clone() {
+                let fingerprint = fingerprint(&message.spec);
+                match self
+                    .store
+                    .claim_idempotency(tenant, &key, &id, &fingerprint)
+                    .await
+                {
                     Ok(Claim::Claimed) => claimed.push(key),
+                    Ok(Claim::Conflict(existing)) => {
+                        self.release_keys(tenant, &claimed).await;
+                        return Err(SubmitError::Conflict {
+                            index,
+                            key,
+                            existing,
+                        });
+                    }
                     Ok(Claim::Existing(existing)) => match self.store.get(&existing).await {
                         Ok(Some(record)) => {
                             slots.push(Err(record));
@@ -121,24 +176,22 @@ impl Submitter {
                     }
                 }
             }
-            slots.push(Ok((id, spec)));
+            slots.push(Ok((message, body)));
         }
 
-        let messages: Vec<TaskMessage> = slots
-            .iter()
-            .filter_map(|slot| slot.as_ref().ok())
-            .map(|(id, spec)| TaskMessage::new(*id, tenant.to_owned(), spec.clone()))
-            .collect();
-        let outgoing: Vec<OutgoingMessage> = messages
-            .iter()
-            .map(|message| OutgoingMessage {
+        let mut messages: Vec<&TaskMessage> = Vec::new();
+        let mut outgoing: Vec<OutgoingMessage> = Vec::new();
+        for (message, body) in slots.iter_mut().filter_map(|slot| slot.as_mut().ok()) {
+            outgoing.push(OutgoingMessage {
                 exchange: self.topology.work_exchange(),
                 routing_key: message.spec.priority.as_str().to_owned(),
-                body: message.to_bytes(),
+                body: std::mem::take(body),
                 message_id: Some(message.id.to_string()),
-                headers: Vec::new(),
-            })
-            .collect();
+                // So a worker that cannot read the body still knows the task.
+                headers: vec![(HEADER_TASK_ID.into(), message.id.to_string())],
+            });
+            messages.push(message);
+        }
         if !outgoing.is_empty() {
             if let Err(error) = self.publisher.publish_all(&outgoing).await {
                 self.release_keys(tenant, &claimed).await;
@@ -183,4 +236,12 @@ impl Submitter {
             }
         }
     }
+}
+
+/// A hash of the canonical body (the parsed spec, defaults filled in and
+/// fields in one order), kept with an idempotency key: a replay is the same
+/// request however its JSON was formatted, and a different one is refused.
+fn fingerprint(spec: &TaskSpec) -> String {
+    let canonical = serde_json::to_vec(spec).unwrap_or_default();
+    sha1_smol::Sha1::from(canonical).digest().to_string()
 }

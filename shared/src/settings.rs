@@ -288,7 +288,9 @@ impl Default for RawBroker {
         Self {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             delivery_limit: 20,
-            max_message_bytes: 1 << 20,
+            // As large as the scheduler's body limit: a spec the API can
+            // read fits in one message (docs/adr/0016-message-size.md).
+            max_message_bytes: 8 << 20,
             retry_tiers_s: vec![5, 30, 120, 600],
         }
     }
@@ -554,6 +556,9 @@ impl RawTemplate {
 struct RawLimits {
     max_timeout_s: u64,
     max_attempts: u32,
+    max_command_bytes: usize,
+    max_file_bytes: usize,
+    max_prompt_bytes: usize,
 }
 
 impl Default for RawLimits {
@@ -562,6 +567,9 @@ impl Default for RawLimits {
         Self {
             max_timeout_s: limits.max_timeout_s,
             max_attempts: limits.max_attempts,
+            max_command_bytes: limits.max_command_bytes,
+            max_file_bytes: limits.max_file_bytes,
+            max_prompt_bytes: limits.max_prompt_bytes,
         }
     }
 }
@@ -586,6 +594,13 @@ impl Default for RawTelemetry {
 
 /// The environment variable naming the configuration file.
 pub const CONFIG_ENV: &str = "SHOAL_CONFIG";
+
+/// RabbitMQ refuses a `max_message_size` above 512 MiB.
+pub const MAX_BROKER_MESSAGE_BYTES: usize = 512 << 20;
+
+/// Room kept in a message, next to the largest single spec field, for the
+/// rest of the task (id, tenant, labels, other fields).
+pub const MESSAGE_ENVELOPE_BYTES: usize = 64 << 10;
 
 impl Settings {
     /// Loads `path` (or `$SHOAL_CONFIG`, or nothing) and then the `SHOAL__*`
@@ -629,8 +644,32 @@ impl Settings {
         if raw.broker.delivery_limit == 0 {
             return Err(invalid("broker.delivery_limit", "must be at least 1"));
         }
-        if raw.broker.max_message_bytes < 1024 {
-            return Err(invalid("broker.max_message_bytes", "must be at least 1024"));
+        if raw.broker.max_message_bytes > MAX_BROKER_MESSAGE_BYTES {
+            return Err(invalid(
+                "broker.max_message_bytes",
+                format!("must be at most {MAX_BROKER_MESSAGE_BYTES} (RabbitMQ's own ceiling)"),
+            ));
+        }
+        // A spec field the API accepts must fit in a message with its envelope,
+        // or every task using it would be refused (docs/adr/0016).
+        for (key, value) in [
+            ("limits.max_command_bytes", raw.limits.max_command_bytes),
+            ("limits.max_file_bytes", raw.limits.max_file_bytes),
+            ("limits.max_prompt_bytes", raw.limits.max_prompt_bytes),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be positive"));
+            }
+            if value.saturating_add(MESSAGE_ENVELOPE_BYTES) > raw.broker.max_message_bytes {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{value} bytes plus {MESSAGE_ENVELOPE_BYTES} for the rest of the task \
+                         exceed broker.max_message_bytes ({}): such a task could never be queued",
+                        raw.broker.max_message_bytes
+                    ),
+                ));
+            }
         }
         if raw.broker.retry_tiers_s.is_empty()
             || raw.broker.retry_tiers_s.contains(&0)
@@ -798,6 +837,9 @@ impl Settings {
         let limits = SpecLimits {
             max_timeout_s: raw.limits.max_timeout_s,
             max_attempts: raw.limits.max_attempts,
+            max_command_bytes: raw.limits.max_command_bytes,
+            max_file_bytes: raw.limits.max_file_bytes,
+            max_prompt_bytes: raw.limits.max_prompt_bytes,
             ..SpecLimits::default()
         };
         Ok(Self {

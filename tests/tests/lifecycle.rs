@@ -89,7 +89,7 @@ async fn garbage_on_the_work_queue_is_dead_lettered_with_a_reason_and_the_worker
         .expect("submit");
     env.publish_raw("normal", b"\x00\xffthis is not json").await;
     env.publish_raw("high", br#"{"v":1,"hello":"world"}"#).await;
-    env.publish_raw("low", &vec![b'{'; 2 * 1024 * 1024]).await;
+    env.publish_raw("low", &vec![b'{'; 9 * 1024 * 1024]).await;
     let invalid = serde_json::json!({
         "v": 1, "id": uuid::Uuid::now_v7(), "tenant": "t", "submitted_at": "2026-01-01T00:00:00Z",
         "spec": {"kind": {"type": "exec", "command": "true", "timeout_s": 0}}

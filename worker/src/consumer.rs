@@ -19,10 +19,10 @@ use lapin::options::{BasicAckOptions, BasicGetOptions, BasicRejectOptions, Confi
 use lapin::Channel;
 use shoal_shared::broker::{
     publish_confirmed, Broker, OutgoingMessage, Topology, HEADER_ATTEMPTS, HEADER_LAST_ERROR,
-    HEADER_REASON, HEADER_WORKER,
+    HEADER_REASON, HEADER_TASK_ID, HEADER_WORKER,
 };
-use shoal_shared::store::DeadEntry;
-use shoal_shared::task::Priority;
+use shoal_shared::store::{DeadEntry, Transition, TransitionOutcome};
+use shoal_shared::task::{Priority, TaskId, TaskState};
 use shoal_shared::TaskMessage;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -151,14 +151,46 @@ impl Slot {
                 return;
             }
             Err(error) => {
-                warn!(slot = self.index, reason = error.reason(), %error, "undecodable message dead-lettered");
-                Disposition::Dead {
-                    reason: error.reason().to_owned(),
-                    error: error.to_string(),
+                let task_id = task_id_of(&delivery);
+                warn!(slot = self.index, reason = error.reason(), ?task_id, %error, "undecodable message dead-lettered");
+                let reason = error.reason().to_owned();
+                let error = error.to_string();
+                if let Some(id) = task_id {
+                    self.settle_unreadable(&id, &reason, &error).await;
                 }
+                Disposition::Dead { reason, error }
             }
         };
         self.settle(channel, &delivery, None, disposition).await;
+    }
+
+    /// A message that cannot be run but names its task: the task's record
+    /// goes `dead` with the reason, so it does not stay `queued` forever. Only
+    /// a task no worker holds is settled (a running one is its worker's).
+    async fn settle_unreadable(&self, id: &TaskId, reason: &str, error: &str) {
+        let mut dead = Transition::to(*id, TaskState::Dead, self.runner.source.clone())
+            .field("last_error", format!("{reason}: {error}"))
+            .reason(format!("{reason}: {error}"));
+        dead.from = vec![TaskState::Queued, TaskState::Retrying];
+        // The scheduler records a task just after the broker confirmed its
+        // message, so the message can come first: give the record a moment.
+        let mut wait = Duration::from_millis(100);
+        for _ in 0..5 {
+            match self.runner.store.transition(&dead).await {
+                Ok(TransitionOutcome::Missing) => {}
+                Ok(outcome) => {
+                    debug!(task_id = %id, ?outcome, "unreadable message's task settled");
+                    return;
+                }
+                Err(store_error) => {
+                    warn!(task_id = %id, %store_error, "unreadable message's task not settled");
+                    return;
+                }
+            }
+            tokio::time::sleep(wait).await;
+            wait *= 2;
+        }
+        warn!(task_id = %id, "unreadable message names a task without a record");
     }
 
     /// The single place a delivery is acknowledged, retried, dead-lettered or
@@ -206,7 +238,7 @@ impl Slot {
                     .await
                     .map_err(|e| e.to_string());
                 let entry = DeadEntry {
-                    task_id: message.map(|m| m.id),
+                    task_id: message.map(|m| m.id).or_else(|| task_id_of(delivery)),
                     reason: reason.clone(),
                     error: truncate(error, 4096),
                     attempts,
@@ -248,6 +280,39 @@ impl Slot {
             _ => 0,
         }
     }
+}
+
+/// The task a delivery belongs to, when it says so though its body could not
+/// be read: the `message_id` property, the task id header, or the `id` of a
+/// body that is JSON but not a valid task.
+fn task_id_of(delivery: &Delivery) -> Option<TaskId> {
+    let properties = &delivery.properties;
+    if let Some(id) = properties
+        .message_id()
+        .as_ref()
+        .and_then(|id| id.as_str().parse().ok())
+    {
+        return Some(id);
+    }
+    let header = properties.headers().as_ref().and_then(|headers| {
+        let value = headers.inner().get(HEADER_TASK_ID)?;
+        let text = match value {
+            lapin::types::AMQPValue::LongString(s) => s.to_string(),
+            lapin::types::AMQPValue::ShortString(s) => s.as_str().to_owned(),
+            _ => return None,
+        };
+        text.parse().ok()
+    });
+    if header.is_some() {
+        return header;
+    }
+    #[derive(serde::Deserialize)]
+    struct IdOnly {
+        id: TaskId,
+    }
+    serde_json::from_slice::<IdOnly>(&delivery.data)
+        .ok()
+        .map(|body| body.id)
 }
 
 fn log_settle(result: Result<bool, lapin::Error>) {

@@ -52,14 +52,22 @@ fn unavailable(error: shoal_shared::store::StoreError) -> Problem {
     )
 }
 
+/// Whether Redis takes `id` as an exclusive start: `<ms>` or `<ms>-<seq>`,
+/// each a 64-bit number, and not the largest id (nothing comes after it).
+/// Anything else would reach Redis and come back as a server error.
 fn valid_stream_id(id: &str) -> bool {
-    let mut parts = id.splitn(2, '-');
-    let ms = parts.next().unwrap_or("");
-    !ms.is_empty()
-        && ms.bytes().all(|b| b.is_ascii_digit())
-        && parts
-            .next()
-            .is_none_or(|seq| !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit()))
+    fn number(part: &str) -> Option<u64> {
+        // `parse` alone would take a leading `+`.
+        part.bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| part.parse().ok())
+            .flatten()
+    }
+    let (ms, seq) = match id.split_once('-') {
+        Some((ms, seq)) => (number(ms), number(seq)),
+        None => (number(id), Some(0)),
+    };
+    matches!((ms, seq), (Some(ms), Some(seq)) if (ms, seq) != (u64::MAX, u64::MAX))
 }
 
 fn with_id(stream_id: &str, envelope: &EventEnvelope) -> Value {
@@ -107,8 +115,10 @@ pub async fn events(
     if let Some(after) = &resume {
         if !valid_stream_id(after) {
             return Err(Problem::bad_request(format!(
-                "{after:?} is not an event id"
-            )));
+                "{after:?} is not an event id (`<ms>-<seq>`, two 64-bit numbers, as \
+                 the `id` of an event this API returned)"
+            ))
+            .with_field("after"));
         }
     }
     let wants_sse = headers
@@ -218,4 +228,29 @@ fn live(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_stream_id;
+
+    #[test]
+    fn cursors_redis_would_refuse_are_not_event_ids() {
+        for good in ["0", "0-1", "1718000000000-3", "18446744073709551615-0"] {
+            assert!(valid_stream_id(good), "{good}");
+        }
+        for bad in [
+            "",
+            "garbage",
+            "+1",
+            "1-",
+            "-1",
+            "1-2-3",
+            "99999999999999999999",
+            "1-99999999999999999999",
+            "18446744073709551615-18446744073709551615",
+        ] {
+            assert!(!valid_stream_id(bad), "{bad}");
+        }
+    }
 }

@@ -212,6 +212,20 @@ fn problem_of(error: SubmitError) -> Problem {
         SubmitError::Invalid { index, error } => Problem::unprocessable(error.to_string())
             .with_field(error.field)
             .with_index(index),
+        SubmitError::TooLarge { index, .. } => Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "task-too-large",
+            "Task too large",
+            error.to_string(),
+        )
+        .with_index(index),
+        SubmitError::Conflict { index, .. } => Problem::new(
+            StatusCode::CONFLICT,
+            "idempotency-key-reused",
+            "Idempotency key reused with a different body",
+            error.to_string(),
+        )
+        .with_index(index),
         SubmitError::InProgress { .. } => Problem::new(
             StatusCode::CONFLICT,
             "idempotency-in-progress",

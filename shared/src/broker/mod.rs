@@ -36,5 +36,8 @@ pub const HEADER_LAST_ERROR: &str = "x-shoal-last-error";
 pub const HEADER_ATTEMPTS: &str = "x-shoal-attempts";
 /// Header on dead-lettered messages: the worker that dead-lettered it.
 pub const HEADER_WORKER: &str = "x-shoal-worker";
+/// Header on task messages: the task's id, so a message that cannot be read
+/// still names the record it belongs to (the AMQP `message_id` carries it too).
+pub const HEADER_TASK_ID: &str = "x-shoal-task-id";
 /// W3C trace context, carried from scheduler to worker.
 pub const HEADER_TRACEPARENT: &str = "traceparent";

@@ -117,7 +117,11 @@ pub enum CancelOutcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
     Claimed,
+    /// The key holds this task, submitted with the same body (or before
+    /// bodies were fingerprinted).
     Existing(TaskId),
+    /// The key holds this task, submitted with a different body.
+    Conflict(TaskId),
 }
 
 /// One LLM call on the cost stream `{ns}:costs`.
@@ -500,15 +504,17 @@ impl Store {
         Ok(events)
     }
 
-    /// Claims `key` for `id` unless the tenant already used it. One atomic
-    /// step, so a record cannot expire between the claim and the read; a
-    /// record that is not a task id is reported as damaged (naming the key),
-    /// never retried.
+    /// Claims `key` for `id` unless the tenant already used it; `fingerprint`
+    /// (a hash of the canonical body) is kept with it, so a replay with a
+    /// different body is told apart. One atomic step, so a record cannot
+    /// expire between the claim and the read; a record that is not a task id
+    /// is reported as damaged (naming the key), never retried.
     pub async fn claim_idempotency(
         &self,
         tenant: &str,
         key: &str,
         id: &TaskId,
+        fingerprint: &str,
     ) -> Result<Claim, StoreError> {
         static SCRIPT: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
         let script = SCRIPT.get_or_init(|| Script::new(CLAIM_IDEMPOTENCY));
@@ -516,18 +522,27 @@ impl Store {
         let redis_key = self.keys.idempotency(tenant, key);
         let existing: Option<String> = script
             .key(&redis_key)
-            .arg(id.to_string())
+            .arg(format!("{id} {fingerprint}"))
             .arg(self.idempotency_ttl.as_secs().max(1))
             .invoke_async(&mut conn)
             .await?;
         let Some(existing) = existing else {
             return Ok(Claim::Claimed);
         };
-        existing.parse().map(Claim::Existing).map_err(|_| {
+        // `<id> <fingerprint>`; a bare id was written before fingerprints.
+        let (stored_id, stored_fingerprint) = match existing.split_once(' ') {
+            Some((id, fingerprint)) => (id, Some(fingerprint)),
+            None => (existing.as_str(), None),
+        };
+        let existing_id: TaskId = stored_id.parse().map_err(|_| {
             StoreError::Corrupt(format!(
                 "idempotency record {redis_key:?} holds {:?}, not a task id",
                 existing.chars().take(64).collect::<String>(),
             ))
+        })?;
+        Ok(match stored_fingerprint {
+            Some(stored) if stored != fingerprint => Claim::Conflict(existing_id),
+            _ => Claim::Existing(existing_id),
         })
     }
 
