@@ -32,6 +32,13 @@ pub struct ModelLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabels {
+    pub model: String,
+    /// `ok`, or the error class (`auth`, `rate_limit`, `server`, ...).
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenLabels {
     pub model: String,
     /// `prompt`, `completion`, `cache_read`, `cache_write`, `reasoning`.
@@ -48,7 +55,7 @@ pub struct TaskMetrics {
     pub llm_calls: Family<ModelLabels, Counter>,
     pub llm_tokens: Family<TokenLabels, Counter>,
     pub llm_cost_microdollars: Family<ModelLabels, Counter>,
-    pub llm_call_seconds: Family<ModelLabels, Histogram>,
+    pub llm_call_seconds: Family<AttemptLabels, Histogram>,
 }
 
 /// Decrements the running gauge when the run is over, however it ended.
@@ -115,7 +122,7 @@ impl TaskMetrics {
         );
         llm.register(
             "call_seconds",
-            "LLM call latency, retries included",
+            "Time of each LLM HTTP attempt, failed ones included, by outcome (ok or the error class)",
             metrics.llm_call_seconds.clone(),
         );
         metrics
@@ -154,9 +161,6 @@ impl TaskMetrics {
         self.llm_cost_microdollars
             .get_or_create(&model)
             .inc_by(entry.cost_micros);
-        self.llm_call_seconds
-            .get_or_create(&model)
-            .observe(entry.latency_ms as f64 / 1000.0);
         let usage = entry.usage;
         for (kind, tokens) in [
             ("prompt", usage.prompt_tokens),
@@ -174,6 +178,30 @@ impl TaskMetrics {
                     .inc_by(tokens);
             }
         }
+    }
+}
+
+impl TaskMetrics {
+    /// An observer for [`crate::agent::llm::retry::observing_attempts`]
+    /// that times every attempt on `model`, by outcome.
+    pub fn llm_attempts(&self, model: &str) -> crate::agent::llm::retry::AttemptObserver {
+        let seconds = self.llm_call_seconds.clone();
+        let model = model.to_owned();
+        std::sync::Arc::new(move |class, took: Duration| {
+            let outcome = match class {
+                None => "ok".to_owned(),
+                Some(kind) => serde_json::to_value(kind)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_else(|| "unknown".to_owned()),
+            };
+            seconds
+                .get_or_create(&AttemptLabels {
+                    model: model.clone(),
+                    outcome,
+                })
+                .observe(took.as_secs_f64());
+        })
     }
 }
 

@@ -169,9 +169,10 @@ impl Conversation<'_> {
         }
         let message = match &outcome {
             Outcome::Stuck(reason) => Some(format!("stopped: {reason}")),
-            Outcome::ContextExceeded(reason) | Outcome::Truncated(reason) => {
-                Some(self.masker.mask(reason))
-            }
+            // The cause, so a failed task's `last_error` says what happened.
+            Outcome::ContextExceeded(reason)
+            | Outcome::Truncated(reason)
+            | Outcome::Error(reason) => Some(self.masker.mask(reason)),
             _ => run.final_message.clone(),
         };
         self.sink

@@ -9,6 +9,7 @@ use shoal_shared::TaskMessage;
 use tokio_util::sync::CancellationToken;
 
 use super::conversation::{AgentConfig, Billing, Conversation, Outcome};
+use super::llm::retry::observing_attempts;
 use super::llm::{client_for, LlmErrorKind};
 use super::secrets::{self, Masker};
 use super::sink::RedisSink;
@@ -121,7 +122,9 @@ pub async fn run_agent(
         temperature: profile.temperature,
     };
     let env: Vec<(String, String)> = found;
-    let ended = Conversation {
+    // Every LLM attempt of the run is timed, failed ones too.
+    let attempts = runner.metrics.llm_attempts(llm.model());
+    let conversation = Conversation {
         llm: &*llm,
         sandbox,
         sink: &sink,
@@ -134,9 +137,8 @@ pub async fn run_agent(
             tenant: message.tenant.clone(),
         },
         cancel: cancel.clone(),
-    }
-    .run_to_end(&prompt)
-    .await;
+    };
+    let ended = observing_attempts(attempts, conversation.run_to_end(&prompt)).await;
     let (outcome, result) = (ended.outcome, ended.result);
     Ok(match outcome {
         Outcome::Finished | Outcome::Answered => AgentEnd::Done(TaskState::Succeeded, result, None),

@@ -200,7 +200,10 @@ pub async fn send<T>(
         .with_max_times(policy.max_retries as usize);
     let run = (|| async {
         attempts.fetch_add(1, Ordering::Relaxed);
-        attempt(exchange, policy, &parse).await
+        let started = Instant::now();
+        let result = attempt(exchange, policy, &parse).await;
+        report_attempt(result.as_ref().err().map(|e| e.kind), started.elapsed());
+        result
     })
     .retry(backoff)
     .when(|e: &LlmError| e.kind.is_retryable())
@@ -230,6 +233,27 @@ pub async fn send<T>(
             attempts: attempts.load(Ordering::Relaxed),
         }),
     }
+}
+
+/// Told of every HTTP attempt: its error class (`None` when it succeeded)
+/// and how long it took. Set per task with [`observing_attempts`], so this
+/// layer needs nothing from the one that counts.
+pub type AttemptObserver = std::sync::Arc<dyn Fn(Option<LlmErrorKind>, Duration) + Send + Sync>;
+
+tokio::task_local! {
+    static ATTEMPT_OBSERVER: AttemptObserver;
+}
+
+/// Runs `future` with `observer` told of every LLM attempt made inside it.
+pub async fn observing_attempts<F: std::future::Future>(
+    observer: AttemptObserver,
+    future: F,
+) -> F::Output {
+    ATTEMPT_OBSERVER.scope(observer, future).await
+}
+
+fn report_attempt(class: Option<LlmErrorKind>, took: Duration) {
+    let _ = ATTEMPT_OBSERVER.try_with(|observer| observer(class, took));
 }
 
 fn cancelled() -> LlmError {
@@ -274,7 +298,8 @@ async fn attempt<T>(
     Err(LlmError {
         kind,
         message: format!(
-            "HTTP {status}: {}",
+            "{} answered HTTP {status}: {}",
+            exchange.provider,
             exchange.key.mask(&error_message(&text))
         ),
         status: Some(status),
