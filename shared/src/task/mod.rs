@@ -12,7 +12,7 @@ pub use record::{
     format_time, AgentResult, ExecResult, RecordError, TaskRecord, TaskRef, TaskResult,
 };
 pub use spec::{
-    kernel_limits, workspace_path_components, AgentLimits, AgentSpec, ExecSpec, FileSpec,
-    Language, Priority, RepoSpec, SpecError, SpecLimits, TaskKind, TaskSpec, WorkspacePathError,
+    kernel_limits, workspace_path_components, AgentLimits, AgentSpec, ExecSpec, FileSpec, Language,
+    Priority, RepoSpec, SpecError, SpecLimits, TaskKind, TaskSpec, WorkspacePathError,
 };
 pub use state::TaskState;
