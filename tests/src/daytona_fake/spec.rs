@@ -1,5 +1,6 @@
-//! Daytona's API descriptions, loaded at run time from the spec files (never
-//! copied into this repository), normalised so that both the OpenAPI 3.0 main
+//! Daytona's API descriptions, loaded at run time from the official spec files
+//! (committed verbatim under `tests/specs/daytona`, see its README for their
+//! provenance and licences), normalised so that both the OpenAPI 3.0 main
 //! API and the Swagger 2.0 toolbox look alike: operations with parameters,
 //! bodies and responses whose schemas are JSON Schema draft 4 with `$ref`s
 //! into `#/definitions/`.
@@ -10,12 +11,13 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Map, Value};
 
-/// Where the specs are: `$SHOAL_DAYTONA_SPECS`, else `shared/specs/daytona`
-/// beside the repository (`<repo>/../shared/specs/daytona`).
+/// Where the specs are: `$SHOAL_DAYTONA_SPECS` when set (an override, e.g.
+/// `../shared/specs/daytona`), else the copies committed in this repository
+/// (`<repo>/tests/specs/daytona`), so a clone in any folder can run the tests.
 pub fn specs_dir() -> PathBuf {
     match std::env::var_os("SHOAL_DAYTONA_SPECS") {
         Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/specs/daytona"),
+        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("specs/daytona"),
     }
 }
 
@@ -120,7 +122,7 @@ impl Spec {
             assert!(
                 file.is_file(),
                 "Daytona spec {} is missing. The Daytona tests validate against Daytona's \
-                 official OpenAPI specs, read from <repo>/../shared/specs/daytona or from \
+                 official OpenAPI specs, read from <repo>/tests/specs/daytona or from \
                  $SHOAL_DAYTONA_SPECS; provide them there.",
                 file.display()
             );
