@@ -257,6 +257,13 @@ pub(crate) fn parse_response(body: &[u8]) -> Result<Parsed, LlmError> {
     })
 }
 
+/// A 2xx body turned into the response the client returns (latency zero,
+/// one attempt): the entry point of `fuzz/fuzz_targets/llm_anthropic.rs`.
+#[doc(hidden)]
+pub fn parse_response_body(body: &[u8]) -> Result<LlmResponse, LlmError> {
+    parse_response(body).map(|parsed| parsed.into_response(std::time::Duration::ZERO, 1, ""))
+}
+
 /// Anthropic's `input_tokens` already excludes cache reads and writes.
 pub fn usage_of(usage: Option<&Value>) -> Usage {
     let num = |key: &str| {

@@ -253,8 +253,9 @@ fn parse(text: &str, tools: &[ToolSpec], allow_unclosed: bool) -> (String, Vec<T
     let mut rest = String::new();
     let mut at = 0;
     for (start, end) in spans {
-        rest.push_str(&text[at..start]);
-        at = end;
+        // Spans may overlap: a fence between two calls is widened into both.
+        rest.push_str(&text[at..start.max(at)]);
+        at = end.max(at);
     }
     rest.push_str(&text[at..]);
     let rest = rest.replace("<tool_call>", "").replace("</tool_call>", "");
@@ -489,6 +490,23 @@ mod tests {
         let (content, calls) = parse_calls(tagged, &bash());
         assert_eq!(content, "");
         assert_eq!(args(&calls[0]), json!({"command": "pwd"}));
+    }
+
+    /// Found while writing `fuzz/fuzz_targets/llm_tool_text.rs` (its binary
+    /// reproduced it): the fence after the first call is also the one before
+    /// the second, both calls claimed it, and cutting the calls out of the
+    /// text panicked the worker on a model's reply.
+    #[test]
+    fn a_fence_shared_by_two_json_calls_does_not_panic_the_parser() {
+        let call = r#"{"name":"execute_bash","arguments":{"command":"ls"}}"#;
+        let text = format!("{call}```{call}");
+        let (content, calls) = parse_calls(&text, &bash());
+        assert_eq!(calls.len(), 2);
+        assert_eq!(content, "");
+        let text = format!("a {call}\n```\n{call}\n``` b");
+        let (content, calls) = parse_calls(&text, &bash());
+        assert_eq!(calls.len(), 2);
+        assert_eq!(content, "a  b");
     }
 
     /// The model behind the wrapper: one fixed reply.

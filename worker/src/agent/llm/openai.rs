@@ -200,6 +200,13 @@ pub(crate) fn parse_response(body: &[u8]) -> Result<Parsed, LlmError> {
     })
 }
 
+/// A 2xx body turned into the response the client returns (latency zero,
+/// one attempt): the entry point of `fuzz/fuzz_targets/llm_openai.rs`.
+#[doc(hidden)]
+pub fn parse_response_body(body: &[u8]) -> Result<LlmResponse, LlmError> {
+    parse_response(body).map(|parsed| parsed.into_response(std::time::Duration::ZERO, 1, ""))
+}
+
 /// `content` as text: a string, null, or an array of text parts.
 fn text_of(content: Option<&Value>) -> String {
     match content {
