@@ -56,11 +56,6 @@ impl Outcome {
             Self::Error(_) => "error",
         }
     }
-
-    /// Whether the task succeeded.
-    pub fn is_success(&self) -> bool {
-        matches!(self, Self::Finished | Self::Answered)
-    }
 }
 
 /// How a conversation ended, typed, and the result it produced.
