@@ -8,6 +8,7 @@ pub mod cost;
 pub mod event;
 pub mod message;
 pub mod model;
+pub mod retry;
 pub mod settings;
 pub mod signal;
 pub mod store;

@@ -1,9 +1,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::sync::Mutex;
+
+use crate::retry::Backoff;
 
 /// The broker could not be reached or refused an operation.
 #[derive(Debug, thiserror::Error)]
@@ -63,14 +65,10 @@ impl Broker {
 
     /// A new channel, retrying with jittered exponential backoff for up to `patience`.
     pub async fn channel_with_retry(&self, patience: Duration) -> Result<Channel, BrokerError> {
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(100))
-            .with_max_delay(Duration::from_secs(2))
-            .with_total_delay(Some(patience))
-            .without_max_times()
-            .with_jitter();
+        let backoff = Backoff::exponential(Duration::from_millis(100), Duration::from_secs(2))
+            .for_at_most(patience);
         (|| self.channel())
-            .retry(backoff)
+            .retry(backoff.builder())
             .notify(|error, delay| {
                 tracing::warn!(%error, ?delay, "broker unavailable, retrying");
             })
