@@ -8,6 +8,7 @@ pub mod cost;
 pub mod event;
 pub mod message;
 pub mod model;
+pub mod name;
 pub mod retry;
 pub mod settings;
 pub mod signal;
@@ -18,5 +19,6 @@ pub mod template;
 
 pub use event::{Event, EventEnvelope};
 pub use message::TaskMessage;
+pub use name::Name;
 pub use settings::Settings;
 pub use task::{Priority, TaskId, TaskKind, TaskRecord, TaskSpec, TaskState};

@@ -67,9 +67,13 @@ impl Worker {
         let daytona: Option<Arc<dyn SandboxProvider>> = if wants_daytona {
             // One owner label per fleet (namespace): any worker may reap what a
             // dead one leaked, and never another fleet's sandboxes.
-            let config = DaytonaConfig::from_env(format!("shoal-{}", settings.namespace)).context(
-                "a sandbox template uses daytona: set DAYTONA_API_KEY (and DAYTONA_API_URL)",
-            )?;
+            let owner = format!("shoal-{}", settings.namespace);
+            let config = DaytonaConfig::from_settings(&settings.daytona, owner).with_context(|| {
+                format!(
+                    "a sandbox template uses daytona: set {} (and [daytona] api_url or DAYTONA_API_URL)",
+                    settings.daytona.api_key_env
+                )
+            })?;
             let provider = DaytonaProvider::new(config)
                 .context("configuring the Daytona provider")?
                 .with_templates(settings.sandbox.templates.values());

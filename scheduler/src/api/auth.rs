@@ -154,12 +154,9 @@ impl Tokens {
     }
 }
 
+/// A tenant is a [`shoal_shared::Name`]: one rule for every name.
 fn is_tenant(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    shoal_shared::Name::is_valid(name)
 }
 
 /// The token of an `Authorization` value: the scheme `Bearer` in any case

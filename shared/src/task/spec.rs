@@ -602,12 +602,9 @@ fn keyed(prefix: &str, key: &str) -> String {
     }
 }
 
+/// The one rule for names ([`crate::name::Name`]).
 fn is_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    crate::name::Name::is_valid(name)
 }
 
 fn is_env_name(name: &str) -> bool {

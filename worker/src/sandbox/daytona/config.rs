@@ -1,28 +1,11 @@
 //! Settings of the Daytona provider.
 
-use std::fmt;
 use std::time::Duration;
 
-/// An API key. It is sent as `Authorization: Bearer <key>` and never printed:
-/// `Debug` shows `[redacted]` and there is no `Display`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ApiKey(String);
+use shoal_shared::settings::DaytonaSettings;
 
-impl ApiKey {
-    pub fn new(key: impl Into<String>) -> Self {
-        Self(key.into())
-    }
-
-    pub(crate) fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for ApiKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ApiKey([redacted])")
-    }
-}
+/// The API key, sent as `Authorization: Bearer <key>` and never printed.
+pub use crate::http_response::ApiKey;
 
 /// How HTTP calls are retried (429, 409, 502, 503, 504 and transport failures).
 #[derive(Debug, Clone, PartialEq)]
@@ -121,27 +104,14 @@ impl DaytonaConfig {
         }
     }
 
-    /// Reads `DAYTONA_API_KEY` (required), `DAYTONA_API_URL` (default
-    /// `https://app.daytona.io/api`), `DAYTONA_TARGET` (optional) and
-    /// `DAYTONA_TOOLBOX_HOSTS` (optional, comma-separated).
-    pub fn from_env(owner: impl Into<String>) -> Option<Self> {
-        let key = std::env::var("DAYTONA_API_KEY")
-            .ok()
-            .filter(|k| !k.is_empty())?;
-        let url = std::env::var("DAYTONA_API_URL")
-            .ok()
-            .filter(|u| !u.is_empty())
-            .unwrap_or_else(|| "https://app.daytona.io/api".to_owned());
-        let mut config = Self::new(url, ApiKey::new(key), owner);
-        config.target = std::env::var("DAYTONA_TARGET")
-            .ok()
-            .filter(|t| !t.is_empty());
-        config.toolbox_hosts = std::env::var("DAYTONA_TOOLBOX_HOSTS")
-            .unwrap_or_default()
-            .split(',')
-            .map(|h| h.trim().to_ascii_lowercase())
-            .filter(|h| !h.is_empty())
-            .collect();
+    /// From the `[daytona]` settings, with the API key read from the
+    /// variable they name (`DAYTONA_API_KEY` by default); `None` when that
+    /// variable is unset or empty.
+    pub fn from_settings(settings: &DaytonaSettings, owner: impl Into<String>) -> Option<Self> {
+        let key = settings.api_key()?;
+        let mut config = Self::new(settings.api_url.clone(), ApiKey::new(key), owner);
+        config.target = settings.target.clone();
+        config.toolbox_hosts = settings.toolbox_hosts.clone();
         Some(config)
     }
 }
@@ -156,6 +126,27 @@ mod tests {
         let printed = format!("{config:?}");
         assert!(!printed.contains("sk-secret-123"), "{printed}");
         assert!(printed.contains("[redacted]"));
+    }
+
+    #[test]
+    fn the_daytona_section_configures_the_provider_and_names_the_key_variable() {
+        let mut settings = DaytonaSettings {
+            api_url: "http://127.0.0.1:3000/api".into(),
+            api_key_env: "SHOAL_TEST_DAYTONA_KEY_FROM_SETTINGS".into(),
+            target: Some("eu".into()),
+            toolbox_hosts: vec!["proxy.example".into()],
+        };
+        // The variable is unique to this test (nextest runs each in its own process).
+        assert!(DaytonaConfig::from_settings(&settings, "fleet").is_none());
+        std::env::set_var(&settings.api_key_env, "sk-from-env");
+        let config = DaytonaConfig::from_settings(&settings, "fleet").expect("key set");
+        assert_eq!(config.api_url, "http://127.0.0.1:3000/api");
+        assert_eq!(config.api_key.expose(), "sk-from-env");
+        assert_eq!(config.owner, "fleet");
+        assert_eq!(config.target.as_deref(), Some("eu"));
+        assert_eq!(config.toolbox_hosts, ["proxy.example"]);
+        settings.api_key_env = "SHOAL_TEST_DAYTONA_KEY_UNSET".into();
+        assert!(DaytonaConfig::from_settings(&settings, "fleet").is_none());
     }
 
     #[test]
