@@ -1,7 +1,8 @@
-//! Reading what an HTTP server answered, defensively: the wait it asks for
-//! and its body, both bounded. Both HTTP clients of the worker (the LLM
-//! providers and Daytona) read through here, so there is one Retry-After
-//! parser and one body limit rule.
+//! What both HTTP clients of the worker (the LLM providers and Daytona)
+//! share: the API key they send, how a failed exchange is described, and
+//! reading what a server answered, defensively: the wait it asks for and its
+//! body, both bounded. So there is one key type, one Retry-After parser, one
+//! body limit rule and one reading of transport failures.
 //!
 //! A server (or whatever sits between us and it) is not trusted: a wait of
 //! `1e20` seconds, `inf`, `NaN`, a negative number, a 300-digit number or a
@@ -10,7 +11,100 @@
 
 use std::time::{Duration, SystemTime};
 
-use reqwest::header::{HeaderMap, RETRY_AFTER};
+use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+use secrecy::{ExposeSecret, SecretString};
+
+/// An API key, or none (local OpenAI-compatible servers take none). Held as
+/// a [`SecretString`] (zeroed on drop); `Debug` shows `ApiKey([redacted])`
+/// and there is no `Display`.
+#[derive(Clone, Default)]
+pub struct ApiKey(Option<SecretString>);
+
+/// The key cannot travel in an HTTP header.
+#[derive(Debug, thiserror::Error)]
+#[error("the API key contains characters not allowed in an HTTP header")]
+pub struct InvalidKey;
+
+impl ApiKey {
+    pub fn new(key: impl Into<String>) -> Self {
+        Self::optional(Some(key.into()))
+    }
+
+    /// No key when `key` is `None` or empty.
+    pub fn optional(key: Option<String>) -> Self {
+        Self(key.filter(|k| !k.is_empty()).map(SecretString::from))
+    }
+
+    /// The key, if any.
+    pub fn get(&self) -> Option<&str> {
+        self.0.as_ref().map(ExposeSecret::expose_secret)
+    }
+
+    /// The key (empty when there is none), for a header.
+    pub(crate) fn expose(&self) -> &str {
+        self.get().unwrap_or_default()
+    }
+
+    /// `prefix` and the key as a header value marked sensitive (hidden from
+    /// reqwest's own debug output); `None` without a key.
+    pub fn header(&self, prefix: &str) -> Option<HeaderValue> {
+        let key = self.get()?;
+        let mut value = HeaderValue::from_str(&format!("{prefix}{key}")).ok()?;
+        value.set_sensitive(true);
+        Some(value)
+    }
+
+    /// Refuses a key that cannot travel in an HTTP header (rather than
+    /// sending none and getting a confusing 401).
+    pub fn check(&self) -> Result<(), InvalidKey> {
+        match self.get() {
+            Some(key) if HeaderValue::from_str(key).is_err() => Err(InvalidKey),
+            _ => Ok(()),
+        }
+    }
+
+    /// `text` with every occurrence of the key masked.
+    pub fn mask(&self, text: &str) -> String {
+        match self.get() {
+            Some(key) if key.len() >= 4 => text.replace(key, "[api key]"),
+            _ => text.to_owned(),
+        }
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "ApiKey([redacted])"
+        } else {
+            "ApiKey(none)"
+        })
+    }
+}
+
+/// A request that got no complete answer, read once for both clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransportFailure {
+    /// The connection failed before the request was sent.
+    pub connect: bool,
+    pub timeout: bool,
+    /// The answer could not be decoded.
+    pub decode: bool,
+    /// reqwest's message without the URL (a base URL may carry credentials
+    /// in its query); never a header or a body.
+    pub message: String,
+}
+
+impl From<reqwest::Error> for TransportFailure {
+    fn from(error: reqwest::Error) -> Self {
+        Self {
+            connect: error.is_connect(),
+            timeout: error.is_timeout(),
+            decode: error.is_decode(),
+            message: error.without_url().to_string(),
+        }
+    }
+}
 
 /// The wait a response asks for, read once:
 /// `retry-after-ms` (milliseconds, as OpenAI sends it) when present, else
@@ -121,7 +215,20 @@ pub async fn read_body(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reqwest::header::HeaderValue;
+
+    #[test]
+    fn a_key_never_shows_in_debug_and_is_masked_in_text() {
+        let key = ApiKey::new("sk-secret-123");
+        let printed = format!("{key:?}");
+        assert_eq!(printed, "ApiKey([redacted])");
+        assert_eq!(key.mask("bad key sk-secret-123"), "bad key [api key]");
+        assert!(key.header("Bearer ").is_some_and(|v| v.is_sensitive()));
+        assert_eq!(
+            format!("{:?}", ApiKey::optional(Some(String::new()))),
+            "ApiKey(none)"
+        );
+        assert!(ApiKey::new("bad\nkey").check().is_err());
+    }
 
     const CAP: Duration = Duration::from_secs(60);
 

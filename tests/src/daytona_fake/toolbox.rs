@@ -10,6 +10,7 @@ use std::process::{Child, ChildStdin, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use shoal_worker::sandbox::daytona::daemon_split;
 
 use super::validate::Incoming;
 use super::{lock, FakeState, Reply};
@@ -71,30 +72,6 @@ fn kill_tree(pid: u32, itself: bool) {
             .stderr(Stdio::null())
             .status();
     }
-}
-
-/// The daemon's split of a `process/execute` command: spaces separate words
-/// outside quotes; quotes are dropped; no escapes.
-fn daemon_split(command: &str) -> Vec<String> {
-    let mut words = Vec::new();
-    let mut current = String::new();
-    let mut quote: Option<char> = None;
-    for c in command.chars() {
-        match (c, quote) {
-            ('"' | '\'', None) => quote = Some(c),
-            (c, Some(q)) if c == q => quote = None,
-            (' ', None) => {
-                if !current.is_empty() {
-                    words.push(std::mem::take(&mut current));
-                }
-            }
-            (c, _) => current.push(c),
-        }
-    }
-    if !current.is_empty() {
-        words.push(current);
-    }
-    words
 }
 
 /// Runs a `process/execute` command; `(exit code, combined output)`, or

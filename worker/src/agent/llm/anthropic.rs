@@ -33,7 +33,7 @@ pub struct AnthropicClient {
 impl AnthropicClient {
     /// A client for `profile`. `base_url` may end in `/v1` or not.
     pub fn new(profile: &ModelProfile, api_key: Option<String>) -> Result<Self, LlmError> {
-        let key = ApiKey::new(api_key);
+        let key = ApiKey::optional(api_key);
         key.check()?;
         let base = profile.base_url.trim_end_matches('/');
         let url = if base.ends_with("/v1") {

@@ -29,7 +29,7 @@ pub struct OpenAiClient {
 impl OpenAiClient {
     /// A client for `profile`; `api_key` is sent as a bearer token when set.
     pub fn new(profile: &ModelProfile, api_key: Option<String>) -> Result<Self, LlmError> {
-        let key = ApiKey::new(api_key);
+        let key = ApiKey::optional(api_key);
         key.check()?;
         Ok(Self {
             http: http_client()?,

@@ -7,17 +7,17 @@
 //! and prompts may hold secrets. Error messages carry the start of the
 //! provider's error body, with the key (if it ever appeared) masked.
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use shoal_shared::retry::{Backoff, Jitter};
 use tokio_util::sync::CancellationToken;
 
 use super::{LlmError, LlmErrorKind};
-use crate::http_response::{read_body, requested_wait, BodyError};
+pub use crate::http_response::ApiKey;
+use crate::http_response::{read_body, requested_wait, BodyError, InvalidKey, TransportFailure};
 
 /// The largest response body read from a provider. A completion is a few
 /// hundred KiB at most; anything near this is a broken or hostile server.
@@ -52,57 +52,19 @@ impl RetryPolicy {
             max_body_bytes: MAX_BODY_BYTES,
         }
     }
-}
 
-/// An API key that never shows in `Debug` output.
-#[derive(Clone, Default)]
-pub struct ApiKey(Option<String>);
-
-impl ApiKey {
-    pub fn new(key: Option<String>) -> Self {
-        Self(key.filter(|k| !k.is_empty()))
-    }
-
-    pub fn get(&self) -> Option<&str> {
-        self.0.as_deref()
-    }
-
-    /// A header value marked sensitive (hidden from reqwest's own debug output).
-    pub fn header(&self, prefix: &str) -> Option<HeaderValue> {
-        let key = self.0.as_deref()?;
-        let mut value = HeaderValue::from_str(&format!("{prefix}{key}")).ok()?;
-        value.set_sensitive(true);
-        Some(value)
-    }
-
-    /// Refuses a key that cannot travel in an HTTP header (rather than
-    /// sending none and getting a confusing 401).
-    pub fn check(&self) -> Result<(), LlmError> {
-        match self.0.as_deref() {
-            Some(key) if HeaderValue::from_str(key).is_err() => Err(LlmError::new(
-                LlmErrorKind::Auth,
-                "the API key contains characters not allowed in an HTTP header",
-            )),
-            _ => Ok(()),
-        }
-    }
-
-    /// `text` with every occurrence of the key masked.
-    pub fn mask(&self, text: &str) -> String {
-        match self.0.as_deref() {
-            Some(key) if key.len() >= 4 => text.replace(key, "[api key]"),
-            _ => text.to_owned(),
-        }
+    /// The schedule: ceilings doubling from `base_delay` to `max_delay`,
+    /// each wait uniform below its ceiling.
+    pub fn backoff(&self) -> Backoff {
+        Backoff::exponential(self.base_delay, self.max_delay)
+            .with_max_retries(self.max_retries as usize)
+            .with_jitter(Jitter::Full)
     }
 }
 
-impl std::fmt::Debug for ApiKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() {
-            "ApiKey(set)"
-        } else {
-            "ApiKey(none)"
-        })
+impl From<InvalidKey> for LlmError {
+    fn from(error: InvalidKey) -> Self {
+        LlmError::new(LlmErrorKind::Auth, error.to_string())
     }
 }
 
@@ -192,12 +154,7 @@ pub async fn send<T>(
         return Err(cancelled());
     }
     let attempts = AtomicU32::new(0);
-    // The schedule of ceilings; the jitter is applied in `adjust` so the
-    // wait is uniform in [0, ceiling] rather than backon's [d, 2d).
-    let backoff = ExponentialBuilder::default()
-        .with_min_delay(policy.base_delay)
-        .with_max_delay(policy.max_delay)
-        .with_max_times(policy.max_retries as usize);
+    let backoff = policy.backoff();
     let run = (|| async {
         attempts.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
@@ -205,15 +162,9 @@ pub async fn send<T>(
         report_attempt(result.as_ref().err().map(|e| e.kind), started.elapsed());
         result
     })
-    .retry(backoff)
+    .retry(backoff.builder())
     .when(|e: &LlmError| e.kind.is_retryable())
-    .adjust(|e: &LlmError, delay| {
-        // `None`: retries are used up.
-        delay.map(|ceiling| match e.retry_after {
-            Some(wait) => wait.min(policy.max_retry_after),
-            None => full_jitter(ceiling),
-        })
-    })
+    .adjust(|e: &LlmError, delay| backoff.next_wait(delay, e.retry_after, policy.max_retry_after))
     .notify(|e: &LlmError, delay| {
         tracing::warn!(
             provider = exchange.provider,
@@ -308,15 +259,15 @@ async fn attempt<T>(
 }
 
 fn transport(error: reqwest::Error) -> LlmError {
-    let kind = if error.is_timeout() {
+    let failure = TransportFailure::from(error);
+    let kind = if failure.timeout {
         LlmErrorKind::Timeout
-    } else if error.is_decode() {
+    } else if failure.decode {
         LlmErrorKind::InvalidResponse
     } else {
         LlmErrorKind::Connection
     };
-    // Without the URL: a base URL may carry credentials in its query.
-    LlmError::new(kind, error.without_url().to_string())
+    LlmError::new(kind, failure.message)
 }
 
 /// Parses a 2xx body as JSON; a body that is not (truncated, HTML from a
@@ -341,19 +292,6 @@ pub fn parse_json(body: &[u8]) -> Result<serde_json::Value, LlmError> {
         return Err(err);
     }
     Ok(value)
-}
-
-/// Uniform in `[0, ceiling]`.
-fn full_jitter(ceiling: Duration) -> Duration {
-    let mut hasher = RandomState::new().build_hasher();
-    hasher.write_u128(
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
-    let fraction = (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64;
-    ceiling.mul_f64(fraction)
 }
 
 /// Headers from `(name, value)` pairs of static names.
@@ -396,7 +334,18 @@ mod tests {
     #[test]
     fn jitter_stays_under_the_ceiling() {
         let ceiling = Duration::from_millis(100);
-        let waits: Vec<_> = (0..100).map(|_| full_jitter(ceiling)).collect();
+        let policy = RetryPolicy {
+            base_delay: ceiling,
+            ..RetryPolicy::new(3, Duration::from_secs(1))
+        };
+        let backoff = policy.backoff();
+        let waits: Vec<_> = (0..100)
+            .map(|_| {
+                backoff
+                    .next_wait(Some(ceiling), None, ceiling)
+                    .unwrap_or_default()
+            })
+            .collect();
         assert!(waits.iter().all(|w| *w <= ceiling));
         assert!(waits.iter().any(|w| *w < ceiling / 2));
         assert!(waits.iter().any(|w| *w > ceiling / 2));
@@ -404,8 +353,8 @@ mod tests {
 
     #[test]
     fn keys_are_masked() {
-        let key = ApiKey::new(Some("sk-secret-123".into()));
-        assert_eq!(format!("{key:?}"), "ApiKey(set)");
+        let key = ApiKey::optional(Some("sk-secret-123".into()));
+        assert_eq!(format!("{key:?}"), "ApiKey([redacted])");
         assert_eq!(key.mask("bad key sk-secret-123"), "bad key [api key]");
     }
 }

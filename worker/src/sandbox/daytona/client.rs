@@ -7,13 +7,14 @@
 
 use std::time::{Duration, SystemTime};
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use reqwest::header::{HeaderMap, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
+use shoal_shared::retry::Backoff;
 
-use super::config::{ApiKey, RetrySettings};
-use crate::http_response::{read_body, requested_wait, BodyError};
+use super::config::RetrySettings;
+use crate::http_response::{read_body, requested_wait, ApiKey, BodyError, TransportFailure};
 use crate::sandbox::{SandboxError, SandboxErrorKind};
 
 /// The largest body read from an ordinary API or toolbox call (JSON).
@@ -135,7 +136,7 @@ impl HttpError {
         self.status() == Some(404)
     }
 
-    fn retry_after(&self) -> Option<Duration> {
+    pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Status { retry_after, .. } => *retry_after,
             _ => None,
@@ -169,6 +170,14 @@ impl HttpError {
         };
         let message = format!("{context}: {self}");
         SandboxError::new(kind, message).with_source(self)
+    }
+}
+
+impl RetrySettings {
+    /// The schedule: `min_delay` doubling to `max_delay`, each wait between
+    /// the scheduled delay and twice it.
+    pub(crate) fn backoff(&self) -> Backoff {
+        Backoff::exponential(self.min_delay, self.max_delay).with_max_retries(self.max_retries)
     }
 }
 
@@ -216,19 +225,12 @@ impl Http {
 
     /// Sends `call`, retrying as its [`Replay`] allows.
     pub async fn send(&self, call: &Call) -> Result<Reply, HttpError> {
-        let backoff = ExponentialBuilder::default()
-            .with_jitter()
-            .with_min_delay(self.retry.min_delay)
-            .with_max_delay(self.retry.max_delay)
-            .with_max_times(self.retry.max_retries);
+        let backoff = self.retry.backoff();
         let max_wait = self.retry.max_retry_after;
         (|| self.attempt(call))
-            .retry(backoff)
+            .retry(backoff.builder())
             .when(|e: &HttpError| e.retryable(call))
-            .adjust(|e: &HttpError, delay| {
-                // `None` means the retries are used up; keep it that way.
-                delay.map(|d| e.retry_after().map_or(d, |wait| wait.min(max_wait)))
-            })
+            .adjust(|e: &HttpError, delay| backoff.next_wait(delay, e.retry_after(), max_wait))
             .notify(|e: &HttpError, delay| {
                 tracing::debug!(
                     method = %call.method,
@@ -291,11 +293,11 @@ impl Http {
 }
 
 fn transport(error: reqwest::Error) -> HttpError {
+    let failure = TransportFailure::from(error);
     HttpError::Transport {
-        connect: error.is_connect(),
-        timeout: error.is_timeout(),
-        // reqwest's message may hold the URL (never a header or body).
-        message: error.without_url().to_string(),
+        connect: failure.connect,
+        timeout: failure.timeout,
+        message: failure.message,
     }
 }
 

@@ -206,9 +206,9 @@ pub(crate) fn parse(output: &str, marker: &str) -> Option<Framed> {
 }
 
 /// The daemon's way of splitting `process/execute` commands: spaces separate
-/// words outside quotes, quotes are dropped, there are no escapes.
-#[cfg(test)]
-fn daemon_split(command: &str) -> Vec<String> {
+/// words outside quotes, quotes are dropped, there are no escapes. The
+/// scripts here are written for it, and the Daytona fake splits with it.
+pub fn daemon_split(command: &str) -> Vec<String> {
     let mut words = Vec::new();
     let mut current = String::new();
     let mut quote: Option<char> = None;
