@@ -28,8 +28,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::outcome::Disposition;
-use crate::runner::{panic_error, TaskRunner};
+use crate::run::{panic_error, Disposition, TaskRunner};
 
 /// The shortest idle wait between polls; it doubles up to the configured max.
 const IDLE_POLL_MIN: Duration = Duration::from_millis(5);
@@ -158,7 +157,11 @@ impl Slot {
                 if let Some(id) = task_id {
                     self.settle_unreadable(&id, &reason, &error).await;
                 }
-                Disposition::Dead { reason, error }
+                Disposition::Dead {
+                    reason,
+                    error,
+                    attempts: 0,
+                }
             }
         };
         self.settle(channel, &delivery, None, disposition).await;
@@ -220,8 +223,12 @@ impl Slot {
                     .await
                     .map_err(|e| e.to_string())
             }
-            Disposition::Dead { reason, error } => {
-                let attempts = self.attempts_of(message).await;
+            Disposition::Dead {
+                reason,
+                error,
+                attempts,
+            } => {
+                let attempts = *attempts;
                 let outgoing = OutgoingMessage {
                     exchange: self.topology.dead_exchange(),
                     routing_key: String::new(),
@@ -270,14 +277,6 @@ impl Slot {
                 error!(%error, ?disposition, "settling failed; the message will be redelivered");
                 let _ = channel.close(500, "settle failed".into()).await;
             }
-        }
-    }
-
-    async fn attempts_of(&self, message: Option<&TaskMessage>) -> u32 {
-        let Some(message) = message else { return 0 };
-        match self.runner.store.get(&message.id).await {
-            Ok(Some(record)) => record.attempts,
-            _ => 0,
         }
     }
 }

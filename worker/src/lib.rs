@@ -5,13 +5,11 @@
 
 pub mod agent;
 pub mod consumer;
-pub mod exec;
 pub mod http_response;
 pub mod metrics;
-pub mod outcome;
 mod panic;
 pub mod pool;
-pub mod runner;
+pub mod run;
 pub mod sandbox;
 mod worker;
 

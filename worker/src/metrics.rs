@@ -205,6 +205,12 @@ impl TaskMetrics {
     }
 }
 
+impl crate::agent::sink::CostObserver for TaskMetrics {
+    fn llm_call(&self, entry: &CostEntry) {
+        TaskMetrics::llm_call(self, entry);
+    }
+}
+
 /// The name of a task's kind, as metrics label it.
 pub fn kind_of(kind: &shoal_shared::TaskKind) -> &'static str {
     match kind {

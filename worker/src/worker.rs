@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use crate::consumer::Slot;
 use crate::pool::{Pool, PoolMetrics};
-use crate::runner::TaskRunner;
+use crate::run::TaskRunner;
 use crate::sandbox::daytona::{DaytonaConfig, DaytonaProvider};
 use crate::sandbox::{LocalProvider, ProviderKind, SandboxProvider};
 use prometheus_client::registry::Registry;

@@ -15,7 +15,7 @@ use shoal_tests::TestEnv;
 use shoal_worker::consumer::Slot;
 use shoal_worker::metrics::TaskMetrics;
 use shoal_worker::pool::{Pool, PoolMetrics};
-use shoal_worker::runner::TaskRunner;
+use shoal_worker::run::TaskRunner;
 use shoal_worker::sandbox::{OwnedSandbox, Sandbox, SandboxError, SandboxProvider, Template};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;

@@ -8,7 +8,6 @@ pub mod prompt;
 pub mod secrets;
 pub mod sink;
 pub mod stuck;
-pub mod task;
 pub mod tools;
 
 pub use conversation::{AgentConfig, Billing, Conversation, Ended, Outcome};

@@ -3,7 +3,6 @@
 //! pipelined batches, so a slow Redis delays the loop only once the buffer is
 //! full; `flush` waits until everything sent so far is written.
 
-use crate::metrics::TaskMetrics;
 use std::sync::Mutex;
 
 use async_trait::async_trait;
@@ -17,6 +16,12 @@ use tracing::warn;
 const BUFFER: usize = 1024;
 /// Most entries written in one pipeline.
 const BATCH: usize = 256;
+
+/// Told of each LLM call as it is costed; the worker counts them in its
+/// metrics. A trait so the agent does not depend on the worker's metrics.
+pub trait CostObserver: Send + Sync {
+    fn llm_call(&self, entry: &CostEntry);
+}
 
 /// The conversation's outlet.
 #[async_trait]
@@ -38,8 +43,8 @@ pub struct RedisSink {
     task_id: TaskId,
     source: String,
     tx: mpsc::Sender<Item>,
-    /// The worker's metrics, counting each LLM call as it is costed.
-    metrics: Option<TaskMetrics>,
+    /// Counts each LLM call as it is costed (the worker's metrics).
+    metrics: Option<Box<dyn CostObserver>>,
 }
 
 impl RedisSink {
@@ -48,7 +53,7 @@ impl RedisSink {
         store: Store,
         task_id: TaskId,
         source: String,
-        metrics: Option<TaskMetrics>,
+        metrics: Option<Box<dyn CostObserver>>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(BUFFER);
         tokio::spawn(write_loop(store, rx));

@@ -1,23 +1,18 @@
 //! One Daytona sandbox, driven through its toolbox
 //! (`{toolboxProxyUrl}/{sandboxId}`).
 
-use std::collections::BTreeMap;
 use std::path::{Component, Path};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use reqwest::{Method, Url};
 use tokio_util::sync::CancellationToken;
 
-use super::api::{
-    CommandDto, CreateSessionRequest, ExecuteRequest, ExecuteResponse, FileInfo, GitCloneRequest,
-    SessionCommandLogs, SessionExecuteRequest, SessionExecuteResponse,
-};
-use super::client::{url_with, Body, Call, HttpError, RETRY_STATUSES_NO_CONFLICT};
+use super::api::{ExecuteRequest, ExecuteResponse, FileInfo, GitCloneRequest};
+use super::client::{Body, Call, HttpError};
 use super::script::{self, Wrapped, KILL_AFTER_SECS};
 use super::shell::DaytonaShell;
-use super::Shared;
+pub(crate) use super::toolbox::DaytonaSandbox;
 use crate::sandbox::{
     CappedOutput, ExecOutput, ExecRequest, FileEntry, Sandbox, SandboxError, SandboxErrorKind,
     ShellSession,
@@ -28,19 +23,6 @@ const EXEC_SLACK: Duration = Duration::from_secs(30);
 /// How long a clone may take.
 const CLONE_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// A Daytona sandbox.
-#[derive(Clone)]
-pub(crate) struct DaytonaSandbox {
-    pub(crate) id: String,
-    pub(crate) shared: Arc<Shared>,
-    /// `{toolboxProxyUrl}/{sandboxId}`.
-    pub(crate) toolbox: Url,
-    /// The workspace: the daemon's working directory.
-    pub(crate) workdir: String,
-    /// The template's environment, given to every command.
-    pub(crate) env: BTreeMap<String, String>,
-}
-
 /// How a wrapped command ended, before its frame is read.
 enum Ran {
     Printed(String),
@@ -49,10 +31,6 @@ enum Ran {
 }
 
 impl DaytonaSandbox {
-    pub(crate) fn url(&self, segments: &[&str]) -> Result<Url, SandboxError> {
-        url_with(&self.toolbox, segments)
-    }
-
     /// Maps a workspace-relative path to the sandbox, refusing absolute paths
     /// and `..`. `""` is the workspace itself.
     pub(crate) fn resolve(&self, path: &str) -> Result<String, SandboxError> {
@@ -193,84 +171,6 @@ impl DaytonaSandbox {
             }
             interval = poll.next(interval);
         }
-    }
-
-    pub(crate) async fn create_session(&self, session: &str) -> Result<(), SandboxError> {
-        let call = Call::new(Method::POST, self.url(&["process", "session"])?)
-            .json(&CreateSessionRequest {
-                session_id: session.to_owned(),
-            })
-            .retry_on(RETRY_STATUSES_NO_CONFLICT);
-        match self.shared.http.send(&call).await {
-            Ok(_) => Ok(()),
-            // A replayed create whose first attempt got through.
-            Err(error) if error.status() == Some(409) => Ok(()),
-            Err(error) => Err(error.into_sandbox("creating a toolbox session")),
-        }
-    }
-
-    pub(crate) async fn delete_session(&self, session: &str) {
-        let Ok(url) = self.url(&["process", "session", session]) else {
-            return;
-        };
-        if let Err(error) = self.shared.http.send(&Call::new(Method::DELETE, url)).await {
-            if !error.is_not_found() {
-                tracing::warn!(sandbox = %self.id, %error, "deleting a toolbox session failed");
-            }
-        }
-    }
-
-    /// Starts `command` asynchronously in `session`; its command id.
-    pub(crate) async fn session_exec(
-        &self,
-        session: &str,
-        command: &str,
-    ) -> Result<String, SandboxError> {
-        let call = Call::new(
-            Method::POST,
-            self.url(&["process", "session", session, "exec"])?,
-        )
-        .json(&SessionExecuteRequest {
-            command: command.to_owned(),
-            run_async: true,
-        })
-        .once();
-        let reply: SessionExecuteResponse = self
-            .shared
-            .http
-            .json(&call)
-            .await
-            .map_err(|e| e.into_sandbox("starting a session command"))?;
-        Ok(reply.cmd_id)
-    }
-
-    /// The exit code of a session command, once it has one.
-    pub(crate) async fn session_command_exit(
-        &self,
-        session: &str,
-        cmd_id: &str,
-    ) -> Result<Option<i64>, SandboxError> {
-        let url = self.url(&["process", "session", session, "command", cmd_id])?;
-        let command: CommandDto = self
-            .shared
-            .http
-            .json(&Call::new(Method::GET, url))
-            .await
-            .map_err(|e| e.into_sandbox("session command status"))?;
-        Ok(command.exit_code)
-    }
-
-    pub(crate) async fn session_logs(
-        &self,
-        session: &str,
-        cmd_id: &str,
-    ) -> Result<SessionCommandLogs, SandboxError> {
-        let url = self.url(&["process", "session", session, "command", cmd_id, "logs"])?;
-        self.shared
-            .http
-            .json(&Call::new(Method::GET, url).large_body())
-            .await
-            .map_err(|e| e.into_sandbox("session command logs"))
     }
 
     /// Runs a short helper command (kills, signals) and ignores its output.

@@ -15,8 +15,8 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use super::api::SessionCommandLogs;
-use super::sandbox::DaytonaSandbox;
 use super::script;
+use super::toolbox::DaytonaSandbox;
 use crate::sandbox::{SandboxError, SandboxErrorKind, ShellOutput, ShellSession};
 
 /// How long the shell's setup command may take.

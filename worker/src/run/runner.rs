@@ -8,20 +8,18 @@ use chrono::Utc;
 use futures::FutureExt;
 use shoal_shared::event::{Event, EventEnvelope};
 use shoal_shared::settings::Settings;
-use shoal_shared::store::{Lease, LeaseAttempt, Store, StoreError, Transition, TransitionOutcome};
-use shoal_shared::task::{format_time, TaskId, TaskKind, TaskRecord, TaskResult, TaskState};
+use shoal_shared::store::{Lease, LeaseAttempt, Store, Transition, TransitionOutcome};
+use shoal_shared::task::{format_time, TaskKind, TaskRecord, TaskResult, TaskState};
 use shoal_shared::TaskMessage;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, instrument, warn};
 
-use crate::agent::task::{run_agent, AgentEnd, AgentSetupError};
-use crate::exec::{result_of, run_exec};
+use super::context::{emit, RunContext};
+use super::end::{Cause, Disposition, RunEnd, RunError, StopReason};
+use super::stop::{renew_lease, watch_cancel, RunStop};
+use super::{agent, exec};
 use crate::metrics::{kind_of, TaskMetrics};
-use crate::outcome::{Disposition, RunError};
-use crate::pool::{Pool, PoolError};
-
-/// How often a running task's cancel mark is checked (one HEXISTS each).
-const CANCEL_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+use crate::pool::Pool;
 
 /// Everything a slot needs to run tasks; shared by all slots of a worker.
 pub struct TaskRunner {
@@ -31,12 +29,6 @@ pub struct TaskRunner {
     pub metrics: TaskMetrics,
     /// `worker:<id>`, the source of this worker's events.
     pub source: String,
-}
-
-/// How the sandboxed part of a run ended.
-enum Finish {
-    Done(TaskState, TaskResult, Option<String>),
-    Interrupted,
 }
 
 impl TaskRunner {
@@ -59,11 +51,13 @@ impl TaskRunner {
     pub async fn run(&self, message: &TaskMessage, abort: &CancellationToken) -> Disposition {
         match fail_on_panic(self.try_run(message, abort)).await {
             Ok(disposition) => disposition,
-            Err(RunError::Retryable(error)) => {
-                warn!(%error, "task run failed, will retry");
-                self.retry_or_dead(message, error).await
+            // The one place a run's error is flattened: it becomes the
+            // task's `last_error`.
+            Err(RunError::Retryable(cause)) => {
+                warn!(error = %cause, "task run failed, will retry");
+                self.retry_or_dead(message, cause.to_string()).await
             }
-            Err(RunError::Fatal(error)) => self.fail(message, error).await,
+            Err(RunError::Fatal(cause)) => self.fail(message, cause.to_string()).await,
         }
     }
 
@@ -100,13 +94,12 @@ impl TaskRunner {
         // The scheduler writes the record after the broker confirmed; the
         // message may arrive first, so create it if absent.
         let record = TaskRecord::queued(id, &message.spec, &message.tenant, message.submitted_at);
-        self.store.create(&record).await.map_err(retryable)?;
+        self.store.create(&record).await?;
         let current = self
             .store
             .get(&id)
-            .await
-            .map_err(retryable)?
-            .ok_or_else(|| RunError::Retryable("record vanished".into()))?;
+            .await?
+            .ok_or(RunError::Retryable(Cause::RecordVanished))?;
         if current.state.is_terminal() {
             self.note_duplicate(message, current.state, "task already finished")
                 .await;
@@ -120,8 +113,7 @@ impl TaskRunner {
                 &self.settings.worker.id,
                 self.settings.worker.lease_ttl,
             )
-            .await
-            .map_err(retryable)?
+            .await?
         {
             LeaseAttempt::Acquired(lease) => lease,
             LeaseAttempt::HeldBy(holder) => {
@@ -144,7 +136,7 @@ impl TaskRunner {
             attempts_delta: 1,
             ..leased
         };
-        let attempts = match self.store.transition(&leased).await.map_err(retryable)? {
+        let attempts = match self.store.transition(&leased).await? {
             TransitionOutcome::Applied { attempts, .. } => attempts,
             TransitionOutcome::Refused { current } | TransitionOutcome::Fenced { current } => {
                 self.release(&lease).await;
@@ -159,9 +151,7 @@ impl TaskRunner {
                     }
                 });
             }
-            TransitionOutcome::Missing => {
-                return Err(RunError::Retryable("record vanished".into()))
-            }
+            TransitionOutcome::Missing => return Err(RunError::Retryable(Cause::RecordVanished)),
         };
         if attempts > message.spec.max_attempts {
             let error = format!(
@@ -172,66 +162,69 @@ impl TaskRunner {
             return Ok(Disposition::Dead {
                 reason: "attempts_exhausted".into(),
                 error,
+                attempts,
             });
         }
 
         // Keep the lease alive while the task runs; losing it stops the run,
-        // and so does the drain deadline (`abort`).
-        let lost = CancellationToken::new();
-        let run_cancel = abort.child_token();
-        let stop = CancellationToken::new();
+        // and so do a cancel asked meanwhile and the drain deadline (`abort`).
+        // Whoever stops the run records why.
+        let stop = RunStop::under(abort);
+        let done = CancellationToken::new();
         let renewer = tokio::spawn(renew_lease(
             self.store.clone(),
             lease.clone(),
             self.settings.worker.lease_ttl,
             self.settings.worker.lease_renew,
+            done.clone(),
             stop.clone(),
-            [lost.clone(), run_cancel.clone()],
         ));
-        // A cancel asked while we hold the task stops the run the same way.
-        let asked = CancellationToken::new();
         let watcher = tokio::spawn(watch_cancel(
             self.store.clone(),
             id,
+            done.clone(),
             stop.clone(),
-            [asked.clone(), run_cancel.clone()],
         ));
         // Stops both watchers however this function is left, even unwinding.
-        let stop_guard = stop.clone().drop_guard();
+        let done_guard = done.clone().drop_guard();
         let kind = kind_of(&message.spec.kind);
         let running = self.metrics.start(kind);
         let started = std::time::Instant::now();
-        let finish = fail_on_panic(self.run_sandboxed(message, &lease, &run_cancel)).await;
+        let end = fail_on_panic(self.run_sandboxed(message, &lease, &stop)).await;
         drop(running);
-        drop(stop_guard);
+        drop(done_guard);
         let _ = renewer.await;
         let _ = watcher.await;
 
-        match finish {
-            Ok(Finish::Done(state, result, error)) => {
+        match end {
+            Ok(RunEnd::Done {
+                state,
+                result,
+                error,
+            }) => {
                 let settled = self.finish(message, &lease, state, result, error).await;
                 if settled.is_ok() {
                     self.metrics.finished(kind, state, Some(started.elapsed()));
                 }
                 settled
             }
-            Ok(Finish::Interrupted) if lost.is_cancelled() => {
+            Ok(RunEnd::Stopped(StopReason::LeaseLost)) => {
                 // Another worker may own the task now; our writes would be fenced.
                 warn!("lease lost while running; leaving the task to its new holder");
                 Ok(Disposition::Ack)
             }
-            Ok(Finish::Interrupted) if asked.is_cancelled() => {
+            Ok(RunEnd::Stopped(StopReason::CancelRequested)) => {
                 let cancelled = Transition::to(id, TaskState::Cancelled, self.source.clone())
                     .fenced(&lease)
                     .releasing()
                     .reason("cancelled on request");
-                self.store.transition(&cancelled).await.map_err(retryable)?;
+                self.store.transition(&cancelled).await?;
                 self.metrics
                     .finished(kind, TaskState::Cancelled, Some(started.elapsed()));
                 info!(task_id = %id, "cancelled on request");
                 Ok(Disposition::Ack)
             }
-            Ok(Finish::Interrupted) => {
+            Ok(RunEnd::Stopped(StopReason::Draining)) => {
                 let back = Transition {
                     attempts_delta: -1,
                     ..Transition::to(id, TaskState::Queued, self.source.clone())
@@ -239,7 +232,7 @@ impl TaskRunner {
                         .releasing()
                         .reason("worker is shutting down")
                 };
-                self.store.transition(&back).await.map_err(retryable)?;
+                self.store.transition(&back).await?;
                 Ok(Disposition::Requeue {
                     reason: "worker is shutting down".into(),
                 })
@@ -256,20 +249,13 @@ impl TaskRunner {
         &self,
         message: &TaskMessage,
         task_lease: &Lease,
-        cancel: &CancellationToken,
-    ) -> Result<Finish, RunError> {
+        stop: &RunStop,
+    ) -> Result<RunEnd, RunError> {
         let id = message.id;
         let lease = self
             .pool
             .lease(&message.spec.sandbox, &message.tenant)
-            .await
-            .map_err(|error| match error {
-                PoolError::UnknownTemplate(_) => RunError::Fatal(error.to_string()),
-                PoolError::Sandbox(ref e) if !e.is_retryable() => {
-                    RunError::Fatal(error.to_string())
-                }
-                _ => RunError::Retryable(error.to_string()),
-            })?;
+            .await?;
         let sandbox = lease.sandbox();
         self.emit(EventEnvelope::now(
             id,
@@ -285,98 +271,25 @@ impl TaskRunner {
         let running = Transition::to(id, TaskState::Running, self.source.clone())
             .fenced(task_lease)
             .field("sandbox_id", sandbox.id().to_owned());
-        let outcome = match self.store.transition(&running).await {
+        let ctx = RunContext {
+            message,
+            sandbox,
+            stop,
+            store: &self.store,
+            settings: &self.settings,
+            metrics: &self.metrics,
+            source: &self.source,
+        };
+        let end = match self.store.transition(&running).await {
             // Caught here so the sandbox still goes back to the pool.
-            Ok(TransitionOutcome::Applied { .. }) => {
-                fail_on_panic(self.run_kind(message, sandbox, cancel)).await
-            }
-            Ok(other) => Err(RunError::Retryable(format!("cannot start: {other:?}"))),
-            Err(error) => Err(retryable(error)),
+            Ok(TransitionOutcome::Applied { .. }) => fail_on_panic(run_kind(&ctx)).await,
+            Ok(other) => Err(RunError::Retryable(Cause::CannotStart(format!(
+                "{other:?}"
+            )))),
+            Err(error) => Err(error.into()),
         };
         self.pool.release(lease).await;
-        outcome
-    }
-
-    async fn run_kind(
-        &self,
-        message: &TaskMessage,
-        sandbox: &dyn crate::sandbox::Sandbox,
-        cancel: &CancellationToken,
-    ) -> Result<Finish, RunError> {
-        let id = message.id;
-        match &message.spec.kind {
-            TaskKind::Exec(exec) => {
-                self.emit(EventEnvelope::now(
-                    id,
-                    self.source.clone(),
-                    Event::ExecStarted {
-                        command: crate::exec::command_line(exec),
-                    },
-                ))
-                .await;
-                let output = run_exec(sandbox, &message.spec, exec, cancel)
-                    .await
-                    .map_err(|e| match e {
-                        e if e.is_retryable() => RunError::Retryable(e.to_string()),
-                        e => RunError::Fatal(e.to_string()),
-                    })?;
-                if output.cancelled {
-                    return Ok(Finish::Interrupted);
-                }
-                self.emit(EventEnvelope::now(
-                    id,
-                    self.source.clone(),
-                    Event::ExecFinished {
-                        exit_code: output.exit_code,
-                        duration_ms: output.duration.as_millis() as u64,
-                        stdout_bytes: output.stdout.total,
-                        stderr_bytes: output.stderr.total,
-                        timed_out: output.timed_out,
-                        memory_exceeded: output.memory_exceeded,
-                    },
-                ))
-                .await;
-                let result = TaskResult::Exec(result_of(&output));
-                let killed_for_memory =
-                    || "a process was killed for reaching the sandbox's memory limit".to_owned();
-                Ok(match (output.timed_out, output.exit_code) {
-                    (true, _) => Finish::Done(
-                        TaskState::TimedOut,
-                        result,
-                        Some(format!("timed out after {} s", exec.timeout_s)),
-                    ),
-                    (false, Some(0)) => Finish::Done(TaskState::Succeeded, result, None),
-                    (false, Some(code)) if output.memory_exceeded => Finish::Done(
-                        TaskState::Failed,
-                        result,
-                        Some(format!("exit code {code}: {}", killed_for_memory())),
-                    ),
-                    (false, Some(code)) => {
-                        Finish::Done(TaskState::Failed, result, Some(format!("exit code {code}")))
-                    }
-                    (false, None) if output.memory_exceeded => {
-                        Finish::Done(TaskState::Failed, result, Some(killed_for_memory()))
-                    }
-                    (false, None) => {
-                        Finish::Done(TaskState::Failed, result, Some("killed by a signal".into()))
-                    }
-                })
-            }
-            TaskKind::Agent(agent) => {
-                let ended = run_agent(self, message, agent, sandbox, cancel)
-                    .await
-                    .map_err(|error| match error {
-                        AgentSetupError::Fatal(e) => RunError::Fatal(e),
-                        AgentSetupError::Retryable(e) => RunError::Retryable(e),
-                    })?;
-                Ok(match ended {
-                    AgentEnd::Done(state, result, error) => {
-                        Finish::Done(state, TaskResult::Agent(result), error)
-                    }
-                    AgentEnd::Interrupted => Finish::Interrupted,
-                })
-            }
-        }
+        end
     }
 
     /// Persists the terminal state (fenced, releasing the lease) before the ack.
@@ -397,12 +310,7 @@ impl TaskRunner {
                 .field("last_error", error.clone())
                 .reason(error.clone());
         }
-        match self
-            .store
-            .transition(&transition)
-            .await
-            .map_err(retryable)?
-        {
+        match self.store.transition(&transition).await? {
             TransitionOutcome::Applied { .. } => {
                 info!(%state, "task finished");
                 Ok(Disposition::Ack)
@@ -413,7 +321,7 @@ impl TaskRunner {
                     .await;
                 Ok(Disposition::Ack)
             }
-            TransitionOutcome::Missing => Err(RunError::Retryable("record vanished".into())),
+            TransitionOutcome::Missing => Err(RunError::Retryable(Cause::RecordVanished)),
         }
     }
 
@@ -428,7 +336,7 @@ impl TaskRunner {
             .releasing()
             .field("last_error", error.to_owned())
             .reason(error.to_owned());
-        self.store.transition(&dead).await.map_err(retryable)?;
+        self.store.transition(&dead).await?;
         Ok(())
     }
 
@@ -463,12 +371,13 @@ impl TaskRunner {
             Disposition::Dead {
                 reason: "attempts_exhausted".into(),
                 error,
+                attempts: record.attempts,
             }
         } else {
             let delay = shoal_shared::broker::retry_tier_for(
                 &self.settings.broker.retry_tiers,
                 record.attempts,
-                jitter(),
+                shoal_shared::retry::unit_jitter(),
             );
             Disposition::Retry {
                 delay,
@@ -499,9 +408,15 @@ impl TaskRunner {
     /// Appends an informational event; a failure is logged, not fatal, because
     /// the state transitions (the facts that matter) are written separately.
     async fn emit(&self, event: EventEnvelope) {
-        if let Err(error) = self.store.append(&event).await {
-            warn!(%error, event = event.event.type_name(), "event not recorded");
-        }
+        emit(&self.store, event).await;
+    }
+}
+
+/// Runs the task's kind through its adapter.
+async fn run_kind(ctx: &RunContext<'_>) -> Result<RunEnd, RunError> {
+    match &ctx.message.spec.kind {
+        TaskKind::Exec(spec) => exec::run(ctx, spec).await,
+        TaskKind::Agent(spec) => agent::run(ctx, spec).await,
     }
 }
 
@@ -517,7 +432,7 @@ pub(crate) async fn fail_on_panic<T>(
         Err(payload) => {
             let error = panic_error(&*payload);
             error!(%error, "a task run panicked");
-            Err(RunError::Fatal(error))
+            Err(RunError::Fatal(Cause::Panicked(error)))
         }
     }
 }
@@ -530,76 +445,16 @@ pub fn panic_error(payload: &(dyn std::any::Any + Send)) -> String {
     )
 }
 
-fn retryable(error: StoreError) -> RunError {
-    RunError::Retryable(error.to_string())
-}
-
-/// Uniform in [0, 1) without a RNG dependency: the low bits of the clock.
-fn jitter() -> f64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    f64::from(nanos % 1_000_000) / 1_000_000.0
-}
-
-async fn renew_lease(
-    store: Store,
-    lease: Lease,
-    ttl: std::time::Duration,
-    every: std::time::Duration,
-    stop: CancellationToken,
-    on_loss: [CancellationToken; 2],
-) {
-    let mut interval = tokio::time::interval(every);
-    interval.tick().await;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = interval.tick() => {}
-        }
-        match store.renew_lease(&lease, ttl).await {
-            Ok(true) => {}
-            Ok(false) => {
-                warn!(task_id = %lease.task_id, "lease lost");
-                on_loss.iter().for_each(CancellationToken::cancel);
-                return;
-            }
-            // Redis trouble: keep trying until the TTL would have run out.
-            Err(error) => warn!(task_id = %lease.task_id, %error, "lease renewal failed"),
-        }
-    }
-}
-
-/// Watches for a cancel asked while this worker holds the task (checked at
-/// once, then every [`CANCEL_POLL`]) and fires `on_cancel` when one comes.
-async fn watch_cancel(
-    store: Store,
-    id: TaskId,
-    stop: CancellationToken,
-    on_cancel: [CancellationToken; 2],
-) {
-    let mut interval = tokio::time::interval(CANCEL_POLL);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = interval.tick() => {}
-        }
-        match store.cancel_requested(&id).await {
-            Ok(true) => {
-                info!(task_id = %id, "cancel requested: stopping the run");
-                on_cancel.iter().for_each(CancellationToken::cancel);
-                return;
-            }
-            Ok(false) => {}
-            Err(error) => warn!(task_id = %id, %error, "checking for a cancel failed"),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn fatal_message<T: std::fmt::Debug>(result: &Result<T, RunError>) -> Option<String> {
+        match result {
+            Err(RunError::Fatal(Cause::Panicked(message))) => Some(message.clone()),
+            _ => None,
+        }
+    }
 
     #[tokio::test]
     async fn a_panicking_run_becomes_a_fatal_error_that_names_the_panic() {
@@ -612,12 +467,12 @@ mod tests {
         })
         .await;
         assert_eq!(
-            panicked,
-            Err(RunError::Fatal(
+            fatal_message(&panicked).as_deref(),
+            Some(
                 "worker bug: the run panicked: cannot convert float seconds to Duration: \
                  value is either too big or NaN"
-                    .into()
-            ))
+            ),
+            "{panicked:?}"
         );
         let formatted = fail_on_panic(async {
             let index = std::hint::black_box(7);
@@ -625,13 +480,21 @@ mod tests {
         })
         .await;
         assert!(
-            matches!(&formatted, Err(RunError::Fatal(e)) if e.starts_with("worker bug: the run panicked: index out of bounds")),
+            fatal_message(&formatted)
+                .is_some_and(|e| e.starts_with("worker bug: the run panicked: index out of bounds")),
             "{formatted:?}"
         );
-        assert_eq!(fail_on_panic(async { Ok::<u8, RunError>(1) }).await, Ok(1));
         assert_eq!(
-            fail_on_panic(async { Err::<u8, _>(RunError::Retryable("x".into())) }).await,
-            Err(RunError::Retryable("x".into()))
+            fail_on_panic(async { Ok::<u8, RunError>(1) }).await.ok(),
+            Some(1)
+        );
+        let passed = fail_on_panic(async {
+            Err::<u8, _>(RunError::Retryable(Cause::CannotStart("x".into())))
+        })
+        .await;
+        assert!(
+            matches!(&passed, Err(RunError::Retryable(Cause::CannotStart(x))) if x == "x"),
+            "{passed:?}"
         );
     }
 }

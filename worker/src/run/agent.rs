@@ -1,0 +1,249 @@
+//! The `agent` adapter: resolve the model profile and secrets, clone the
+//! repository, run the conversation in the leased sandbox, and turn its
+//! outcome into the task's terminal state.
+
+use shoal_shared::cost::MicroDollars;
+use shoal_shared::task::{AgentResult, AgentSpec, TaskResult, TaskState};
+
+use super::context::RunContext;
+use super::end::{Cause, RunEnd, RunError, StopReason};
+use crate::agent::conversation::{AgentConfig, Billing, Conversation, Outcome};
+use crate::agent::llm::retry::observing_attempts;
+use crate::agent::llm::{client_for, LlmErrorKind};
+use crate::agent::secrets::{self, Masker};
+use crate::agent::sink::RedisSink;
+use crate::agent::tools::Toolbox;
+
+/// Where a repository is cloned inside the workspace.
+pub const REPO_DIR: &str = "repo";
+
+/// Runs `spec` in the context's sandbox. An error ends the task before the
+/// conversation starts.
+pub async fn run(ctx: &RunContext<'_>, spec: &AgentSpec) -> Result<RunEnd, RunError> {
+    let (settings, message, sandbox) = (ctx.settings, ctx.message, ctx.sandbox);
+    let profile_name = if spec.model == "default" {
+        settings.agent.default_model.as_str()
+    } else {
+        spec.model.as_str()
+    };
+    let profile = settings.models.get(profile_name).ok_or_else(|| {
+        RunError::fatal(Cause::Refused(format!(
+            "unknown model profile {profile_name:?}; this worker has {}",
+            settings
+                .models
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        )))
+    })?;
+    let llm = client_for(profile).map_err(|error| match error.kind {
+        LlmErrorKind::Auth | LlmErrorKind::BadRequest => RunError::fatal(error),
+        _ => RunError::retryable(error),
+    })?;
+    let (found, missing) = secrets::resolve(&message.spec.secrets);
+    if !missing.is_empty() {
+        return Err(RunError::fatal(Cause::Refused(format!(
+            "secrets not available on this worker: {} (set {}<NAME>)",
+            missing.join(", "),
+            secrets::SECRET_PREFIX
+        ))));
+    }
+    // Mask the task's secrets and the worker's own LLM keys.
+    let mut masked: Vec<(String, String)> = found
+        .iter()
+        .map(|(name, value)| (value.clone(), name.clone()))
+        .collect();
+    for model in settings.models.values() {
+        if let Some(var) = &model.api_key_env {
+            if let Ok(value) = std::env::var(var) {
+                masked.push((value, var.clone()));
+            }
+        }
+    }
+    let masker = Masker::new(masked);
+    let toolbox = Toolbox::new(&spec.tools).map_err(|e| RunError::fatal(Cause::Refused(e)))?;
+    let mut prompt = spec.prompt.clone();
+    if let Some(repo) = &spec.repo {
+        sandbox
+            .git_clone(&repo.url, repo.git_ref.as_deref(), REPO_DIR)
+            .await
+            .map_err(|e| {
+                if e.is_retryable() {
+                    RunError::retryable(e)
+                } else {
+                    // Flattened here because the text must be masked.
+                    RunError::fatal(Cause::Refused(masker.mask(&e.to_string())))
+                }
+            })?;
+        prompt.push_str(&format!(
+            "\n\nThe repository {} is checked out at /workspace/{REPO_DIR}.",
+            repo.url
+        ));
+    }
+    let sink = RedisSink::start(
+        ctx.store.clone(),
+        message.id,
+        ctx.source.to_owned(),
+        Some(Box::new(ctx.metrics.clone())),
+    );
+    let config = AgentConfig {
+        max_iterations: spec.limits.max_iterations,
+        max_cost: spec.limits.max_cost_usd.map(MicroDollars::from_usd),
+        timeout: std::time::Duration::from_secs(spec.limits.timeout_s),
+        no_output_timeout: settings.agent.no_output_timeout,
+        condense_chars: settings.agent.condense_chars,
+        // Models on emulated tool calls are the small ones: nudge them on.
+        nudge_plain_text: profile.function_calling.in_prompt(),
+        prices: profile.effective_prices(),
+        max_tokens: Some(profile.max_tokens),
+        temperature: profile.temperature,
+    };
+    let env: Vec<(String, String)> = found;
+    // Every LLM attempt of the run is timed, failed ones too.
+    let attempts = ctx.metrics.llm_attempts(llm.model());
+    let conversation = Conversation {
+        llm: &*llm,
+        sandbox,
+        sink: &sink,
+        toolbox,
+        masker,
+        env,
+        config,
+        billing: Billing {
+            task_id: message.id,
+            tenant: message.tenant.clone(),
+        },
+        cancel: ctx.stop.token().clone(),
+    };
+    let ended = observing_attempts(attempts, conversation.run_to_end(&prompt)).await;
+    Ok(end_of(
+        ended.outcome,
+        ended.result,
+        spec.limits.timeout_s,
+        ctx.stop_reason(),
+    ))
+}
+
+/// The task's end for a conversation's `outcome`; `stopped` is why the run
+/// was stopped, for an outcome of [`Outcome::Cancelled`].
+pub fn end_of(
+    outcome: Outcome,
+    result: AgentResult,
+    timeout_s: u64,
+    stopped: StopReason,
+) -> RunEnd {
+    let done = |state, result: AgentResult, error| RunEnd::Done {
+        state,
+        result: TaskResult::Agent(result),
+        error,
+    };
+    match outcome {
+        Outcome::Finished | Outcome::Answered => done(TaskState::Succeeded, result, None),
+        Outcome::TimedOut => {
+            let error = format!("timed out after {timeout_s} s");
+            done(TaskState::TimedOut, result, Some(error))
+        }
+        Outcome::Cancelled => RunEnd::Stopped(stopped),
+        // The reason is already masked in the result's message.
+        Outcome::ContextExceeded(_) | Outcome::Truncated(_) => {
+            let reason = result.message.clone().unwrap_or_default();
+            let error = format!("{}: {reason}", outcome.name());
+            done(TaskState::Failed, result, Some(error))
+        }
+        Outcome::MaxIterations
+        | Outcome::BudgetExceeded
+        | Outcome::Stuck(_)
+        | Outcome::Error(_) => {
+            let name = outcome.name();
+            let error = result
+                .message
+                .clone()
+                .map(|m| format!("{name}: {m}"))
+                .unwrap_or_else(|| name.to_owned());
+            done(TaskState::Failed, result, Some(error))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(message: Option<&str>) -> AgentResult {
+        AgentResult {
+            outcome: String::new(),
+            message: message.map(str::to_owned),
+            steps: 3,
+            usage: Default::default(),
+            cost_micros: 0,
+            workspace_files: Vec::new(),
+        }
+    }
+
+    fn state_and_error(end: &RunEnd) -> (TaskState, Option<&str>) {
+        match end {
+            RunEnd::Done { state, error, .. } => (*state, error.as_deref()),
+            RunEnd::Stopped(reason) => panic!("stopped: {reason:?}"),
+        }
+    }
+
+    #[test]
+    fn a_finish_call_and_a_plain_answer_both_succeed_without_an_error() {
+        for outcome in [Outcome::Finished, Outcome::Answered] {
+            let end = end_of(outcome, result(Some("done")), 60, StopReason::Draining);
+            assert_eq!(state_and_error(&end), (TaskState::Succeeded, None));
+        }
+    }
+
+    #[test]
+    fn a_cancelled_conversation_ends_with_the_reason_the_run_was_stopped() {
+        for reason in [
+            StopReason::Draining,
+            StopReason::CancelRequested,
+            StopReason::LeaseLost,
+        ] {
+            let end = end_of(Outcome::Cancelled, result(None), 60, reason);
+            assert_eq!(end, RunEnd::Stopped(reason));
+        }
+    }
+
+    #[test]
+    fn a_timeout_names_the_limit_and_limits_fail_naming_the_outcome() {
+        let end = end_of(Outcome::TimedOut, result(None), 90, StopReason::Draining);
+        assert_eq!(
+            state_and_error(&end),
+            (TaskState::TimedOut, Some("timed out after 90 s"))
+        );
+        let end = end_of(
+            Outcome::MaxIterations,
+            result(None),
+            90,
+            StopReason::Draining,
+        );
+        assert_eq!(
+            state_and_error(&end),
+            (TaskState::Failed, Some("max_iterations"))
+        );
+        let end = end_of(
+            Outcome::Error("LLM call failed: x".into()),
+            result(Some("LLM call failed: x")),
+            90,
+            StopReason::Draining,
+        );
+        assert_eq!(
+            state_and_error(&end),
+            (TaskState::Failed, Some("error: LLM call failed: x"))
+        );
+        let end = end_of(
+            Outcome::ContextExceeded("too long".into()),
+            result(Some("too long")),
+            90,
+            StopReason::Draining,
+        );
+        assert_eq!(
+            state_and_error(&end),
+            (TaskState::Failed, Some("context_exceeded: too long"))
+        );
+    }
+}
