@@ -31,10 +31,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use reqwest::{Method, Url};
 
 pub use config::{ApiKey, DaytonaConfig, PollSettings, RetrySettings};
+pub use script::daemon_split;
 
 use api::{
     classify, CreateSandbox, ListSandboxesResponse, SandboxDto, StateClass, WorkDirResponse,
@@ -147,15 +148,6 @@ impl DaytonaProvider {
         url_with(&self.shared.api, segments)
     }
 
-    fn backoff(&self) -> ExponentialBuilder {
-        let retry = &self.shared.config.retry;
-        ExponentialBuilder::default()
-            .with_jitter()
-            .with_min_delay(retry.min_delay)
-            .with_max_delay(retry.max_delay)
-            .with_max_times(retry.max_retries)
-    }
-
     /// `GET /sandbox/{idOrName}` (`getSandbox`); `None` on 404.
     async fn get(&self, id_or_name: &str) -> Result<Option<SandboxDto>, HttpError> {
         let url = self
@@ -195,16 +187,13 @@ impl DaytonaProvider {
                 _ => Err(error),
             }
         };
-        let max_wait = self.shared.config.retry.max_retry_after;
+        let retry = &self.shared.config.retry;
+        let backoff = retry.backoff();
         attempt
-            .retry(self.backoff())
+            .retry(backoff.builder())
             .when(create_retryable)
             .adjust(|error: &HttpError, delay| {
-                let hint = match error {
-                    HttpError::Status { retry_after, .. } => *retry_after,
-                    _ => None,
-                };
-                delay.map(|d| hint.map_or(d, |wait| wait.min(max_wait)))
+                backoff.next_wait(delay, error.retry_after(), retry.max_retry_after)
             })
             .await
     }
