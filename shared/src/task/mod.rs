@@ -6,13 +6,15 @@ mod id;
 mod record;
 mod spec;
 mod state;
+mod validate;
 
 pub use id::{ParseTaskIdError, TaskId};
 pub use record::{
     format_time, AgentResult, ExecResult, RecordError, TaskRecord, TaskRef, TaskResult,
 };
 pub use spec::{
-    kernel_limits, workspace_path_components, AgentLimits, AgentSpec, ExecSpec, FileSpec, Language,
-    Priority, RepoSpec, SpecError, SpecLimits, TaskKind, TaskSpec, WorkspacePathError,
+    AgentLimits, AgentSpec, ExecSpec, FileSpec, Language, Priority, RepoSpec, SpecLimits, TaskKind,
+    TaskSpec,
 };
 pub use state::TaskState;
+pub use validate::{kernel_limits, workspace_path_components, SpecError, WorkspacePathError};
