@@ -106,3 +106,17 @@ fn default_worker_id() -> String {
         .unwrap_or_else(|| "worker".to_owned());
     format!("{host}-{}", std::process::id())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::Settings;
+
+    /// `lease_renew_s * 2` overflowed (a panic in debug builds) before it
+    /// was compared with the TTL.
+    #[test]
+    fn a_huge_lease_renewal_is_refused_naming_the_key_not_an_overflow() {
+        let err =
+            Settings::from_toml(&format!("worker.lease_renew_s = {}\n", i64::MAX)).unwrap_err();
+        assert!(err.to_string().contains("worker.lease_renew_s"), "{err}");
+    }
+}
