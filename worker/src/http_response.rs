@@ -82,6 +82,47 @@ impl std::fmt::Debug for ApiKey {
     }
 }
 
+/// What an HTTP error status means, read once for both clients; each maps
+/// the class to its own error kinds (the LLM client to `LlmErrorKind`,
+/// Daytona to `SandboxErrorKind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusClass {
+    /// 401, 403: the key is wrong or lacks the right.
+    Auth,
+    /// 404, 410: the thing asked about does not exist.
+    Gone,
+    /// 408: the server gave up waiting for the request.
+    Timeout,
+    /// 413: the request is too large.
+    TooLarge,
+    /// 429, 529 (Anthropic's "overloaded"): slow down.
+    RateLimited,
+    /// 502, 503, 504: temporarily unavailable.
+    Unavailable,
+    /// Any other 4xx: the request itself is wrong.
+    Client,
+    /// Any other 5xx.
+    Server,
+    /// Not an error status.
+    Other,
+}
+
+impl StatusClass {
+    pub fn of(status: u16) -> Self {
+        match status {
+            401 | 403 => Self::Auth,
+            404 | 410 => Self::Gone,
+            408 => Self::Timeout,
+            413 => Self::TooLarge,
+            429 | 529 => Self::RateLimited,
+            502..=504 => Self::Unavailable,
+            400..=499 => Self::Client,
+            500..=599 => Self::Server,
+            _ => Self::Other,
+        }
+    }
+}
+
 /// A request that got no complete answer, read once for both clients.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransportFailure {
@@ -215,6 +256,33 @@ pub async fn read_body(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statuses_fall_into_one_class_each() {
+        use StatusClass::*;
+        let cases = [
+            (401, Auth),
+            (403, Auth),
+            (404, Gone),
+            (410, Gone),
+            (408, Timeout),
+            (413, TooLarge),
+            (429, RateLimited),
+            (529, RateLimited),
+            (502, Unavailable),
+            (504, Unavailable),
+            (400, Client),
+            (402, Client),
+            (422, Client),
+            (500, Server),
+            (501, Server),
+            (200, Other),
+            (302, Other),
+        ];
+        for (status, class) in cases {
+            assert_eq!(StatusClass::of(status), class, "{status}");
+        }
+    }
 
     #[test]
     fn a_key_never_shows_in_debug_and_is_masked_in_text() {

@@ -86,24 +86,30 @@ const CONTEXT_MARKERS: &[&str] = &[
 
 /// The one classification of an HTTP failure.
 pub fn classify(status: u16, body: &str) -> LlmErrorKind {
+    use crate::http_response::StatusClass;
     let lower = body.to_ascii_lowercase();
-    match status {
-        401 | 403 => LlmErrorKind::Auth,
-        // Out of credit: refused again until someone pays.
-        429 | 402 if lower.contains("insufficient_quota") => LlmErrorKind::BadRequest,
-        429 | 529 => LlmErrorKind::RateLimit,
-        408 => LlmErrorKind::Timeout,
-        413 => LlmErrorKind::ContextWindowExceeded,
-        400 | 422 if CONTEXT_MARKERS.iter().any(|m| lower.contains(m)) => {
+    // Out of credit: refused again until someone pays.
+    if matches!(status, 402 | 429) && lower.contains("insufficient_quota") {
+        return LlmErrorKind::BadRequest;
+    }
+    let overflow = |markers: &[&str]| markers.iter().any(|m| lower.contains(m));
+    match StatusClass::of(status) {
+        StatusClass::Auth => LlmErrorKind::Auth,
+        StatusClass::RateLimited => LlmErrorKind::RateLimit,
+        StatusClass::Timeout => LlmErrorKind::Timeout,
+        StatusClass::TooLarge => LlmErrorKind::ContextWindowExceeded,
+        StatusClass::Client if matches!(status, 400 | 422) && overflow(CONTEXT_MARKERS) => {
             LlmErrorKind::ContextWindowExceeded
         }
-        400..=499 => LlmErrorKind::BadRequest,
+        StatusClass::Client | StatusClass::Gone => LlmErrorKind::BadRequest,
         // Some servers put a context overflow behind a 500.
-        500..=599 if lower.contains("context_length_exceeded") => {
+        StatusClass::Server | StatusClass::Unavailable
+            if overflow(&["context_length_exceeded"]) =>
+        {
             LlmErrorKind::ContextWindowExceeded
         }
-        500..=599 => LlmErrorKind::Server,
-        _ => LlmErrorKind::InvalidResponse,
+        StatusClass::Server | StatusClass::Unavailable => LlmErrorKind::Server,
+        StatusClass::Other => LlmErrorKind::InvalidResponse,
     }
 }
 

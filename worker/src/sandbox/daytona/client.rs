@@ -14,7 +14,9 @@ use serde::de::DeserializeOwned;
 use shoal_shared::retry::Backoff;
 
 use super::config::RetrySettings;
-use crate::http_response::{read_body, requested_wait, ApiKey, BodyError, TransportFailure};
+use crate::http_response::{
+    read_body, requested_wait, ApiKey, BodyError, StatusClass, TransportFailure,
+};
 use crate::sandbox::{SandboxError, SandboxErrorKind};
 
 /// The largest body read from an ordinary API or toolbox call (JSON).
@@ -159,11 +161,16 @@ impl HttpError {
     /// As a sandbox error; `context` says what was being done.
     pub fn into_sandbox(self, context: &str) -> SandboxError {
         let kind = match &self {
-            Self::Status { status, .. } => match status.as_u16() {
-                404 | 410 => SandboxErrorKind::NotFound,
-                408 | 429 | 502 | 503 | 504 => SandboxErrorKind::Unavailable,
-                400..=499 => SandboxErrorKind::Rejected,
-                _ => SandboxErrorKind::Unavailable,
+            Self::Status { status, .. } => match StatusClass::of(status.as_u16()) {
+                StatusClass::Gone => SandboxErrorKind::NotFound,
+                StatusClass::Auth | StatusClass::TooLarge | StatusClass::Client => {
+                    SandboxErrorKind::Rejected
+                }
+                StatusClass::Timeout
+                | StatusClass::RateLimited
+                | StatusClass::Unavailable
+                | StatusClass::Server
+                | StatusClass::Other => SandboxErrorKind::Unavailable,
             },
             Self::Transport { .. } => SandboxErrorKind::Unavailable,
             Self::Decode(_) => SandboxErrorKind::Broken,
