@@ -207,67 +207,55 @@ impl Slot {
         disposition: Disposition,
     ) {
         let worker = self.runner.settings.worker.id.clone();
-        let result = match &disposition {
-            Disposition::Ack => Ok(()),
-            Disposition::Retry { delay, reason } => {
-                let priority = message.map(|m| m.spec.priority).unwrap_or_default();
-                let outgoing = OutgoingMessage {
-                    exchange: self.topology.retry_exchange(),
-                    routing_key: Topology::retry_routing_key(priority, *delay),
-                    body: delivery.data.clone(),
-                    message_id: message.map(|m| m.id.to_string()),
-                    headers: vec![(HEADER_LAST_ERROR.into(), truncate(reason, 1024))],
-                };
-                info!(delay_s = delay.as_secs(), %reason, "task scheduled for retry");
-                publish_confirmed(channel, &[outgoing])
-                    .await
-                    .map_err(|e| e.to_string())
-            }
-            Disposition::Dead {
-                reason,
-                error,
-                attempts,
-            } => {
-                let attempts = *attempts;
-                let outgoing = OutgoingMessage {
-                    exchange: self.topology.dead_exchange(),
-                    routing_key: String::new(),
-                    body: delivery.data.clone(),
-                    message_id: message.map(|m| m.id.to_string()),
-                    headers: vec![
-                        (HEADER_REASON.into(), reason.clone()),
-                        (HEADER_LAST_ERROR.into(), truncate(error, 4096)),
-                        (HEADER_ATTEMPTS.into(), attempts.to_string()),
-                        (HEADER_WORKER.into(), worker.clone()),
-                    ],
-                };
-                let published = publish_confirmed(channel, &[outgoing])
-                    .await
-                    .map_err(|e| e.to_string());
-                let entry = DeadEntry {
-                    task_id: message.map(|m| m.id).or_else(|| task_id_of(delivery)),
-                    reason: reason.clone(),
-                    error: truncate(error, 4096),
-                    attempts,
-                    worker,
-                    body_preview: String::from_utf8_lossy(
-                        &delivery.data[..delivery.data.len().min(1024)],
-                    )
-                    .into_owned(),
-                };
-                if let Err(store_error) = self.runner.store.record_dead(&entry).await {
-                    warn!(%store_error, "dead letter not recorded in redis");
+        let plan = settle_plan(
+            &self.topology,
+            &worker,
+            &delivery.data,
+            message,
+            &disposition,
+        );
+        let result = match plan {
+            SettlePlan::Ack => Ok(()),
+            SettlePlan::Requeue => {
+                if let Disposition::Requeue { reason } = &disposition {
+                    info!(%reason, "task requeued");
                 }
-                published
-            }
-            Disposition::Requeue { reason } => {
-                info!(%reason, "task requeued");
                 return log_settle(
                     delivery
                         .acker
                         .reject(BasicRejectOptions { requeue: true })
                         .await,
                 );
+            }
+            SettlePlan::PublishThenAck(outgoing) => {
+                if let Disposition::Retry { delay, reason } = &disposition {
+                    info!(delay_s = delay.as_secs(), %reason, "task scheduled for retry");
+                }
+                let published = publish_confirmed(channel, &[outgoing])
+                    .await
+                    .map_err(|e| e.to_string());
+                if let Disposition::Dead {
+                    reason,
+                    error,
+                    attempts,
+                } = &disposition
+                {
+                    let entry = DeadEntry {
+                        task_id: message.map(|m| m.id).or_else(|| task_id_of(delivery)),
+                        reason: reason.clone(),
+                        error: truncate(error, 4096),
+                        attempts: *attempts,
+                        worker,
+                        body_preview: String::from_utf8_lossy(
+                            &delivery.data[..delivery.data.len().min(1024)],
+                        )
+                        .into_owned(),
+                    };
+                    if let Err(store_error) = self.runner.store.record_dead(&entry).await {
+                        warn!(%store_error, "dead letter not recorded in redis");
+                    }
+                }
+                published
             }
         };
         match result {
@@ -278,6 +266,60 @@ impl Slot {
                 let _ = channel.close(500, "settle failed".into()).await;
             }
         }
+    }
+}
+
+/// What the finalizer does with a delivery.
+#[derive(Debug)]
+enum SettlePlan {
+    /// Acknowledge: the task's outcome is recorded (or it was a duplicate).
+    Ack,
+    /// Publish this copy with confirms (to a retry tier or the dead-letter
+    /// exchange), then acknowledge; left unacked if the publish fails.
+    PublishThenAck(OutgoingMessage),
+    /// Reject with requeue: the message goes back to its queue at once.
+    Requeue,
+}
+
+/// The one mapping from a [`Disposition`] to what happens to the delivery,
+/// decided without a channel. `body` is the delivery's, published unchanged.
+fn settle_plan(
+    topology: &Topology,
+    worker: &str,
+    body: &[u8],
+    message: Option<&TaskMessage>,
+    disposition: &Disposition,
+) -> SettlePlan {
+    let message_id = message.map(|m| m.id.to_string());
+    match disposition {
+        Disposition::Ack => SettlePlan::Ack,
+        Disposition::Retry { delay, reason } => {
+            let priority = message.map(|m| m.spec.priority).unwrap_or_default();
+            SettlePlan::PublishThenAck(OutgoingMessage {
+                exchange: topology.retry_exchange(),
+                routing_key: Topology::retry_routing_key(priority, *delay),
+                body: body.to_vec(),
+                message_id,
+                headers: vec![(HEADER_LAST_ERROR.into(), truncate(reason, 1024))],
+            })
+        }
+        Disposition::Dead {
+            reason,
+            error,
+            attempts,
+        } => SettlePlan::PublishThenAck(OutgoingMessage {
+            exchange: topology.dead_exchange(),
+            routing_key: String::new(),
+            body: body.to_vec(),
+            message_id,
+            headers: vec![
+                (HEADER_REASON.into(), reason.clone()),
+                (HEADER_LAST_ERROR.into(), truncate(error, 4096)),
+                (HEADER_ATTEMPTS.into(), attempts.to_string()),
+                (HEADER_WORKER.into(), worker.to_owned()),
+            ],
+        }),
+        Disposition::Requeue { .. } => SettlePlan::Requeue,
     }
 }
 
@@ -331,4 +373,91 @@ fn truncate(text: &str, max: usize) -> String {
         end -= 1;
     }
     text[..end].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use shoal_shared::task::TaskSpec;
+
+    use super::*;
+
+    fn topology() -> Topology {
+        Topology::new("unit", 5, [5, 30].map(Duration::from_secs).to_vec())
+    }
+
+    fn plan(message: Option<&TaskMessage>, disposition: Disposition) -> SettlePlan {
+        settle_plan(&topology(), "w1", b"body", message, &disposition)
+    }
+
+    fn header<'a>(outgoing: &'a OutgoingMessage, name: &str) -> Option<&'a str> {
+        outgoing
+            .headers
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+
+    #[test]
+    fn ack_acks_and_requeue_rejects_without_publishing() {
+        assert!(matches!(plan(None, Disposition::Ack), SettlePlan::Ack));
+        let requeue = Disposition::Requeue {
+            reason: "worker is shutting down".into(),
+        };
+        assert!(matches!(plan(None, requeue), SettlePlan::Requeue));
+    }
+
+    #[test]
+    fn a_retry_goes_to_the_tier_of_its_delay_at_the_task_priority() {
+        let mut spec = TaskSpec::exec("true");
+        spec.priority = Priority::High;
+        let message = TaskMessage::new(TaskId::new(), "t".into(), spec);
+        let retry = Disposition::Retry {
+            delay: Duration::from_secs(30),
+            reason: "x".repeat(2000),
+        };
+        let SettlePlan::PublishThenAck(outgoing) = plan(Some(&message), retry) else {
+            panic!("a retry publishes a copy");
+        };
+        assert_eq!(outgoing.exchange, "unit.retry");
+        assert_eq!(outgoing.routing_key, "high.30s");
+        assert_eq!(outgoing.body, b"body");
+        assert_eq!(outgoing.message_id, Some(message.id.to_string()));
+        assert_eq!(
+            header(&outgoing, HEADER_LAST_ERROR).map(str::len),
+            Some(1024)
+        );
+        assert_eq!(outgoing.headers.len(), 1);
+        // Without a readable message the retry keeps the default priority.
+        let unread = Disposition::Retry {
+            delay: Duration::from_secs(5),
+            reason: "r".into(),
+        };
+        let SettlePlan::PublishThenAck(outgoing) = plan(None, unread) else {
+            panic!("a retry publishes a copy");
+        };
+        assert_eq!(outgoing.routing_key, "normal.5s");
+        assert_eq!(outgoing.message_id, None);
+    }
+
+    #[test]
+    fn a_dead_letter_carries_reason_error_attempts_and_worker() {
+        let dead = Disposition::Dead {
+            reason: "attempts_exhausted".into(),
+            error: "é".repeat(3000),
+            attempts: 4,
+        };
+        let SettlePlan::PublishThenAck(outgoing) = plan(None, dead) else {
+            panic!("a dead letter is published");
+        };
+        assert_eq!(outgoing.exchange, "unit.dead");
+        assert_eq!(outgoing.routing_key, "");
+        assert_eq!(outgoing.body, b"body");
+        assert_eq!(header(&outgoing, HEADER_REASON), Some("attempts_exhausted"));
+        assert_eq!(header(&outgoing, HEADER_ATTEMPTS), Some("4"));
+        assert_eq!(header(&outgoing, HEADER_WORKER), Some("w1"));
+        // Cut at a character boundary, never past 4096 bytes.
+        let error = header(&outgoing, HEADER_LAST_ERROR).unwrap();
+        assert_eq!(error.len(), 4096);
+        assert!(error.chars().all(|c| c == 'é'));
+    }
 }

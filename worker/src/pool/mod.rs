@@ -13,6 +13,8 @@
 //! provider lists as ours but the pool does not know (leaks after a crash).
 
 mod metrics;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};

@@ -355,35 +355,25 @@ impl TaskRunner {
         if record.state.is_terminal() {
             return Disposition::Ack;
         }
-        let exhausted = record.attempts >= message.spec.max_attempts;
-        let to = if exhausted {
+        let disposition = after_retryable_failure(
+            record.attempts,
+            message.spec.max_attempts,
+            &self.settings.broker.retry_tiers,
+            shoal_shared::retry::unit_jitter(),
+            error.clone(),
+        );
+        let to = if matches!(disposition, Disposition::Dead { .. }) {
             TaskState::Dead
         } else {
             TaskState::Retrying
         };
         let transition = Transition::to(message.id, to, self.source.clone())
             .field("last_error", error.clone())
-            .reason(error.clone());
+            .reason(error);
         if let Err(store_error) = self.store.transition(&transition).await {
             warn!(%store_error, "recording the failure failed");
         }
-        if exhausted {
-            Disposition::Dead {
-                reason: "attempts_exhausted".into(),
-                error,
-                attempts: record.attempts,
-            }
-        } else {
-            let delay = shoal_shared::broker::retry_tier_for(
-                &self.settings.broker.retry_tiers,
-                record.attempts,
-                shoal_shared::retry::unit_jitter(),
-            );
-            Disposition::Retry {
-                delay,
-                reason: error,
-            }
-        }
+        disposition
     }
 
     async fn release(&self, lease: &Lease) {
@@ -409,6 +399,30 @@ impl TaskRunner {
     /// the state transitions (the facts that matter) are written separately.
     async fn emit(&self, event: EventEnvelope) {
         emit(&self.store, event).await;
+    }
+}
+
+/// After a retryable failure of a task started `attempts` times: dead once
+/// `max_attempts` are used up, otherwise a retry tier chosen by the attempt
+/// count with `jitter` (uniform in [0, 1)).
+fn after_retryable_failure(
+    attempts: u32,
+    max_attempts: u32,
+    retry_tiers: &[std::time::Duration],
+    jitter: f64,
+    error: String,
+) -> Disposition {
+    if attempts >= max_attempts {
+        Disposition::Dead {
+            reason: "attempts_exhausted".into(),
+            error,
+            attempts,
+        }
+    } else {
+        Disposition::Retry {
+            delay: shoal_shared::broker::retry_tier_for(retry_tiers, attempts, jitter),
+            reason: error,
+        }
     }
 }
 
@@ -454,6 +468,68 @@ mod tests {
             Err(RunError::Fatal(Cause::Panicked(message))) => Some(message.clone()),
             _ => None,
         }
+    }
+
+    fn tiers() -> Vec<std::time::Duration> {
+        [5, 30, 120, 600]
+            .map(std::time::Duration::from_secs)
+            .to_vec()
+    }
+
+    #[test]
+    fn a_retryable_failure_with_attempts_left_retries_on_a_tier_that_grows_with_attempts() {
+        let tiers = tiers();
+        let delay = |attempts, jitter| match after_retryable_failure(
+            attempts,
+            5,
+            &tiers,
+            jitter,
+            "e".into(),
+        ) {
+            Disposition::Retry { delay, reason } => {
+                assert_eq!(reason, "e");
+                delay
+            }
+            other => panic!("attempt {attempts} of 5 must retry, got {other:?}"),
+        };
+        let secs = std::time::Duration::from_secs;
+        // No jitter drawn: the shortest tier, whatever the attempt.
+        assert_eq!(delay(1, 0.0), secs(5));
+        assert_eq!(delay(4, 0.0), secs(5));
+        // The first failure never waits past the shortest tier.
+        assert_eq!(delay(1, 0.999), secs(5));
+        // Later failures may draw longer tiers, up to the ceiling 5 s * 2^attempts.
+        assert_eq!(delay(3, 0.999), secs(30));
+        assert_eq!(delay(4, 0.999), secs(30));
+        // Every draw lands on a configured tier.
+        for attempts in 1..5 {
+            for step in 0..100 {
+                let drawn = delay(attempts, f64::from(step) / 100.0);
+                assert!(tiers.contains(&drawn), "{drawn:?} is not a tier");
+            }
+        }
+        let many = after_retryable_failure(12, 20, &tiers, 0.999, "e".into());
+        assert!(matches!(many, Disposition::Retry { delay, .. } if delay == secs(600)));
+    }
+
+    #[test]
+    fn a_retryable_failure_of_the_last_attempt_is_dead_lettered_with_its_count() {
+        for attempts in [3, 4] {
+            let end = after_retryable_failure(attempts, 3, &tiers(), 0.5, "sandbox gone".into());
+            assert_eq!(
+                end,
+                Disposition::Dead {
+                    reason: "attempts_exhausted".into(),
+                    error: "sandbox gone".into(),
+                    attempts,
+                }
+            );
+        }
+        // One attempt allowed: its first failure is its last.
+        assert!(matches!(
+            after_retryable_failure(1, 1, &tiers(), 0.0, "e".into()),
+            Disposition::Dead { attempts: 1, .. }
+        ));
     }
 
     #[tokio::test]
