@@ -7,59 +7,21 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use shoal_shared::settings::Settings;
-use shoal_shared::template::Template;
+use shoal_tests::local_fixture::LocalFixture;
 use shoal_worker::agent::tools::{ArgumentError, FileEditor, Tool, ToolContext, ToolOutput};
-use shoal_worker::sandbox::{ExecRequest, LocalProvider, Sandbox, SandboxProvider};
+use shoal_worker::sandbox::{ExecRequest, Sandbox};
 use tokio_util::sync::CancellationToken;
 
-/// A provider with its own root and uid range, so tests run in parallel.
-struct Fixture {
-    provider: LocalProvider,
-    root: PathBuf,
-    template: Template,
-}
-
-impl Fixture {
-    async fn new(owner: &str) -> Self {
-        let id = uuid::Uuid::now_v7().simple().to_string();
-        let root = std::env::temp_dir()
-            .join("shoal-test-sandboxes")
-            .join(format!("editor-{owner}-{}", &id[id.len() - 8..]));
-        let slot = u32::from_str_radix(&id[id.len() - 4..], 16).unwrap_or(0) % 2000;
-        let uid_base = 400_000 + slot * 64;
-        let settings = Settings::from_toml(&format!(
-            "sandbox.root = \"{}\"\nsandbox.uid_base = {uid_base}\nsandbox.uid_count = 64\n\
-             [sandbox.templates.default]\nworkspace_mb = 16\ntmp_mb = 8\nlimit_processes = 32\nmin_idle = 0\n",
-            root.display()
-        ))
-        .expect("settings");
-        let template = settings.sandbox.templates["default"].clone();
-        let provider = LocalProvider::new(settings.sandbox.clone(), owner)
-            .await
-            .expect("provider");
-        Self {
-            provider,
-            root,
-            template,
-        }
-    }
-
-    async fn sandbox(&self) -> Box<dyn Sandbox> {
-        self.provider.create(&self.template).await.expect("create")
-    }
-
-    /// Destroys `sandbox` and checks nothing of it or of the provider is left.
-    async fn finish(self, sandbox: Box<dyn Sandbox>) {
-        let id = sandbox.id().to_owned();
-        drop(sandbox);
-        self.provider.destroy(&id).await.expect("destroy");
-        let dir = self.provider.owner_dir().join(&id);
-        assert!(!dir.exists(), "workspace {} left behind", dir.display());
-        let owned = self.provider.list_owned().await.expect("list");
-        assert!(owned.is_empty(), "sandboxes left behind: {owned:?}");
-        let _ = std::fs::remove_dir_all(&self.root);
-    }
+/// A provider with its own root and uid range, so these tests run beside
+/// any other.
+async fn new_fixture(owner: &str) -> LocalFixture {
+    LocalFixture::new(
+        "editor",
+        owner,
+        400000,
+        "workspace_mb = 16\ntmp_mb = 8\nlimit_processes = 32\n",
+    )
+    .await
 }
 
 async fn edit(
@@ -129,7 +91,7 @@ fn find(dir: &Path, name: &str) -> Vec<PathBuf> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn str_replace_changes_the_one_match_and_shows_it() {
-    let fixture = Fixture::new("replace").await;
+    let fixture = new_fixture("replace").await;
     let sandbox = fixture.sandbox().await;
     let editor = FileEditor::default();
     write(&*sandbox, "main.py", "a = 1\nb = 2\nc = 3\n").await;
@@ -161,7 +123,7 @@ async fn str_replace_changes_the_one_match_and_shows_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn str_replace_with_an_old_str_that_is_not_there_changes_nothing() {
-    let fixture = Fixture::new("missing").await;
+    let fixture = new_fixture("missing").await;
     let sandbox = fixture.sandbox().await;
     let editor = FileEditor::default();
     write(&*sandbox, "notes.txt", "alpha\nbeta\n").await;
@@ -201,7 +163,7 @@ async fn str_replace_with_an_old_str_that_is_not_there_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn str_replace_with_an_old_str_that_matches_twice_changes_nothing() {
-    let fixture = Fixture::new("ambiguous").await;
+    let fixture = new_fixture("ambiguous").await;
     let sandbox = fixture.sandbox().await;
     let editor = FileEditor::default();
     let text = "x = 0\nprint(x)\nx = 0\n";
@@ -231,7 +193,7 @@ async fn str_replace_with_an_old_str_that_matches_twice_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn insert_at_the_top_the_middle_and_the_end_and_refuses_past_the_end() {
-    let fixture = Fixture::new("insert").await;
+    let fixture = new_fixture("insert").await;
     let sandbox = fixture.sandbox().await;
     let editor = FileEditor::default();
     write(&*sandbox, "list.txt", "one\ntwo\nthree\n").await;
@@ -261,7 +223,7 @@ async fn insert_at_the_top_the_middle_and_the_end_and_refuses_past_the_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undo_edit_walks_back_one_edit_at_a_time_then_says_there_is_nothing_left() {
-    let fixture = Fixture::new("undo").await;
+    let fixture = new_fixture("undo").await;
     let sandbox = fixture.sandbox().await;
     let editor = FileEditor::default();
     ok(
@@ -311,12 +273,12 @@ async fn undo_edit_walks_back_one_edit_at_a_time_then_says_there_is_nothing_left
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edits_to_paths_outside_the_workspace_are_refused() {
-    let fixture = Fixture::new("outside").await;
+    let fixture = new_fixture("outside").await;
     let sandbox = fixture.sandbox().await;
     let editor = FileEditor::default();
     // A host file the agent would love to change, and a symlink to it planted
     // from inside the sandbox (the tool runs on the host side).
-    let target = fixture.root.join("host-secret.txt");
+    let target = fixture.root().join("host-secret.txt");
     std::fs::write(&target, "secret\n").expect("host file");
     let planted = sandbox
         .exec(
@@ -358,7 +320,7 @@ async fn edits_to_paths_outside_the_workspace_are_refused() {
         "secret\n"
     );
     assert!(
-        find(&fixture.root, "escaped.txt").is_empty(),
+        find(&fixture.root(), "escaped.txt").is_empty(),
         "a file was written outside the workspace"
     );
     assert!(!Path::new("/escaped.txt").exists());

@@ -3,75 +3,25 @@
 //! that forges its end-of-command marker.
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::time::Duration;
 
-use shoal_shared::settings::Settings;
-use shoal_shared::template::Template;
-use shoal_worker::sandbox::{
-    ExecRequest, LocalProvider, Sandbox, SandboxError, SandboxErrorKind, SandboxProvider,
-    ShellSession,
-};
+use shoal_tests::local_fixture::LocalFixture;
+use shoal_worker::sandbox::{ExecRequest, Sandbox, SandboxError, SandboxErrorKind, ShellSession};
 use tokio_util::sync::CancellationToken;
 
 /// Generous upper bound for a file operation that must not block.
 const PROMPT: Duration = Duration::from_secs(20);
 
-/// A provider with its own root and uid range (the pattern of
-/// tests/sandbox_local.rs), so these tests run beside any other.
-struct Fixture {
-    provider: LocalProvider,
-    settings: Settings,
-    template: Template,
-}
-
-impl Fixture {
-    async fn new(owner: &str) -> Self {
-        let id = uuid::Uuid::now_v7().simple().to_string();
-        let root = std::env::temp_dir()
-            .join("shoal-test-sandboxes")
-            .join(format!("hostile-{owner}-{}", &id[id.len() - 8..]));
-        let slot = u32::from_str_radix(&id[id.len() - 4..], 16).unwrap_or(0) % 2000;
-        let uid_base = 540_000 + slot * 64;
-        let settings = Settings::from_toml(&format!(
-            "sandbox.root = \"{}\"\nsandbox.uid_base = {uid_base}\nsandbox.uid_count = 64\n\
-             sandbox.max_output_bytes = 1048576\n\
-             [sandbox.templates.default]\nworkspace_mb = 64\ntmp_mb = 16\nlimit_processes = 64\nmin_idle = 0\n",
-            root.display()
-        ))
-        .expect("settings");
-        let template = settings.sandbox.templates["default"].clone();
-        let provider = LocalProvider::new(settings.sandbox.clone(), owner)
-            .await
-            .expect("provider");
-        Self {
-            provider,
-            settings,
-            template,
-        }
-    }
-
-    async fn sandbox(&self) -> Box<dyn Sandbox> {
-        self.provider.create(&self.template).await.expect("create")
-    }
-
-    /// The host directory the sandbox sees as /workspace.
-    fn workspace(&self, sandbox: &dyn Sandbox) -> PathBuf {
-        self.provider
-            .owner_dir()
-            .join(sandbox.id())
-            .join("fs")
-            .join("workspace")
-    }
-
-    async fn finish(self, sandbox: Box<dyn Sandbox>) {
-        let id = sandbox.id().to_owned();
-        drop(sandbox);
-        self.provider.destroy(&id).await.expect("destroy");
-        let owned = self.provider.list_owned().await.expect("list");
-        assert!(owned.is_empty(), "sandboxes left behind: {owned:?}");
-        let _ = std::fs::remove_dir_all(&self.settings.sandbox.root);
-    }
+/// A provider with its own root and uid range, so these tests run beside
+/// any other.
+async fn new_fixture(owner: &str) -> LocalFixture {
+    LocalFixture::new(
+        "hostile",
+        owner,
+        540000,
+        "workspace_mb = 64\ntmp_mb = 16\nlimit_processes = 64\n",
+    )
+    .await
 }
 
 async fn sh(sandbox: &dyn Sandbox, command: &str) {
@@ -105,7 +55,7 @@ async fn refused<T: std::fmt::Debug>(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fifo_in_the_workspace_does_not_block_the_file_api() {
-    let fixture = Fixture::new("fifo").await;
+    let fixture = new_fixture("fifo").await;
     let sandbox = fixture.sandbox().await;
     sh(
         &*sandbox,
@@ -154,7 +104,7 @@ async fn a_fifo_in_the_workspace_does_not_block_the_file_api() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sockets_devices_and_huge_sparse_files_in_the_workspace_are_refused() {
-    let fixture = Fixture::new("special").await;
+    let fixture = new_fixture("special").await;
     let sandbox = fixture.sandbox().await;
     let workspace = fixture.workspace(&*sandbox);
     // Planted from the host side (root), as a hostile image or a race could.
@@ -192,7 +142,7 @@ async fn sockets_devices_and_huge_sparse_files_in_the_workspace_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listing_a_directory_with_too_many_entries_is_refused() {
-    let fixture = Fixture::new("many").await;
+    let fixture = new_fixture("many").await;
     let sandbox = fixture.sandbox().await;
     // One more than the cap the local provider documents (MAX_LIST_ENTRIES).
     let over = 10_001;
@@ -218,7 +168,7 @@ forge() { for n in $(printf '%s\n' "$1" | grep -oE '[0-9a-f]{16,}' | sort -u); d
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sandboxed_code_cannot_forge_the_shells_exit_marker() {
-    let fixture = Fixture::new("marker").await;
+    let fixture = new_fixture("marker").await;
     let sandbox = fixture.sandbox().await;
     let shell = sandbox.shell().await.expect("shell");
     let cancel = CancellationToken::new();

@@ -31,12 +31,13 @@ impl Fixture {
         let slot = u32::from_str_radix(&id[id.len() - 4..], 16).unwrap_or(0) % 2000;
         let uid_base = 600_000 + slot * 16;
         let limits = "workspace_mb = 64\ntmp_mb = 16\nlimit_processes = 64\nmin_idle = 0\n";
+        // Uid claims go to the host-wide default directory, where every
+        // test process's providers see each other's claims.
         let mut toml = format!(
-            "sandbox.root = \"{}\"\nsandbox.uid_dir = \"{}-uids\"\n\
+            "sandbox.root = \"{}\"\n\
              sandbox.uid_base = {uid_base}\nsandbox.uid_count = 16\n\
              [sandbox.templates.default]\n{limits}\
              [sandbox.templates.net]\nnetwork = true\n{limits}",
-            root.display(),
             root.display(),
         );
         if let Some(ip) = allow {
@@ -71,9 +72,7 @@ impl Fixture {
     }
 
     fn finish(self) {
-        let root = &self.settings.sandbox.root;
-        let _ = std::fs::remove_dir_all(root);
-        let _ = std::fs::remove_dir_all(&self.settings.sandbox.uid_dir);
+        let _ = std::fs::remove_dir_all(&self.settings.sandbox.root);
     }
 }
 
