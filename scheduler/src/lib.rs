@@ -60,7 +60,12 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<api::AppState> {
         topology,
         settings.limits.clone(),
         settings.broker.max_message_bytes,
-        settings.sandbox.templates.keys().cloned().collect(),
+        settings
+            .sandbox
+            .templates
+            .keys()
+            .map(|name| name.to_string())
+            .collect(),
     );
     Ok(api::AppState {
         submitter: Arc::new(submitter),

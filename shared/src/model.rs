@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::cost::Prices;
+use crate::name::Name;
 
 /// The wire format of a provider.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -45,7 +46,7 @@ impl FunctionCalling {
 /// One callable model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelProfile {
-    pub name: String,
+    pub name: Name,
     pub provider: LlmProvider,
     /// e.g. `https://api.openai.com/v1` or `http://127.0.0.1:8081/v1`.
     pub base_url: String,
@@ -70,19 +71,21 @@ impl ModelProfile {
     /// The built-in profiles: `local` (llama.cpp on loopback), `openai`, `anthropic`.
     pub fn builtin() -> Vec<ModelProfile> {
         let base =
-            |name: &str, provider, base_url: &str, model: &str, key: Option<&str>| ModelProfile {
-                name: name.into(),
-                provider,
-                base_url: base_url.into(),
-                model: model.into(),
-                api_key_env: key.map(str::to_owned),
-                function_calling: FunctionCalling::Native,
-                max_tokens: 4096,
-                temperature: Some(0.0),
-                timeout: Duration::from_secs(120),
-                max_retries: 5,
-                prompt_caching: true,
-                prices: None,
+            |name: &'static str, provider, base_url: &str, model: &str, key: Option<&str>| {
+                ModelProfile {
+                    name: Name::from_static(name),
+                    provider,
+                    base_url: base_url.into(),
+                    model: model.into(),
+                    api_key_env: key.map(str::to_owned),
+                    function_calling: FunctionCalling::Native,
+                    max_tokens: 4096,
+                    temperature: Some(0.0),
+                    timeout: Duration::from_secs(120),
+                    max_retries: 5,
+                    prompt_caching: true,
+                    prices: None,
+                }
             };
         let mut local = base(
             "local",

@@ -9,6 +9,7 @@
 //! [`Name::parse_namespace`]): it prefixes every queue and key, where a dot
 //! or a capital would read as a separator or a different fleet.
 
+use std::borrow::Borrow;
 use std::fmt;
 use std::ops::Deref;
 
@@ -74,6 +75,15 @@ impl Name {
         }
     }
 
+    /// A name written in the code (built-in profiles, tests); panics if it
+    /// is not one, which is a bug in the literal.
+    pub fn from_static(name: &'static str) -> Self {
+        match Self::parse(name) {
+            Ok(name) => name,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -110,6 +120,26 @@ impl Deref for Name {
 impl AsRef<str> for Name {
     fn as_ref(&self) -> &str {
         &self.0
+    }
+}
+
+/// Maps keyed by [`Name`] are looked up with a plain `&str` (a `Name`
+/// compares, orders and hashes exactly as its text).
+impl Borrow<str> for Name {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq<str> for Name {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for Name {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
     }
 }
 

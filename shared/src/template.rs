@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::name::Name;
+
 /// Which provider builds a template's sandboxes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -109,7 +111,7 @@ impl Default for DaytonaTemplate {
 /// A named recipe for sandboxes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Template {
-    pub name: String,
+    pub name: Name,
     pub provider: ProviderKind,
     /// Network access (off by default).
     pub network: bool,
@@ -134,7 +136,7 @@ impl Template {
     /// The built-in `default` template: local, no network, default limits.
     pub fn local_default() -> Self {
         Self {
-            name: "default".into(),
+            name: Name::from_static("default"),
             provider: ProviderKind::Local,
             network: false,
             network_allow: Vec::new(),

@@ -130,7 +130,7 @@ impl TestEnv {
     /// Starts a worker in this process with `slots` slots and id `id`.
     pub async fn start_worker(&mut self, id: &str, slots: usize) -> CancellationToken {
         let mut settings = self.settings.clone();
-        settings.worker.id = id.to_owned();
+        settings.worker.id = shoal_shared::Name::parse(id).expect("a test worker id is a name");
         settings.worker.slots = slots;
         let token = CancellationToken::new();
         let worker = shoal_worker::Worker::connect(settings)

@@ -29,7 +29,7 @@ fn provider(fake: &FakeDaytona, owner: &str) -> DaytonaProvider {
 
 fn template() -> Template {
     let mut template = Template::local_default();
-    template.name = "py".into();
+    template.name = shoal_shared::Name::from_static("py");
     template.provider = ProviderKind::Daytona;
     template.env = BTreeMap::from([("TEMPLATE_VAR".to_owned(), "from-template".to_owned())]);
     template.daytona.cpu = Some(2);

@@ -38,7 +38,7 @@ fn demo_script(env: &TestEnv, sim_url: &str) -> (tokio::process::Command, u16) {
         .arg(root().join("deploy/local/demo.sh"))
         .env("SHOAL_DEMO_LLM_URL", sim_url)
         .env("SHOAL_DEMO_PORT", port.to_string())
-        .env("SHOAL__NAMESPACE", &env.settings.namespace)
+        .env("SHOAL__NAMESPACE", env.settings.namespace.as_str())
         .env("SHOAL__SANDBOX__ROOT", &env.settings.sandbox.root)
         .env("SHOAL__WORKER__METRICS_LISTEN", "127.0.0.1:0")
         .env_remove("ANTHROPIC_API_KEY")

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 fn profile(provider: LlmProvider, base_url: &str, calling: FunctionCalling) -> ModelProfile {
     ModelProfile {
-        name: "sim".into(),
+        name: shoal_shared::Name::from_static("sim"),
         provider,
         base_url: base_url.into(),
         model: match provider {

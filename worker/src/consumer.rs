@@ -206,7 +206,7 @@ impl Slot {
         message: Option<&TaskMessage>,
         disposition: Disposition,
     ) {
-        let worker = self.runner.settings.worker.id.clone();
+        let worker = self.runner.settings.worker.id.to_string();
         let plan = settle_plan(
             &self.topology,
             &worker,

@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use super::{invalid, SettingsError};
 use crate::model::ModelProfile;
+use crate::name::Name;
 
 /// The smallest `agent.condense_chars`: below it the condenser would run on
 /// nearly every turn.
@@ -15,7 +16,7 @@ pub const MIN_CONDENSE_CHARS: usize = 1000;
 #[derive(Debug, Clone)]
 pub struct AgentSettings {
     /// The profile a task's `model = "default"` means.
-    pub default_model: String,
+    pub default_model: Name,
     /// A terminal command with no new output for this long returns (still running).
     pub no_output_timeout: Duration,
     /// History size (characters) above which the condenser summarises.
@@ -43,14 +44,17 @@ impl Default for RawAgent {
 impl RawAgent {
     pub(super) fn validate(
         self,
-        models: &BTreeMap<String, ModelProfile>,
+        models: &BTreeMap<Name, ModelProfile>,
     ) -> Result<AgentSettings, SettingsError> {
-        if !models.contains_key(&self.default_model) {
+        let Some(default_model) = models
+            .get_key_value(self.default_model.as_str())
+            .map(|(name, _)| name.clone())
+        else {
             return Err(invalid(
                 "agent.default_model",
                 format!("no model profile {:?}", self.default_model),
             ));
-        }
+        };
         if self.no_output_timeout_s == 0 {
             return Err(invalid("agent.no_output_timeout_s", "must be positive"));
         }
@@ -61,7 +65,7 @@ impl RawAgent {
             ));
         }
         Ok(AgentSettings {
-            default_model: self.default_model,
+            default_model,
             no_output_timeout: Duration::from_secs(self.no_output_timeout_s),
             condense_chars: self.condense_chars,
         })

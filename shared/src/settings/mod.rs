@@ -58,7 +58,7 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> SettingsError 
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// Prefix of every queue, exchange and Redis key, so fleets can share a broker.
-    pub namespace: String,
+    pub namespace: Name,
     pub broker: BrokerSettings,
     pub redis: RedisSettings,
     pub scheduler: SchedulerSettings,
@@ -69,7 +69,7 @@ pub struct Settings {
     pub agent: AgentSettings,
     /// Model profiles by name (the built-in `local`, `openai`, `anthropic`
     /// unless overridden).
-    pub models: BTreeMap<String, ModelProfile>,
+    pub models: BTreeMap<Name, ModelProfile>,
     /// The Daytona API, for templates with `provider = "daytona"`.
     pub daytona: DaytonaSettings,
 }
@@ -145,8 +145,7 @@ impl Settings {
 
     fn from_raw(raw: Raw) -> Result<Self, SettingsError> {
         let namespace = Name::parse_namespace(raw.namespace)
-            .map_err(|e| invalid("namespace", format!("must be {}", e.rule())))?
-            .into_string();
+            .map_err(|e| invalid("namespace", format!("must be {}", e.rule())))?;
         let broker = raw.broker.validate()?;
         let limits = raw.limits.validate(broker.max_message_bytes)?;
         let redis = raw.redis.validate()?;

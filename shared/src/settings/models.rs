@@ -63,8 +63,8 @@ mod d {
 /// The built-in profiles with the configured ones laid over them.
 pub(super) fn validate(
     raw: BTreeMap<String, RawModel>,
-) -> Result<BTreeMap<String, ModelProfile>, SettingsError> {
-    let mut models: BTreeMap<String, ModelProfile> = ModelProfile::builtin()
+) -> Result<BTreeMap<Name, ModelProfile>, SettingsError> {
+    let mut models: BTreeMap<Name, ModelProfile> = ModelProfile::builtin()
         .into_iter()
         .map(|m| (m.name.clone(), m))
         .collect();
@@ -77,12 +77,16 @@ pub(super) fn validate(
 
 impl RawModel {
     fn into_profile(self, name: String) -> Result<ModelProfile, SettingsError> {
-        if !Name::is_valid(&name) || name == "default" {
-            return Err(invalid(
-                "models",
-                format!("bad model profile name {name:?}"),
-            ));
-        }
+        let name = match Name::parse(name) {
+            Ok(name) if name != "default" => name,
+            Ok(name) => {
+                return Err(invalid(
+                    "models",
+                    format!("bad model profile name {name:?}"),
+                ))
+            }
+            Err(e) => return Err(invalid("models", format!("bad model profile name: {e}"))),
+        };
         if !(self.base_url.starts_with("http://") || self.base_url.starts_with("https://")) {
             return Err(invalid(
                 "models",

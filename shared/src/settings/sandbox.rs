@@ -38,7 +38,7 @@ pub struct SandboxSettings {
     /// How network-enabled templates reach the network (ADR 0014).
     pub network_isolation: NetworkIsolation,
     /// Templates by name; `default` always exists.
-    pub templates: BTreeMap<String, Template>,
+    pub templates: BTreeMap<Name, Template>,
 }
 
 /// How a local sandbox of a network-enabled template reaches the network.
@@ -112,10 +112,10 @@ impl RawSandbox {
         let mut templates = BTreeMap::new();
         for (name, raw_template) in self.templates {
             let template = raw_template.into_template(&name)?;
-            templates.insert(name, template);
+            templates.insert(template.name.clone(), template);
         }
         templates
-            .entry("default".to_owned())
+            .entry(Name::from_static("default"))
             .or_insert_with(Template::local_default);
         Ok(SandboxSettings {
             bwrap: self.bwrap,
@@ -209,9 +209,9 @@ fn parse_net(entry: &str) -> Result<ipnet::IpNet, String> {
 impl RawTemplate {
     fn into_template(self, name: &str) -> Result<Template, SettingsError> {
         let key = "sandbox.templates";
-        if !Name::is_valid(name) {
+        let Ok(valid_name) = Name::parse(name) else {
             return Err(invalid(key, format!("bad template name {name:?}")));
-        }
+        };
         if self.max_total == 0 || self.min_idle > self.max_total {
             return Err(invalid(
                 key,
@@ -251,7 +251,7 @@ impl RawTemplate {
             ));
         }
         Ok(Template {
-            name: name.to_owned(),
+            name: valid_name,
             provider: self.provider,
             network: self.network,
             network_allow,

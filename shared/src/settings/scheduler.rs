@@ -15,7 +15,7 @@ pub struct SchedulerSettings {
     pub max_body_bytes: usize,
     pub max_batch: usize,
     /// Bearer token -> tenant. Empty means no authentication (single tenant `default`).
-    pub tokens: BTreeMap<String, String>,
+    pub tokens: BTreeMap<String, Name>,
     /// A file of `<token> <tenant>` lines, read by the scheduler at start and
     /// added to `tokens` (environment keys are lower-cased; a file keeps case).
     pub tokens_file: Option<PathBuf>,
@@ -59,19 +59,19 @@ impl RawScheduler {
         if self.max_streams == 0 {
             return Err(invalid("scheduler.max_streams", "must be at least 1"));
         }
-        for tenant in self.tokens.values() {
-            if !Name::is_valid(tenant) {
-                return Err(invalid(
-                    "scheduler.tokens",
-                    format!("bad tenant name {tenant:?}"),
-                ));
-            }
-        }
+        let tokens = self
+            .tokens
+            .into_iter()
+            .map(|(token, tenant)| match Name::parse(tenant) {
+                Ok(tenant) => Ok((token, tenant)),
+                Err(e) => Err(invalid("scheduler.tokens", format!("bad tenant name: {e}"))),
+            })
+            .collect::<Result<_, _>>()?;
         Ok(SchedulerSettings {
             listen,
             max_body_bytes: self.max_body_bytes,
             max_batch: self.max_batch,
-            tokens: self.tokens,
+            tokens,
             tokens_file: self.tokens_file,
             max_streams: self.max_streams,
         })

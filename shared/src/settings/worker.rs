@@ -10,8 +10,8 @@ use crate::name::Name;
 
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
-    /// Defaults to `<hostname>-<pid>`.
-    pub id: String,
+    /// Defaults to `<hostname>-<pid>` (the hostname cut to fit a name).
+    pub id: Name,
     /// Tasks run at once; each has its own AMQP channel.
     pub slots: usize,
     /// How long in-flight tasks may run on after SIGTERM before they are requeued.
@@ -77,13 +77,8 @@ impl RawWorker {
             })?),
         };
         let id = match self.id {
-            Some(id) if !Name::is_valid(&id) => {
-                return Err(invalid(
-                    "worker.id",
-                    "must be 1-64 characters of [A-Za-z0-9_.-]",
-                ))
-            }
-            Some(id) => id,
+            Some(id) => Name::parse(id)
+                .map_err(|e| invalid("worker.id", format!("must be {}", e.rule())))?,
             None => default_worker_id(),
         };
         Ok(WorkerSettings {
@@ -98,18 +93,36 @@ impl RawWorker {
     }
 }
 
-fn default_worker_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_owned())
-        .filter(|h| Name::is_valid(h))
-        .unwrap_or_else(|| "worker".to_owned());
-    format!("{host}-{}", std::process::id())
+fn default_worker_id() -> Name {
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    worker_id_for(hostname.trim(), std::process::id())
+}
+
+/// `<host>-<pid>`, the host cut so the whole stays a [`Name`] (a 64-byte
+/// hostname, legal in Linux and common for Kubernetes pods, plus the pid
+/// would not be one); a host that is not a name becomes `worker`.
+fn worker_id_for(host: &str, pid: u32) -> Name {
+    let suffix = format!("-{pid}");
+    let host = if Name::is_valid(host) { host } else { "worker" };
+    // A name is ASCII, so any byte offset is a char boundary.
+    let keep = host.len().min(crate::name::MAX_NAME_BYTES - suffix.len());
+    Name::parse(format!("{}{suffix}", &host[..keep])).expect("an ASCII name cut to fit is a name")
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::Settings;
+    use super::worker_id_for;
+
+    #[test]
+    fn the_default_worker_id_is_a_name_even_for_a_64_byte_hostname() {
+        let long = "p".repeat(64);
+        let id = worker_id_for(&long, 4_194_304);
+        assert_eq!(id.len(), 64, "{id}");
+        assert!(id.ends_with("-4194304"), "{id}");
+        assert_eq!(worker_id_for("node-1", 7), "node-1-7");
+        assert_eq!(worker_id_for("bad host", 7), "worker-7");
+    }
 
     /// `lease_renew_s * 2` overflowed (a panic in debug builds) before it
     /// was compared with the TTL.

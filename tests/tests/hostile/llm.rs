@@ -143,7 +143,7 @@ async fn a_panic_inside_a_run_fails_the_task_settles_the_message_and_keeps_the_s
     .await;
     let url = env.start_scheduler().await;
     let mut settings = env.settings.clone();
-    settings.worker.id = "panicky".into();
+    settings.worker.id = shoal_shared::Name::from_static("panicky");
     let mut registry = prometheus_client::registry::Registry::default();
     let pool = Pool::start(
         Arc::new(PanickingProvider),
@@ -259,7 +259,7 @@ async fn a_toolbox_url_on_another_host_is_refused_and_never_sent_the_key() {
     config.poll.create_deadline = Duration::from_secs(10);
     let provider = DaytonaProvider::new(config).expect("provider");
     let mut template = Template::local_default();
-    template.name = "py".into();
+    template.name = shoal_shared::Name::from_static("py");
     template.provider = ProviderKind::Daytona;
 
     let error = match provider.create(&template).await {

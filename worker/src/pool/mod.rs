@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use shoal_shared::template::Template;
+use shoal_shared::Name;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -103,7 +104,7 @@ struct TemplatePool {
 struct Inner {
     /// Every provider in use, once each (for the reaper).
     providers: Vec<Arc<dyn SandboxProvider>>,
-    templates: HashMap<String, Arc<TemplatePool>>,
+    templates: HashMap<Name, Arc<TemplatePool>>,
     metrics: PoolMetrics,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -155,7 +156,7 @@ impl Pool {
             .map(|(template, provider)| {
                 let permits = template.pool.create_concurrency.max(1);
                 let labels = TemplateLabels {
-                    template: template.name.clone(),
+                    template: template.name.to_string(),
                 };
                 let pool = TemplatePool {
                     template: Arc::new(template),
@@ -291,7 +292,7 @@ impl Pool {
                         _ = tokio::time::sleep_until(deadline) => {
                             self.count_lease(&pool, "timeout", started);
                             return Err(PoolError::Timeout {
-                                template: pool.template.name.clone(),
+                                template: pool.template.name.to_string(),
                                 waited: started.elapsed(),
                             });
                         }
@@ -325,7 +326,7 @@ impl Pool {
         let waited = self.count_lease(pool, if warm { "hit" } else { "miss" }, started);
         PoolLease {
             sandbox,
-            template: pool.template.name.clone(),
+            template: pool.template.name.to_string(),
             tenant: tenant.to_owned(),
             warm,
             waited,
@@ -335,7 +336,7 @@ impl Pool {
     fn count_lease(&self, pool: &TemplatePool, result: &str, started: Instant) -> Duration {
         let waited = started.elapsed();
         let labels = LeaseLabels {
-            template: pool.template.name.clone(),
+            template: pool.template.name.to_string(),
             result: result.to_owned(),
         };
         self.inner.metrics.leases.get_or_create(&labels).inc();
@@ -530,7 +531,7 @@ impl Pool {
                 if known.contains(&sandbox.id) {
                     continue;
                 }
-                let pool = self.inner.templates.get(&sandbox.template);
+                let pool = self.inner.templates.get(sandbox.template.as_str());
                 let suspect_before =
                     pool.is_some_and(|p| lock(&p.state).suspects.contains(&sandbox.id));
                 if !(immediately || suspect_before) {
@@ -554,7 +555,7 @@ impl Pool {
             let mut state = lock(&pool.state);
             state.suspects = seen_unknown
                 .iter()
-                .filter(|(template, _)| *template == pool.template.name)
+                .filter(|(template, _)| pool.template.name == template.as_str())
                 .map(|(_, id)| id.clone())
                 .collect();
         }

@@ -147,7 +147,7 @@ impl Fixture {
     async fn start(min_idle: usize, max_total: usize, reuse: bool) -> Self {
         let book = Arc::new(Book::default());
         let mut template = Template::local_default();
-        template.name = TEMPLATE.into();
+        template.name = Name::from_static(TEMPLATE);
         template.reuse = reuse;
         template.pool = PoolSizing {
             min_idle,

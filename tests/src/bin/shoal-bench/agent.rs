@@ -149,7 +149,7 @@ impl Sandbox for TimedSandbox<'_> {
 
 fn profile(url: &str) -> ModelProfile {
     let mut profile = ModelProfile::builtin().remove(1); // the OpenAI-format profile
-    profile.name = "sim".into();
+    profile.name = shoal_shared::Name::from_static("sim");
     profile.base_url = url.to_owned();
     profile.model = "sim".into();
     profile.api_key_env = None;

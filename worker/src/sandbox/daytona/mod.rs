@@ -129,7 +129,7 @@ impl DaytonaProvider {
 
     fn remember(&self, template: &Template) {
         if let Ok(mut envs) = self.envs.lock() {
-            envs.insert(template.name.clone(), template.env.clone());
+            envs.insert(template.name.to_string(), template.env.clone());
         }
     }
 
@@ -329,7 +329,7 @@ impl SandboxProvider for DaytonaProvider {
             snapshot: settings.snapshot.clone(),
             labels: BTreeMap::from([
                 (OWNER_LABEL.to_owned(), self.owner().to_owned()),
-                (TEMPLATE_LABEL.to_owned(), template.name.clone()),
+                (TEMPLATE_LABEL.to_owned(), template.name.to_string()),
             ]),
             target: self.shared.config.target.clone(),
             cpu: settings.cpu,

@@ -254,7 +254,7 @@ impl LocalProvider {
         let meta = Meta {
             id: id.clone(),
             uid,
-            template: template.name.clone(),
+            template: template.name.to_string(),
             owner: self.owner.clone(),
             mounted: self.can_mount,
         };
