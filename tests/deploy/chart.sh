@@ -1,0 +1,291 @@
+#!/usr/bin/env bash
+# Validates the Helm chart deploy/helm/shoal offline, with real tools:
+#
+#   for each value set (defaults, external services, KEDA off, Daytona-only,
+#   bundled services):
+#     1. helm lint --strict
+#     2. helm template (--kube-version 1.30.0, KEDA and Prometheus Operator
+#        API versions present)
+#     3. every built-in object against the Kubernetes schemas of a current
+#        version with kubernetes-validate --strict; the custom resources
+#        (ScaledObject, TriggerAuthentication, PodMonitor) against their CRD
+#        schemas (@kubernetes-models); an object nothing validates is a failure
+#     4. the rendered ConfigMap's shoal.toml loaded by the real
+#        shoal-scheduler and shoal-worker (--check-config), with the
+#        environment the chart gives each Deployment's container (secret
+#        values replaced by dummies of the right shape)
+#   then negative checks that prove each validator can fail.
+#
+# Tools are installed, pinned and checksum-checked, by
+# deploy/tools/chart-tools.sh. Binaries: target/debug (built if missing).
+# Exits non-zero on any failure, naming it.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+CHART="$ROOT/deploy/helm/shoal"
+KUBE_VERSION="1.30.0"
+VALIDATE_AGAINST="1.37.0" # kubernetes-validate: the newest Kubernetes release it knows
+API_VERSIONS=(--api-versions keda.sh/v1alpha1 --api-versions monitoring.coreos.com/v1)
+BIN="${SHOAL_BIN_DIR:-$ROOT/target/debug}"
+
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+
+FAILURES=0
+CHECKS=0
+pass() { CHECKS=$((CHECKS + 1)); printf '  ok    %s\n' "$*"; }
+fail() { CHECKS=$((CHECKS + 1)); FAILURES=$((FAILURES + 1)); printf '  FAIL  %s\n' "$*" >&2; }
+die() { printf 'chart.sh: ERROR: %s\n' "$*" >&2; exit 1; }
+
+# ---- tools -------------------------------------------------------------------
+bash "$ROOT/deploy/tools/chart-tools.sh" install
+eval "$(bash "$ROOT/deploy/tools/chart-tools.sh" env)"
+command -v helm >/dev/null || die "helm not found after chart-tools.sh install"
+[[ -x "$SHOAL_KV" ]] || die "kubernetes-validate not found at $SHOAL_KV"
+[[ -f "$SHOAL_CRDS_DIR/validate-crds.mjs" ]] || die "CRD validator missing in $SHOAL_CRDS_DIR"
+PY="$SHOAL_TOOLS_PYTHON" # has PyYAML (a kubernetes-validate dependency)
+
+if [[ ! -x "$BIN/shoal-scheduler" || ! -x "$BIN/shoal-worker" ]]; then
+  echo "chart.sh: building shoal-scheduler and shoal-worker"
+  (cd "$ROOT" && cargo build --quiet -p shoal-scheduler -p shoal-worker --bins)
+fi
+for bin in shoal-scheduler shoal-worker; do
+  "$BIN/$bin" --help | grep -q -- '--check-config' \
+    || die "$BIN/$bin has no --check-config flag: the ConfigMap cannot be checked against the real loader (build the current tree)"
+done
+
+# ---- helpers -----------------------------------------------------------------
+
+# The chart's appVersion follows the Cargo workspace version.
+workspace_version="$(sed -n '/^\[workspace.package\]/,/^\[/s/^version *= *"\(.*\)"/\1/p' "$ROOT/Cargo.toml")"
+app_version="$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$CHART/Chart.yaml")"
+
+# split RENDERED OUTDIR: one JSON array of all objects (objects.json), the
+# TOML of the ConfigMap (shoal.toml), and per Deployment container an env
+# file (env.<deployment>) of NAME=VALUE lines as the pod would get them,
+# secrets as dummies of the right shape.
+split_render() {
+  "$PY" - "$1" "$2" <<'PY'
+import json, sys, yaml
+rendered, out = sys.argv[1], sys.argv[2]
+objects = [d for d in yaml.safe_load_all(open(rendered)) if d]
+json.dump(objects, open(f"{out}/objects.json", "w"))
+dummies = {
+    "SHOAL__BROKER__URL": "amqp://shoal:dummy@rabbitmq.invalid:5672/%2f",
+    "SHOAL__REDIS__URL": "redis://:dummy@redis.invalid:6379/",
+}
+configs = 0
+for o in objects:
+    if o["kind"] == "ConfigMap" and "shoal.toml" in o.get("data", {}):
+        open(f"{out}/shoal.toml", "w").write(o["data"]["shoal.toml"])
+        configs += 1
+    if o["kind"] == "Deployment":
+        for c in o["spec"]["template"]["spec"]["containers"]:
+            lines = []
+            for e in c.get("env", []):
+                if "value" in e:
+                    value = e["value"]
+                elif "secretKeyRef" in e.get("valueFrom", {}):
+                    value = dummies.get(e["name"], "dummy-secret-value")
+                elif "fieldRef" in e.get("valueFrom", {}):
+                    value = "dummy-" + e["valueFrom"]["fieldRef"]["fieldPath"].replace(".", "-")
+                else:
+                    sys.exit(f"env {e['name']}: unsupported source {e}")
+                if "\n" in value:
+                    sys.exit(f"env {e['name']}: multi-line value")
+                lines.append(f"{e['name']}={value}")
+            comp = o["metadata"]["labels"]["app.kubernetes.io/component"]
+            open(f"{out}/env.{comp}", "w").write("\n".join(lines) + "\n")
+            open(f"{out}/cmd.{comp}", "w").write(c["command"][0] + "\n")
+if configs != 1:
+    sys.exit(f"expected one ConfigMap with shoal.toml, found {configs}")
+PY
+}
+
+# kv FILE: kubernetes-validate --strict; every built-in object must pass, and
+# the only objects it cannot check must be custom resources (checked next).
+kv() {
+  local file="$1" log="$1.kv"
+  if ! "$SHOAL_KV" --strict -k "$VALIDATE_AGAINST" "$file" >"$log" 2>&1; then
+    sed 's/^/        /' "$log" >&2
+    return 1
+  fi
+  if grep -v -E "^INFO .* passed for resource |^WARN .* Couldn't find schema for kind (ScaledObject|TriggerAuthentication|PodMonitor|ServiceMonitor) with api version (keda.sh/v1alpha1|monitoring.coreos.com/v1) " "$log" | grep -q .; then
+    echo "        unexpected kubernetes-validate output:" >&2
+    grep -v -E "^INFO .* passed for resource " "$log" | sed 's/^/        /' >&2
+    return 1
+  fi
+  grep -c "passed for resource" "$log"
+}
+
+crds() { # JSON...
+  (cd "$SHOAL_CRDS_DIR" && node validate-crds.mjs "$@")
+}
+
+# check_config DIR COMPONENT: the component's binary loads DIR/shoal.toml
+# with the env its container gets.
+check_config() {
+  local dir="$1" comp="$2" bin env_args=()
+  bin="$(cat "$dir/cmd.$comp")"
+  mapfile -t env_args <"$dir/env.$comp"
+  env -i PATH="$PATH" HOME="$WORK" "${env_args[@]}" SHOAL_CONFIG="$dir/shoal.toml" \
+    "$BIN/$bin" --check-config --config "$dir/shoal.toml"
+}
+
+render() { # OUT ARGS...: helm template
+  local out="$1"
+  shift
+  helm template shoal "$CHART" --namespace shoal --kube-version "$KUBE_VERSION" "${API_VERSIONS[@]}" "$@" >"$out"
+}
+
+# ---- the value sets ----------------------------------------------------------
+declare -A SETS=(
+  [default]="-f $CHART/ci/default-values.yaml"
+  [external]="-f $CHART/ci/external-values.yaml"
+  [keda-off]="-f $CHART/ci/keda-off-values.yaml"
+  [daytona]="-f $CHART/values-daytona.yaml -f $CHART/ci/daytona-values.yaml"
+  [bundled]="-f $CHART/ci/bundled-values.yaml"
+)
+ORDER=(default external keda-off daytona bundled)
+for f in "$CHART"/ci/*-values.yaml; do
+  name="$(basename "$f" -values.yaml)"
+  [[ -v "SETS[$name]" ]] || die "value set $f is not in tests/deploy/chart.sh's list"
+done
+
+echo "== chart metadata"
+if [[ -n "$workspace_version" && "$app_version" == "$workspace_version" ]]; then
+  pass "appVersion $app_version = workspace version"
+else
+  fail "appVersion '$app_version' differs from the workspace version '$workspace_version' (Cargo.toml)"
+fi
+
+for name in "${ORDER[@]}"; do
+  echo "== value set: $name"
+  dir="$WORK/$name"
+  mkdir -p "$dir"
+  read -r -a args <<<"${SETS[$name]}"
+
+  if helm lint --strict "$CHART" "${args[@]}" >"$dir/lint.log" 2>&1; then
+    pass "helm lint --strict"
+  else
+    sed 's/^/        /' "$dir/lint.log" >&2
+    fail "helm lint --strict ($name)"
+  fi
+
+  if ! render "$dir/rendered.yaml" "${args[@]}" 2>"$dir/template.log"; then
+    sed 's/^/        /' "$dir/template.log" >&2
+    fail "helm template ($name)"
+    continue
+  fi
+  pass "helm template: $(grep -c '^kind:' "$dir/rendered.yaml") objects"
+
+  if ! split_render "$dir/rendered.yaml" "$dir"; then
+    fail "reading the rendered manifests ($name)"
+    continue
+  fi
+
+  if count="$(kv "$dir/rendered.yaml")"; then
+    pass "kubernetes-validate --strict ($VALIDATE_AGAINST): $count built-in objects"
+  else
+    fail "kubernetes-validate --strict ($name)"
+  fi
+
+  if out="$(crds "$dir/objects.json" 2>&1)"; then
+    pass "CRD schemas: $(tail -1 <<<"$out")"
+  else
+    sed 's/^/        /' <<<"$out" >&2
+    fail "custom resources invalid ($name)"
+  fi
+
+  for comp in scheduler worker; do
+    if out="$(check_config "$dir" "$comp" 2>&1)"; then
+      pass "$(cat "$dir/cmd.$comp") --check-config: $out"
+    else
+      sed 's/^/        /' <<<"$out" >&2
+      fail "$(cat "$dir/cmd.$comp") refuses the rendered ConfigMap ($name)"
+    fi
+  done
+done
+
+# ---- negative checks: each validator must be able to fail -------------------
+echo "== negative checks (each must fail)"
+neg="$WORK/negative"
+mkdir -p "$neg"
+
+# The schema refuses a misspelt config key.
+if render "$neg/typo.yaml" --set config.worker.slotz=3 2>"$neg/typo.log"; then
+  fail "values.schema.json accepted config.worker.slotz"
+else
+  pass "values.schema.json refuses config.worker.slotz: $(grep -o "additional properties 'slotz' not allowed" "$neg/typo.log" || head -1 "$neg/typo.log")"
+fi
+
+# Past the schema, the real loaders refuse the same key...
+mkdir -p "$neg/unknown"
+render "$neg/unknown/rendered.yaml" --skip-schema-validation --set config.worker.slotz=3
+split_render "$neg/unknown/rendered.yaml" "$neg/unknown"
+for comp in scheduler worker; do
+  if out="$(check_config "$neg/unknown" "$comp" 2>&1)"; then
+    fail "$comp --check-config accepted worker.slotz: $out"
+  elif grep -q slotz <<<"$out"; then
+    pass "$comp --check-config refuses worker.slotz: $(head -1 <<<"$out")"
+  else
+    fail "$comp --check-config failed without naming slotz: $out"
+  fi
+done
+
+# ...and a value the schema allows but the loader's rules do not.
+mkdir -p "$neg/renew"
+render "$neg/renew/rendered.yaml" --set config.worker.lease_renew_s=20
+split_render "$neg/renew/rendered.yaml" "$neg/renew"
+if out="$(check_config "$neg/renew" worker 2>&1)"; then
+  fail "shoal-worker --check-config accepted lease_renew_s=20 > lease_ttl_s/2: $out"
+elif grep -q "worker.lease_renew_s" <<<"$out"; then
+  pass "shoal-worker --check-config refuses lease_renew_s > lease_ttl_s/2: $(head -1 <<<"$out")"
+else
+  fail "shoal-worker --check-config failed without naming worker.lease_renew_s: $out"
+fi
+
+# A broken manifest fails kubernetes-validate: the worker Deployment with a
+# misspelt securityContext field.
+"$PY" - "$WORK/default/objects.json" "$neg/broken.yaml" <<'PY'
+import json, sys, yaml
+objects = json.load(open(sys.argv[1]))
+worker = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-worker"))
+worker["spec"]["template"]["spec"]["containers"][0]["securityContext"]["privilegd"] = True
+yaml.safe_dump(worker, open(sys.argv[2], "w"))
+PY
+if "$SHOAL_KV" --strict -k "$VALIDATE_AGAINST" "$neg/broken.yaml" >"$neg/broken.log" 2>&1; then
+  fail "kubernetes-validate accepted a Deployment with securityContext.privilegd"
+else
+  pass "kubernetes-validate refuses securityContext.privilegd: $(grep -o "'privilegd' was unexpected" "$neg/broken.log" | head -1)"
+fi
+
+# A broken ScaledObject fails the KEDA schema.
+"$PY" - "$WORK/default/objects.json" "$neg/broken-keda.json" <<'PY'
+import json, sys
+objects = json.load(open(sys.argv[1]))
+scaled = next(o for o in objects if o["kind"] == "ScaledObject")
+scaled["spec"]["minReplicaCount"] = "one"
+del scaled["spec"]["scaleTargetRef"]["name"]
+json.dump([scaled], open(sys.argv[2], "w"))
+PY
+if out="$(crds "$neg/broken-keda.json" 2>&1)"; then
+  fail "the KEDA schema accepted a ScaledObject without scaleTargetRef.name: $out"
+else
+  pass "the KEDA schema refuses a broken ScaledObject: $(grep -o 'INVALID: .*' <<<"$out" | head -1)"
+fi
+
+# The Daytona-only preset refuses a local template (it could not run there).
+if render "$neg/daytona-local.yaml" -f "$CHART/values-daytona.yaml" \
+  --set config.sandbox.templates.build.provider=local 2>"$neg/daytona-local.log"; then
+  fail "the Daytona-only preset accepted a local template"
+else
+  pass "the Daytona-only preset refuses a local template: $(grep -o 'template "build".*' "$neg/daytona-local.log" | cut -c1-60)..."
+fi
+
+echo "== $CHECKS checks, $FAILURES failed"
+if ((FAILURES > 0)); then
+  echo "chart.sh: FAILED ($FAILURES of $CHECKS checks)" >&2
+  exit 1
+fi
+echo "chart.sh: all chart checks passed"
