@@ -20,6 +20,17 @@ impl LocalFixture {
     /// with uids from `uid_floor` up; `template` holds extra keys of the
     /// `default` template.
     pub async fn new(suite: &str, owner: &str, uid_floor: u32, template: &str) -> Self {
+        Self::with_keys(suite, owner, uid_floor, "", template).await
+    }
+
+    /// As [`LocalFixture::new`], with extra `[sandbox]` keys too.
+    pub async fn with_keys(
+        suite: &str,
+        owner: &str,
+        uid_floor: u32,
+        sandbox: &str,
+        template: &str,
+    ) -> Self {
         let id = uuid::Uuid::now_v7().simple().to_string();
         let root = std::env::temp_dir()
             .join("shoal-test-sandboxes")
@@ -28,7 +39,7 @@ impl LocalFixture {
         let uid_base = uid_floor + slot * 64;
         let settings = Settings::from_toml(&format!(
             "sandbox.root = \"{}\"\nsandbox.uid_base = {uid_base}\nsandbox.uid_count = 64\n\
-             sandbox.max_output_bytes = 1048576\n\
+             sandbox.max_output_bytes = 1048576\n{sandbox}\
              [sandbox.templates.default]\nmin_idle = 0\n{template}",
             root.display()
         ))
@@ -72,5 +83,27 @@ impl LocalFixture {
         let owned = self.provider.list_owned().await.expect("list");
         assert!(owned.is_empty(), "sandboxes left behind: {owned:?}");
         let _ = std::fs::remove_dir_all(&self.settings.sandbox.root);
+    }
+}
+
+/// One sandbox on a fixture of its own, for suites that drive a single
+/// sandbox per test (the conversation loop's).
+pub struct OneSandbox {
+    fixture: LocalFixture,
+    pub sandbox: Box<dyn Sandbox>,
+}
+
+impl OneSandbox {
+    /// A 32 MB workspace and 8 MB /tmp, uids from `uid_floor` up.
+    pub async fn new(suite: &str, owner: &str, uid_floor: u32) -> Self {
+        let fixture =
+            LocalFixture::new(suite, owner, uid_floor, "workspace_mb = 32\ntmp_mb = 8\n").await;
+        let sandbox = fixture.sandbox().await;
+        Self { fixture, sandbox }
+    }
+
+    /// Destroys the sandbox and fails if anything of it is left.
+    pub async fn finish(self) {
+        self.fixture.finish(self.sandbox).await;
     }
 }

@@ -2,65 +2,35 @@
 //! scripted LLM: the event sequence, every termination condition, the stuck
 //! patterns, malformed tool calls, condensation and secret masking.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
 use shoal_shared::cost::{MicroDollars, Prices};
 use shoal_shared::event::Event;
-use shoal_shared::settings::Settings;
 use shoal_shared::task::{AgentResult, TaskId};
+use shoal_tests::local_fixture::OneSandbox;
 use shoal_tests::scripted_llm::{call, raw_call, text, ScriptedLlm, Turn};
 use shoal_worker::agent::llm::{LlmError, LlmErrorKind};
 use shoal_worker::agent::secrets::Masker;
 use shoal_worker::agent::sink::MemorySink;
 use shoal_worker::agent::tools::Toolbox;
 use shoal_worker::agent::{AgentConfig, Billing, Conversation};
-use shoal_worker::sandbox::{LocalProvider, Sandbox, SandboxProvider};
 use tokio_util::sync::CancellationToken;
 
 /// $3 per million prompt tokens, $15 per million completion tokens: each
 /// scripted call (1000 + 100 tokens) costs 3000 + 1500 = 4500 micro-dollars.
 const PER_CALL: u64 = 4500;
 
-struct Bench {
-    provider: Arc<LocalProvider>,
-    sandbox: Box<dyn Sandbox>,
-    root: std::path::PathBuf,
-}
+/// One sandbox of a fixture of this suite's own.
+struct Bench(OneSandbox);
 
 impl Bench {
     async fn new(name: &str) -> Self {
-        let id = uuid::Uuid::now_v7().simple().to_string();
-        let root = std::env::temp_dir()
-            .join("shoal-test-sandboxes")
-            .join(format!("agent-{name}-{}", &id[id.len() - 8..]));
-        let settings = Settings::from_toml(&format!(
-            "sandbox.root = \"{}\"\n[sandbox.templates.default]\nworkspace_mb = 32\ntmp_mb = 8\nmin_idle = 0\n",
-            root.display()
-        ))
-        .expect("settings");
-        let provider = Arc::new(
-            LocalProvider::new(settings.sandbox.clone(), name)
-                .await
-                .expect("provider"),
-        );
-        let sandbox = provider
-            .create(&settings.sandbox.templates["default"])
-            .await
-            .expect("sandbox");
-        Self {
-            provider,
-            sandbox,
-            root,
-        }
+        Self(OneSandbox::new("agent", name, 300000).await)
     }
 
     async fn finish(self) {
-        let id = self.sandbox.id().to_owned();
-        drop(self.sandbox);
-        self.provider.destroy(&id).await.expect("destroy");
-        let _ = std::fs::remove_dir_all(&self.root);
+        self.0.finish().await;
     }
 }
 
@@ -94,7 +64,7 @@ async fn converse(
 ) -> AgentResult {
     Conversation {
         llm,
-        sandbox: &*bench.sandbox,
+        sandbox: &*bench.0.sandbox,
         sink,
         toolbox: Toolbox::new(&[]).expect("tools"),
         masker,
@@ -204,7 +174,7 @@ async fn a_multi_step_task_runs_in_the_sandbox_and_costs_add_up() {
     assert!(run.0.starts_with("hello\n"), "{}", run.0);
     assert_eq!(run.1, Some(0));
     assert_eq!(
-        bench.sandbox.read_file("hello.py").await.expect("file"),
+        bench.0.sandbox.read_file("hello.py").await.expect("file"),
         b"print('hello')\n"
     );
     // Totals equal the sum of the cost stream, in integer micro-dollars.

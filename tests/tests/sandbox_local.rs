@@ -3,8 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use shoal_shared::settings::Settings;
-use shoal_shared::template::Template;
+use shoal_tests::local_fixture::LocalFixture;
 use shoal_worker::sandbox::{
     ExecRequest, LocalProvider, Sandbox, SandboxErrorKind, SandboxProvider,
 };
@@ -12,11 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 /// A provider with its own root and its own uid range, so tests run in
 /// parallel without seeing each other's sandboxes or processes.
-struct Fixture {
-    provider: LocalProvider,
-    settings: Settings,
-    template: Template,
-}
+struct Fixture(LocalFixture);
 
 impl Fixture {
     async fn new(owner: &str) -> Self {
@@ -25,39 +20,25 @@ impl Fixture {
 
     /// A fixture with extra `[sandbox]` keys and extra keys for its template.
     async fn with(owner: &str, sandbox_extra: &str, template_extra: &str) -> Self {
-        let id = uuid::Uuid::now_v7().simple().to_string();
-        let root = std::env::temp_dir()
-            .join("shoal-test-sandboxes")
-            .join(format!("local-{owner}-{}", &id[id.len() - 8..]));
-        // A uid range of 64 per fixture, spread by the id's randomness.
-        let slot = u32::from_str_radix(&id[id.len() - 4..], 16).unwrap_or(0) % 2000;
-        let uid_base = 400_000 + slot * 64;
-        let settings = Settings::from_toml(&format!(
-            "sandbox.root = \"{}\"\nsandbox.uid_base = {uid_base}\nsandbox.uid_count = 64\n\
-             sandbox.max_output_bytes = 1048576\n{sandbox_extra}\
-             [sandbox.templates.default]\nworkspace_mb = 64\ntmp_mb = 16\nlimit_processes = 64\nmin_idle = 0\n\
-             {template_extra}",
-            root.display()
-        ))
-        .expect("settings");
-        let template = settings.sandbox.templates["default"].clone();
-        let provider = LocalProvider::new(settings.sandbox.clone(), owner)
-            .await
-            .expect("provider");
-        Self {
-            provider,
-            settings,
-            template,
-        }
+        Self(
+            LocalFixture::with_keys(
+                "local",
+                owner,
+                400_000,
+                sandbox_extra,
+                &format!("workspace_mb = 64\ntmp_mb = 16\nlimit_processes = 64\n{template_extra}"),
+            )
+            .await,
+        )
     }
 
     async fn sandbox(&self) -> Box<dyn Sandbox> {
-        self.provider.create(&self.template).await.expect("create")
+        self.0.sandbox().await
     }
 
     fn uid_range(&self) -> std::ops::Range<u32> {
-        let base = self.settings.sandbox.uid_base;
-        base..base + self.settings.sandbox.uid_count
+        let sandbox = &self.0.settings.sandbox;
+        sandbox.uid_base..sandbox.uid_base + sandbox.uid_count
     }
 
     /// Processes whose real uid is in this fixture's range.
@@ -88,8 +69,8 @@ impl Fixture {
     async fn destroy(&self, sandbox: Box<dyn Sandbox>) {
         let id = sandbox.id().to_owned();
         drop(sandbox);
-        self.provider.destroy(&id).await.expect("destroy");
-        let dir = self.provider.owner_dir().join(&id);
+        self.0.provider.destroy(&id).await.expect("destroy");
+        let dir = self.0.provider.owner_dir().join(&id);
         assert!(!dir.exists(), "workspace {} left behind", dir.display());
         let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
         assert!(!mounts.contains(&id), "mount of {id} left behind");
@@ -102,9 +83,9 @@ impl Fixture {
             processes.is_empty(),
             "sandbox processes left behind: {processes:?}"
         );
-        let owned = self.provider.list_owned().await.expect("list");
+        let owned = self.0.provider.list_owned().await.expect("list");
         assert!(owned.is_empty(), "sandboxes left behind: {owned:?}");
-        let _ = std::fs::remove_dir_all(&self.settings.sandbox.root);
+        let _ = std::fs::remove_dir_all(self.0.root());
     }
 }
 
@@ -409,7 +390,7 @@ async fn no_connection_reaches_a_host_listener() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_launcher_is_a_clear_startup_error() {
-    let settings = Settings::from_toml(
+    let settings = shoal_shared::settings::Settings::from_toml(
         "sandbox.launcher = \"/nonexistent/shoal-sandbox-exec\"\n\
          sandbox.root = \"/tmp/shoal-test-sandboxes/no-launcher\"\n",
     )
@@ -539,6 +520,7 @@ async fn filling_the_disk_stops_at_the_workspace_cap() {
     );
     let size = std::fs::metadata(
         fixture
+            .0
             .provider
             .owner_dir()
             .join(sandbox.id())
@@ -612,26 +594,26 @@ async fn a_restarted_provider_reaps_what_a_crashed_one_left() {
         .expect("run");
     assert_eq!(out.exit_code, Some(0), "{out:?}");
     assert!(!first.live_processes().is_empty());
-    let dir = first.provider.owner_dir().join(sandbox.id());
+    let dir = first.0.provider.owner_dir().join(sandbox.id());
     let id = sandbox.id().to_owned();
     // The crash: nothing is destroyed, handles are simply lost.
     std::mem::forget(shell);
     std::mem::forget(sandbox);
-    let Fixture {
+    let Fixture(LocalFixture {
         provider,
         settings,
         template,
-    } = first;
+    }) = first;
     drop(provider);
 
     // A new process with the same owner name starts and cleans up.
-    let second = Fixture {
+    let second = Fixture(LocalFixture {
         provider: LocalProvider::new(settings.sandbox.clone(), "crash")
             .await
             .expect("provider"),
         settings,
         template,
-    };
+    });
     assert!(
         !dir.exists(),
         "workspace {} survived the reaper",

@@ -11,60 +11,30 @@ use shoal_scheduler::client::Client;
 use shoal_shared::cost::Prices;
 use shoal_shared::event::Event;
 use shoal_shared::model::{FunctionCalling, LlmProvider, ModelProfile};
-use shoal_shared::settings::Settings;
 use shoal_shared::task::{AgentResult, AgentSpec, TaskId, TaskKind, TaskSpec, TaskState};
 use shoal_tests::llm_sim::{LlmSim, Reply, Script, SimRequest, SimUsage, Turn};
+use shoal_tests::local_fixture::OneSandbox;
 use shoal_tests::TestEnv;
 use shoal_worker::agent::llm::{client_with_policy, LlmClient, RetryPolicy};
 use shoal_worker::agent::secrets::Masker;
 use shoal_worker::agent::sink::MemorySink;
 use shoal_worker::agent::tools::Toolbox;
 use shoal_worker::agent::{AgentConfig, Billing, Conversation};
-use shoal_worker::sandbox::{LocalProvider, Sandbox, SandboxProvider};
 use tokio_util::sync::CancellationToken;
 
 const OPENAI: LlmProvider = LlmProvider::OpenAi;
 const ANTHROPIC: LlmProvider = LlmProvider::Anthropic;
 
-/// A sandbox of its own, destroyed at the end.
-struct Bench {
-    provider: Arc<LocalProvider>,
-    sandbox: Box<dyn Sandbox>,
-    root: std::path::PathBuf,
-}
+/// One sandbox of a fixture of this suite's own.
+struct Bench(OneSandbox);
 
 impl Bench {
     async fn new(name: &str) -> Self {
-        let id = uuid::Uuid::now_v7().simple().to_string();
-        let root = std::env::temp_dir()
-            .join("shoal-test-sandboxes")
-            .join(format!("edges-{name}-{}", &id[id.len() - 8..]));
-        let settings = Settings::from_toml(&format!(
-            "sandbox.root = \"{}\"\n[sandbox.templates.default]\nworkspace_mb = 32\ntmp_mb = 8\nmin_idle = 0\n",
-            root.display()
-        ))
-        .expect("settings");
-        let provider = Arc::new(
-            LocalProvider::new(settings.sandbox.clone(), name)
-                .await
-                .expect("provider"),
-        );
-        let sandbox = provider
-            .create(&settings.sandbox.templates["default"])
-            .await
-            .expect("sandbox");
-        Self {
-            provider,
-            sandbox,
-            root,
-        }
+        Self(OneSandbox::new("edges", name, 350000).await)
     }
 
     async fn finish(self) {
-        let id = self.sandbox.id().to_owned();
-        drop(self.sandbox);
-        self.provider.destroy(&id).await.expect("destroy");
-        let _ = std::fs::remove_dir_all(&self.root);
+        self.0.finish().await;
     }
 }
 
@@ -129,7 +99,7 @@ async fn converse(
     let sink = MemorySink::default();
     let result = Conversation {
         llm: &*llm,
-        sandbox: &*bench.sandbox,
+        sandbox: &*bench.0.sandbox,
         sink: &sink,
         toolbox: Toolbox::new(&[]).expect("tools"),
         masker: Masker::default(),

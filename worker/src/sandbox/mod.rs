@@ -137,8 +137,9 @@ pub struct FileEntry {
 }
 
 /// What a persistent shell command produced. Output is interleaved stdout and
-/// stderr, the way a terminal shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// stderr, the way a terminal shows it. The default is nothing yet: no
+/// output, no exit code, nothing flagged.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ShellOutput {
     pub output: String,
     /// `None` while the command is still running (soft timeout) or when killed.

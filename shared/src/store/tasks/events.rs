@@ -45,18 +45,8 @@ impl Store {
                 .arg("*")
                 .arg("event")
                 .arg(event.to_json())
-                .ignore()
-                .cmd("XADD")
-                .arg(self.keys.firehose())
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(self.firehose_maxlen)
-                .arg("*")
-                .arg("task")
-                .arg(event.task_id.to_string())
-                .arg("type")
-                .arg(event.event.type_name())
                 .ignore();
+            self.announce(&mut pipe, &event.task_id, event.event.type_name());
         }
         for cost in costs {
             pipe.cmd("XADD")

@@ -120,21 +120,27 @@ impl Store {
                 .arg("state")
                 .arg(record.state.as_str())
                 .ignore();
-            pipe.cmd("XADD")
-                .arg(self.keys.firehose())
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(self.firehose_maxlen)
-                .arg("*")
-                .arg("task")
-                .arg(record.id.to_string())
-                .arg("type")
-                .arg(SUBMITTED)
-                .ignore();
+            self.announce(&mut pipe, &record.id, SUBMITTED);
         }
         let mut conn = self.conn.clone();
         let _: () = pipe.query_async(&mut conn).await?;
         Ok(())
+    }
+
+    /// Adds to `pipe` the firehose entry announcing an event of `type_name`
+    /// for `task` (capped like every firehose append).
+    pub(super) fn announce(&self, pipe: &mut redis::Pipeline, task: &TaskId, type_name: &str) {
+        pipe.cmd("XADD")
+            .arg(self.keys.firehose())
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(self.firehose_maxlen)
+            .arg("*")
+            .arg("task")
+            .arg(task.to_string())
+            .arg("type")
+            .arg(type_name)
+            .ignore();
     }
 
     /// The record, if it exists.

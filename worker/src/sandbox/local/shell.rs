@@ -285,14 +285,7 @@ impl Inner {
         let ended = self
             .read_until(&mut output, quiet, deadline, cancel)
             .await?;
-        let mut result = ShellOutput {
-            output: String::new(),
-            exit_code: None,
-            still_running: false,
-            timed_out: false,
-            cwd: None,
-            memory_exceeded: false,
-        };
+        let mut result = ShellOutput::default();
         match ended {
             Ended::Marker { exit_code, cwd } => {
                 self.busy = false;
@@ -331,14 +324,7 @@ impl Inner {
     /// back, or still running if it is not within `wait`.
     async fn interrupted(&mut self, wait: Duration) -> Result<ShellOutput, SandboxError> {
         let mut output = Vec::new();
-        let mut result = ShellOutput {
-            output: String::new(),
-            exit_code: None,
-            still_running: false,
-            timed_out: false,
-            cwd: None,
-            memory_exceeded: false,
-        };
+        let mut result = ShellOutput::default();
         match self.settle_interrupt(&mut output, wait).await? {
             Ended::Marker { exit_code, cwd } => {
                 self.busy = false;
