@@ -22,6 +22,9 @@ down: ## stop RabbitMQ and Redis
 build: ## build every binary
 	$(CARGO) build --workspace --bins
 
+image: ## build the container image without a Docker engine (buildah, root; not in make test)
+	bash deploy/docker/build.sh
+
 demo: setup build ## an agent task end to end: services, LLM, scheduler, worker, submit, watch live
 	bash deploy/local/demo.sh
 
