@@ -5,7 +5,9 @@
 
 pub mod agent;
 pub mod consumer;
+pub mod health;
 pub mod http_response;
+pub mod kube;
 pub mod metrics;
 mod panic;
 pub mod pool;
@@ -13,4 +15,4 @@ pub mod run;
 pub mod sandbox;
 mod worker;
 
-pub use worker::{run, Worker};
+pub use worker::{run, Worker, POOL_DRAIN};

@@ -12,6 +12,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use shoal_shared::store::CostEntry;
 use shoal_shared::TaskState;
+use tokio::sync::watch;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
@@ -56,16 +57,22 @@ pub struct TaskMetrics {
     pub llm_tokens: Family<TokenLabels, Counter>,
     pub llm_cost_microdollars: Family<ModelLabels, Counter>,
     pub llm_call_seconds: Family<AttemptLabels, Histogram>,
+    /// Runs in progress, all kinds together, for whoever must react when the
+    /// number changes (the pod-deletion-cost updater); moves with `running`.
+    busy: watch::Sender<usize>,
 }
 
-/// Decrements the running gauge when the run is over, however it ended.
+/// Decrements the running gauge (and the busy count) when the run is over,
+/// however it ended.
 pub struct Running {
     gauge: Gauge,
+    busy: watch::Sender<usize>,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
         self.gauge.dec();
+        self.busy.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 
@@ -86,6 +93,7 @@ impl TaskMetrics {
             llm_call_seconds: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.01, 2.0, 15))
             }),
+            busy: watch::Sender::new(0),
         };
         let tasks = registry.sub_registry_with_prefix("shoal_tasks");
         tasks.register(
@@ -134,7 +142,16 @@ impl TaskMetrics {
         self.started.get_or_create(&labels).inc();
         let gauge = self.running.get_or_create(&labels).clone();
         gauge.inc();
-        Running { gauge }
+        self.busy.send_modify(|n| *n += 1);
+        Running {
+            gauge,
+            busy: self.busy.clone(),
+        }
+    }
+
+    /// The number of runs in progress, told on every change.
+    pub fn busy(&self) -> watch::Receiver<usize> {
+        self.busy.subscribe()
     }
 
     /// This worker recorded `state` for a `kind` task; `took` is the run's
@@ -216,5 +233,58 @@ pub fn kind_of(kind: &shoal_shared::TaskKind) -> &'static str {
     match kind {
         shoal_shared::TaskKind::Exec(_) => "exec",
         shoal_shared::TaskKind::Agent(_) => "agent",
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PatchErrorLabels {
+    /// `unreachable`, `token`, `unauthorized`, `forbidden`, `not_found`,
+    /// `rejected` (another 4xx), `server` (5xx).
+    pub class: String,
+}
+
+/// What the pod-deletion-cost updater did (docs/adr/0022).
+#[derive(Clone)]
+pub struct KubeMetrics {
+    /// PATCHes the API server accepted.
+    pub patches: Counter,
+    /// Failed PATCH attempts, by class.
+    pub patch_errors: Family<PatchErrorLabels, Counter>,
+    /// The deletion cost the API server last accepted for this pod.
+    pub deletion_cost: Gauge,
+}
+
+impl KubeMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            patches: Counter::default(),
+            patch_errors: Family::default(),
+            deletion_cost: Gauge::default(),
+        };
+        let kube = registry.sub_registry_with_prefix("shoal_kube");
+        kube.register(
+            "patches",
+            "Pod-deletion-cost PATCHes the Kubernetes API accepted",
+            metrics.patches.clone(),
+        );
+        kube.register(
+            "patch_errors",
+            "Failed pod-deletion-cost PATCH attempts, by class",
+            metrics.patch_errors.clone(),
+        );
+        kube.register(
+            "pod_deletion_cost",
+            "The pod-deletion-cost the Kubernetes API last accepted for this pod",
+            metrics.deletion_cost.clone(),
+        );
+        metrics
+    }
+
+    pub fn patch_error(&self, class: &str) {
+        self.patch_errors
+            .get_or_create(&PatchErrorLabels {
+                class: class.into(),
+            })
+            .inc();
     }
 }

@@ -1,4 +1,5 @@
-use crate::metrics::TaskMetrics;
+use crate::metrics::{KubeMetrics, TaskMetrics};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,12 +10,14 @@ use lapin::types::{AMQPValue, FieldTable};
 use shoal_shared::broker::{connect_and_declare, Broker, Topology};
 use shoal_shared::settings::Settings;
 use shoal_shared::store::Store;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::consumer::Slot;
+use crate::health::{Dependencies, HealthServer, Phase};
+use crate::kube::{run_updater, CostSink, PodPatcher, PodTarget, TargetError, Timing};
 use crate::pool::{Pool, PoolMetrics};
 use crate::run::TaskRunner;
 use crate::sandbox::daytona::{DaytonaConfig, DaytonaProvider};
@@ -29,6 +32,15 @@ pub struct Worker {
     runner: Arc<TaskRunner>,
     pool: Pool,
     registry: Arc<Registry>,
+    /// Starting -> Running -> Draining, for `/readyz` and the cost updater.
+    phase: watch::Sender<Phase>,
+    /// `/metrics`, `/healthz`, `/readyz`; serves until the worker is dropped.
+    http: Option<HealthServer>,
+    /// The number of running tasks.
+    busy: watch::Receiver<usize>,
+    kube_metrics: KubeMetrics,
+    /// Where the pod-deletion cost goes, when it is kept (docs/adr/0022).
+    deletion_cost: Option<(Arc<dyn CostSink>, Timing)>,
 }
 
 /// How often the pool's reaper looks for leaked sandboxes.
@@ -42,7 +54,20 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
 impl Worker {
     /// Connects to Redis and RabbitMQ (waiting up to a minute for each) and
     /// declares the topology.
+    ///
+    /// `/healthz` answers (and `/readyz` says `starting`) from the start, so
+    /// a liveness probe does not kill a worker that waits for its services.
     pub async fn connect(settings: Settings) -> anyhow::Result<Self> {
+        let mut registry = Registry::default();
+        let pool_metrics = PoolMetrics::new(&mut registry);
+        let task_metrics = TaskMetrics::new(&mut registry);
+        let kube_metrics = KubeMetrics::new(&mut registry);
+        let registry = Arc::new(registry);
+        let phase = watch::Sender::new(Phase::Starting);
+        let http = match settings.worker.metrics_listen {
+            Some(addr) => HealthServer::start(addr, registry.clone(), phase.subscribe()).await,
+            None => None,
+        };
         let store = Store::connect(&settings.redis, &settings.namespace)
             .await
             .context("connecting to redis")?;
@@ -95,9 +120,18 @@ impl Worker {
                 (t.clone(), provider)
             })
             .collect();
-        let mut registry = Registry::default();
-        let pool_metrics = PoolMetrics::new(&mut registry);
-        let task_metrics = TaskMetrics::new(&mut registry);
+        if let Some(http) = &http {
+            http.connected(Dependencies {
+                store: store.clone(),
+                broker: broker.clone(),
+            });
+        }
+        let busy = task_metrics.busy();
+        let deletion_cost = if settings.worker.pod_deletion_cost {
+            pod_patcher_from_env(&kube_metrics).map(|sink| (sink, Timing::default()))
+        } else {
+            None
+        };
         let pool = Pool::start_with(providers, templates, pool_metrics, REAP_EVERY).await;
         let runner = Arc::new(TaskRunner::new(
             store,
@@ -111,8 +145,33 @@ impl Worker {
             topology,
             runner,
             pool,
-            registry: Arc::new(registry),
+            registry,
+            phase,
+            http,
+            busy,
+            kube_metrics,
+            deletion_cost,
         })
+    }
+
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (the real port
+    /// when `worker.metrics_listen` has port 0); `None` when off or unbound.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(HealthServer::addr)
+    }
+
+    /// Keeps the deletion cost of `target`'s pod at `timing`'s pace, whatever
+    /// `worker.pod_deletion_cost` and the environment say: for tests and
+    /// embedders outside a pod.
+    pub fn with_pod_deletion_cost(
+        mut self,
+        target: PodTarget,
+        timing: Timing,
+    ) -> anyhow::Result<Self> {
+        let patcher = PodPatcher::new(target, self.kube_metrics.clone())
+            .context("configuring the pod-deletion-cost updater")?;
+        self.deletion_cost = Some((Arc::new(patcher), timing));
+        Ok(self)
     }
 
     /// The worker's Prometheus metrics (pool and tasks), as `/metrics` serves
@@ -127,14 +186,16 @@ impl Worker {
         let slots = self.settings.worker.slots;
         info!(worker = %self.settings.worker.id, slots, namespace = %self.settings.namespace, "worker started");
         let abort = CancellationToken::new();
-        let metrics_stop = CancellationToken::new();
-        if let Some(addr) = self.settings.worker.metrics_listen {
-            tokio::spawn(serve_metrics(
-                addr,
-                self.registry.clone(),
-                metrics_stop.clone(),
-            ));
-        }
+        let updater_stop = CancellationToken::new();
+        let updater = self.deletion_cost.clone().map(|(sink, timing)| {
+            tokio::spawn(run_updater(
+                sink,
+                self.busy.clone(),
+                self.phase.subscribe(),
+                timing,
+                updater_stop.clone(),
+            ))
+        });
         let doorbell = Arc::new(Notify::new());
         let tracker = TaskTracker::new();
         for index in 0..slots {
@@ -154,8 +215,11 @@ impl Worker {
             shutdown.clone(),
         ));
         tracker.close();
+        self.phase.send_replace(Phase::Running);
 
         shutdown.cancelled().await;
+        // Not ready from here on; the cost updater sends the load at once.
+        self.phase.send_replace(Phase::Draining);
         let grace = self.settings.worker.drain_timeout;
         info!(
             grace_s = grace.as_secs(),
@@ -166,51 +230,51 @@ impl Worker {
             abort.cancel();
             tracker.wait().await;
         }
-        self.pool.drain(Duration::from_secs(30)).await;
-        metrics_stop.cancel();
+        updater_stop.cancel();
+        if let Some(updater) = updater {
+            let _ = updater.await;
+        }
+        self.pool.drain(POOL_DRAIN).await;
+        // `/healthz` answers to the end of the drain, so a liveness probe
+        // never kills a draining worker.
+        drop(self.http);
         self.broker.close().await;
         info!("worker stopped");
         Ok(())
     }
 }
 
-/// Serves `/metrics` (Prometheus text format) until `stop`. A port that
-/// cannot be bound is logged; the worker runs on without metrics.
-async fn serve_metrics(
-    addr: std::net::SocketAddr,
-    registry: Arc<Registry>,
-    stop: CancellationToken,
-) {
-    let listener = match tokio::net::TcpListener::bind(addr).await {
-        Ok(listener) => listener,
+/// How long sandboxes get to be destroyed after the tasks are settled.
+/// Part of the grace a pod needs beyond `worker.drain_timeout_s`
+/// (docs/adr/0022).
+pub const POOL_DRAIN: Duration = Duration::from_secs(30);
+
+/// The deletion-cost patcher the environment describes, when the worker runs
+/// in a pod; `None` (with the reason logged) otherwise. Never fatal: the
+/// annotation only orders scale-in.
+fn pod_patcher_from_env(metrics: &KubeMetrics) -> Option<Arc<dyn CostSink>> {
+    let target = match PodTarget::from_env() {
+        Ok(target) => target,
+        Err(TargetError::NotInPod) => {
+            tracing::debug!("not in a pod: the pod-deletion-cost updater is off");
+            return None;
+        }
         Err(error) => {
-            tracing::error!(%addr, %error, "cannot serve metrics");
-            return;
+            warn!(%error, "the pod-deletion-cost updater is off");
+            return None;
         }
     };
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let registry = registry.clone();
-            async move {
-                let mut text = String::new();
-                if prometheus_client::encoding::text::encode(&mut text, &registry).is_err() {
-                    text.clear();
-                }
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    text,
-                )
-            }
-        }),
-    );
-    info!(%addr, "serving metrics");
-    let _ = axum::serve(listener, app)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await;
+    match PodPatcher::new(target.clone(), metrics.clone()) {
+        Ok(patcher) => {
+            info!(pod = %target.pod, namespace = %target.namespace, api = %target.api_url,
+                "keeping the pod-deletion-cost annotation in step with the load");
+            Some(Arc::new(patcher))
+        }
+        Err(error) => {
+            warn!(%error, "the pod-deletion-cost updater is off");
+            None
+        }
+    }
 }
 
 /// Wakes idle slots when the scheduler rings after publishing. Best effort: a

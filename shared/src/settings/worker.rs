@@ -21,8 +21,13 @@ pub struct WorkerSettings {
     /// Longest wait between polls of empty queues.
     pub idle_poll_max: Duration,
     /// Where `/metrics` is served (default `127.0.0.1:9464`); `None` (empty
-    /// in config) turns it off.
+    /// in config) turns it off. `/healthz` and `/readyz` are served there too.
     pub metrics_listen: Option<SocketAddr>,
+    /// Keep this pod's `controller.kubernetes.io/pod-deletion-cost`
+    /// annotation in step with how busy the worker is, so that scale-in
+    /// removes idle pods first. Acts only inside a pod (`POD_NAME` and
+    /// `POD_NAMESPACE` set); see docs/adr/0022.
+    pub pod_deletion_cost: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -35,6 +40,7 @@ pub(super) struct RawWorker {
     lease_renew_s: u64,
     idle_poll_max_ms: u64,
     metrics_listen: String,
+    pod_deletion_cost: bool,
 }
 
 impl Default for RawWorker {
@@ -49,6 +55,7 @@ impl Default for RawWorker {
             // Loopback: sandboxes with network and the LAN must not reach it;
             // a pod that is scraped sets `worker.metrics_listen = "0.0.0.0:9464"`.
             metrics_listen: "127.0.0.1:9464".into(),
+            pod_deletion_cost: true,
         }
     }
 }
@@ -89,6 +96,7 @@ impl RawWorker {
             lease_renew: Duration::from_secs(self.lease_renew_s),
             idle_poll_max: Duration::from_millis(self.idle_poll_max_ms),
             metrics_listen,
+            pod_deletion_cost: self.pod_deletion_cost,
         })
     }
 }
@@ -122,6 +130,16 @@ mod tests {
         assert!(id.ends_with("-4194304"), "{id}");
         assert_eq!(worker_id_for("node-1", 7), "node-1-7");
         assert_eq!(worker_id_for("bad host", 7), "worker-7");
+    }
+
+    #[test]
+    fn pod_deletion_cost_is_on_by_default_and_can_be_turned_off() {
+        let on = Settings::from_toml("").expect("defaults");
+        assert!(on.worker.pod_deletion_cost);
+        let off = Settings::from_toml("worker.pod_deletion_cost = false\n").expect("off");
+        assert!(!off.worker.pod_deletion_cost);
+        let err = Settings::from_toml("worker.pod_deletion_cost = \"yes\"\n").unwrap_err();
+        assert!(err.to_string().contains("pod_deletion_cost"), "{err}");
     }
 
     /// `lease_renew_s * 2` overflowed (a panic in debug builds) before it
