@@ -138,7 +138,7 @@ mod tests {
         assert!(on.worker.pod_deletion_cost);
         let off = Settings::from_toml("worker.pod_deletion_cost = false\n").expect("off");
         assert!(!off.worker.pod_deletion_cost);
-        let err = Settings::from_toml("worker.pod_deletion_cost = \"yes\"\n").unwrap_err();
+        let err = Settings::from_toml("worker.pod_deletion_cost = \"maybe\"\n").unwrap_err();
         assert!(err.to_string().contains("pod_deletion_cost"), "{err}");
     }
 
