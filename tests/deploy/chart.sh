@@ -17,7 +17,8 @@
 #   then negative checks that prove each validator can fail.
 #
 # Tools are installed, pinned and checksum-checked, by
-# deploy/tools/chart-tools.sh. Binaries: target/debug (built if missing).
+# deploy/tools/chart-tools.sh. Binaries: target/debug, built (incrementally)
+# first, or $SHOAL_BIN_DIR as given.
 # Exits non-zero on any failure, naming it.
 set -euo pipefail
 
@@ -45,9 +46,12 @@ command -v helm >/dev/null || die "helm not found after chart-tools.sh install"
 [[ -f "$SHOAL_CRDS_DIR/validate-crds.mjs" ]] || die "CRD validator missing in $SHOAL_CRDS_DIR"
 PY="$SHOAL_TOOLS_PYTHON" # has PyYAML (a kubernetes-validate dependency)
 
-if [[ ! -x "$BIN/shoal-scheduler" || ! -x "$BIN/shoal-worker" ]]; then
-  echo "chart.sh: building shoal-scheduler and shoal-worker"
-  (cd "$ROOT" && cargo build --quiet -p shoal-scheduler -p shoal-worker --bins)
+# The loaders must be the tree's own: a stale binary would judge the chart by
+# an older set of keys. (SHOAL_BIN_DIR: binaries built elsewhere, used as is.)
+if [[ -z "${SHOAL_BIN_DIR:-}" ]]; then
+  echo "chart.sh: cargo build -p shoal-scheduler -p shoal-worker --bins"
+  (cd "$ROOT" && cargo build --quiet -p shoal-scheduler -p shoal-worker --bins) \
+    || die "building shoal-scheduler and shoal-worker failed"
 fi
 for bin in shoal-scheduler shoal-worker; do
   "$BIN/$bin" --help | grep -q -- '--check-config' \
@@ -281,6 +285,14 @@ if render "$neg/daytona-local.yaml" -f "$CHART/values-daytona.yaml" \
   fail "the Daytona-only preset accepted a local template"
 else
   pass "the Daytona-only preset refuses a local template: $(grep -o 'template "build".*' "$neg/daytona-local.log" | cut -c1-60)..."
+fi
+
+# Unprivileged bubblewrap workers live in a 65536-uid user namespace: the
+# chart refuses sandbox uids outside it rather than render pods that fail.
+if render "$neg/unpriv.yaml" --set worker.localSandbox.privileged=false 2>"$neg/unpriv.log"; then
+  fail "worker.localSandbox.privileged=false accepted sandbox uids beyond the pod's user namespace"
+else
+  pass "unprivileged local workers refuse uid_base + uid_count > 65536: $(grep -o 'must be at most 65536' "$neg/unpriv.log")"
 fi
 
 echo "== $CHECKS checks, $FAILURES failed"

@@ -255,3 +255,21 @@ scaleUp:
       value: 4
       periodSeconds: 30
 {{- end }}
+
+{{/* The unprivileged local profile works only within its limits (ADR 0020). */}}
+{{- define "shoal.checkUnprivilegedLocal" -}}
+{{- $sandbox := dig "sandbox" dict .Values.config -}}
+{{- $base := get $sandbox "uid_base" | default 200000 | int64 -}}
+{{- $count := get $sandbox "uid_count" | default 50000 | int64 -}}
+{{- if gt (add $base $count) 65536 -}}
+{{- fail (printf "worker.localSandbox.privileged=false runs the pod in a user namespace of 65536 uids: config.sandbox.uid_base + uid_count (%d) must be at most 65536" (add $base $count)) -}}
+{{- end -}}
+{{- if ne (get $sandbox "cgroups" | default "auto") "off" -}}
+{{- fail "worker.localSandbox.privileged=false: the cgroupfs is read-only in an unprivileged pod; set config.sandbox.cgroups = \"off\"" -}}
+{{- end -}}
+{{- range $name, $t := (get $sandbox "templates" | default dict) -}}
+{{- if and (get $t "network") (ne (get $sandbox "network_isolation" | default "namespace") "host") -}}
+{{- fail (printf "worker.localSandbox.privileged=false: template %q has network = true, whose slirp4netns needs /dev/net/tun, which an unprivileged pod does not get; use privileged workers" $name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Which privileges does a pod running local (bubblewrap) sandboxes need?
+# An experiment behind docs/adr/0020, not part of `make test` (it needs
+# podman, mmdebstrap, a Debian mirror and about two minutes): it builds a
+# bookworm root filesystem with bubblewrap, iproute2, nftables and
+# slirp4netns, copies in target/debug/shoal-sandbox-exec, and runs the
+# operations a Shoal worker performs for its sandboxes, as root in a podman
+# container, under several security settings:
+#
+#   defaults        the runtime's default capabilities, seccomp and masked /proc
+#   caps            exactly the eight capabilities, default seccomp, /proc unmasked
+#   caps-masked     the same with the default (masked) /proc
+#   caps-minus-X    the eight minus X, for each X (shows each one is needed)
+#   privileged      --privileged
+#   userns-caps     the eight capabilities in a user namespace of 65536 uids
+#                   (Kubernetes' hostUsers: false) with /proc unmasked, state
+#                   and /run on volumes, sandbox uid 10000
+#   userns-masked   the same with the default (masked) /proc
+#
+# Usage: deploy/helm/validate/sandbox-privileges.sh [WORKDIR]   (run as root)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)"
+WORK="${1:-$ROOT/.local/sandbox-privileges}"
+ROOTFS="$WORK/rootfs"
+CAPS=(CHOWN DAC_OVERRIDE FOWNER KILL SETUID SETGID SYS_ADMIN NET_ADMIN)
+
+for tool in podman mmdebstrap; do
+  command -v "$tool" >/dev/null || { echo "sandbox-privileges: $tool is not installed" >&2; exit 1; }
+done
+[[ -x "$ROOT/target/debug/shoal-sandbox-exec" ]] \
+  || { echo "sandbox-privileges: build first (cargo build -p shoal-worker --bins)" >&2; exit 1; }
+
+if [[ ! -x "$ROOTFS/usr/bin/bwrap" ]]; then
+  mkdir -p "$WORK"
+  mmdebstrap --variant=minbase --include=bubblewrap,iproute2,nftables,slirp4netns,util-linux \
+    bookworm "$ROOTFS" >"$WORK/mmdebstrap.log" 2>&1
+fi
+install -m 0755 "$ROOT/target/debug/shoal-sandbox-exec" "$ROOTFS/usr/local/bin/"
+
+cat >"$ROOTFS/usr/local/bin/probe.sh" <<'EOF'
+#!/bin/bash
+# As root in the container: what a worker does for a local sandbox.
+U=${PROBE_UID:-200000}
+RL=--rlimits=4294967296,536870912,1024,256,3600
+r() { local what="$1"; shift; if out=$("$@" 2>&1); then echo "ok    $what"; else echo "FAIL  $what: $(echo "$out" | tail -1)"; fi; }
+mkdir -p /var/lib/shoal/s/workspace /var/lib/shoal/s/tmp
+r "chown workspace to the sandbox uid" chown $U:$U /var/lib/shoal/s/workspace /var/lib/shoal/s/tmp
+r "mount a size-capped tmpfs workspace" mount -t tmpfs -o size=16m,mode=0755,uid=$U,gid=$U tmpfs /var/lib/shoal/s/workspace
+BW=(bwrap --unshare-all --die-with-parent --new-session --ro-bind /usr /usr --symlink usr/bin /bin
+  --symlink usr/sbin /sbin --symlink usr/lib /lib --symlink usr/lib64 /lib64 --proc /proc --dev /dev
+  --size 1048576 --tmpfs /dev/shm --bind /var/lib/shoal/s/workspace /workspace --bind /var/lib/shoal/s/tmp /tmp
+  --remount-ro / --hostname sandbox --chdir /workspace --clearenv --setenv PATH /usr/bin:/bin)
+r "launcher drops to the sandbox uid, bwrap --unshare-all --proc" shoal-sandbox-exec --uid=$U $RL -- "${BW[@]}" -- \
+  sh -c 'mkdir -m 700 /workspace/d && echo hi > /workspace/d/f && chmod 600 /workspace/d/f && mkdir -m 1777 /workspace/s && touch /workspace/s/g'
+r "read a 0600 file in a 0700 dir of the sandbox" cat /var/lib/shoal/s/workspace/d/f
+shoal-sandbox-exec --uid=$U $RL -- sleep 30 &
+sleep 0.3
+r "kill a process of the sandbox uid" kill -9 $!
+wait 2>/dev/null
+r "ip netns add" ip netns add shoal-probe
+r "nftables rules in the sandbox's netns" ip netns exec shoal-probe nft add table inet shoal
+r "launcher enters the netns (setns)" shoal-sandbox-exec --uid=$U --netns=/run/netns/shoal-probe $RL -- "${BW[@]}" --share-net -- true
+r "/dev/net/tun for slirp4netns" test -c /dev/net/tun -a -r /dev/net/tun
+r "cgroupfs writable (per-sandbox cgroups)" sh -c 'd=$(ls -d /sys/fs/cgroup/memory 2>/dev/null || echo /sys/fs/cgroup); mkdir "$d/shoal-probe" && rmdir "$d/shoal-probe"'
+r "remove a file in the sandbox's sticky dir" rm -f /var/lib/shoal/s/workspace/s/g
+r "remove the sandbox's 0700 dir" rm -rf /var/lib/shoal/s/workspace/d
+umount /var/lib/shoal/s/workspace 2>/dev/null; rm -rf /var/lib/shoal/s; ip netns del shoal-probe 2>/dev/null
+true
+EOF
+chmod 0755 "$ROOTFS/usr/local/bin/probe.sh"
+
+P=(podman run --rm --runtime runc --cgroup-manager cgroupfs --events-backend file --network host
+  --ulimit nofile=1024:1024 --ulimit nproc=1000:1000)
+probe() { # NAME OPTIONS...
+  local name="$1"
+  shift
+  echo "### $name"
+  timeout 120 "${P[@]}" "$@" --rootfs "$ROOTFS" /usr/local/bin/probe.sh 2>&1 | grep -v Killed
+}
+joined() { local IFS=,; echo "$*"; }
+
+probe defaults
+probe caps --cap-drop=all --cap-add="$(joined "${CAPS[@]}")" --security-opt unmask=ALL
+probe caps-masked --cap-drop=all --cap-add="$(joined "${CAPS[@]}")"
+for drop in "${CAPS[@]}"; do
+  keep=()
+  for cap in "${CAPS[@]}"; do [[ "$cap" == "$drop" ]] || keep+=("$cap"); done
+  probe "caps-minus-$drop" --cap-drop=all --cap-add="$(joined "${keep[@]}")" --security-opt unmask=ALL
+done
+probe privileged --privileged
+USERNS=(--uidmap 0:300000:65536 --gidmap 0:300000:65536 --env PROBE_UID=10000
+  --tmpfs /var/lib/shoal:rw,mode=0711 --tmpfs /run:rw --cap-drop=all --cap-add="$(joined "${CAPS[@]}")")
+probe userns-caps "${USERNS[@]}" --security-opt unmask=ALL
+probe userns-masked "${USERNS[@]}"
