@@ -135,7 +135,8 @@ ns="obs-$(python3 -c 'import uuid; print(uuid.uuid4().hex[:10])')"
 mkdir -p .local/observability
 work=$(mktemp -d "$root/.local/observability/$ns.XXXXXX")
 # The sandbox root must be ours alone and traversable by the sandboxes' uids.
-chmod 711 "$root/.local" "$root/.local/observability" "$work"
+chmod go+x "$root/.local" "$root/.local/observability"
+chmod 711 "$work"
 mkdir -m 711 "$work/sandboxes"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
