@@ -154,6 +154,7 @@ install_crds() {
 }
 
 print_env() {
+  # shellcheck disable=SC2016 # $PATH is expanded by whoever evals this
   printf 'export PATH=%q:"$PATH"\n' "$TOOLS/bin"
   printf 'export SHOAL_KV=%q\n' "$TOOLS/venv/bin/kubernetes-validate"
   printf 'export SHOAL_TOOLS_PYTHON=%q\n' "$TOOLS/venv/bin/python"

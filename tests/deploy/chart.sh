@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2001 # sed indents multi-line tool output
 # Validates the Helm chart deploy/helm/shoal offline, with real tools:
 #
 #   for each value set (defaults, external services, KEDA off, Daytona-only,

@@ -89,6 +89,7 @@ for drop in "${CAPS[@]}"; do
   probe "caps-minus-$drop" --cap-drop=all --cap-add="$(joined "${keep[@]}")" --security-opt unmask=ALL
 done
 probe privileged --privileged
+# shellcheck disable=SC2054 # the commas are tmpfs and capability list syntax
 USERNS=(--uidmap 0:300000:65536 --gidmap 0:300000:65536 --env PROBE_UID=10000
   --tmpfs /var/lib/shoal:rw,mode=0711 --tmpfs /run:rw --cap-drop=all --cap-add="$(joined "${CAPS[@]}")")
 probe userns-caps "${USERNS[@]}" --security-opt unmask=ALL
