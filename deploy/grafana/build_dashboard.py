@@ -636,7 +636,7 @@ def dashboard():
         "links": [],
         "panels": build(),
         "refresh": "30s",
-        "schemaVersion": 39,
+        "schemaVersion": 41,
         "tags": ["shoal"],
         "templating": {"list": variables()},
         "time": {"from": "now-3h", "to": "now"},

@@ -98,6 +98,10 @@ def wait_final():
         (f'count(up{{job="shoal-worker", {sel}}} == 1)', lambda v: v == 2, "2 workers up"),
         (f'sum(rabbitmq_detailed_queue_messages{{queue="{NS}.dead"}})', lambda v: v is not None and v >= dead, f">= {dead} dead-lettered"),
         ("count(rabbitmq_identity_info)", lambda v: v is not None and v >= 1, "RabbitMQ scraped"),
+        # RabbitMQ refreshes queue metrics every collect_statistics_interval
+        # (5 s): wait until they show the work queues empty too.
+        (f'sum(rabbitmq_detailed_queue_messages{{queue=~"{NS}\\\\.work\\\\..+"}})', lambda v: v == 0,
+         "work queues empty in RabbitMQ's metrics"),
     ]
     deadline = time.monotonic() + 60
     while True:
@@ -331,6 +335,8 @@ def check(path):
     print(f"    {nrules} rules, all evaluated without error" if not problems else f"    {nrules} rules")
     print(f"    alerts pending/firing now: {firing or 'none'}")
 
+    problems += check_rules_live(groups)
+
     for p in problems:
         print(f"  FAIL  {p}")
     if failures or problems:
@@ -338,6 +344,59 @@ def check(path):
         return 1
     print(f"PASS: {panels} panels, {len(items)} targets: every one returned data")
     return 0
+
+
+# Metrics the rules read that this run cannot produce: the blackbox exporter's
+# probe of the scheduler's /readyz is not part of it.
+NOT_IN_RUN = {"probe_success"}
+
+
+def check_rules_live(groups):
+    """The rules against the run's real series: every metric a rule reads
+    exists, every recording rule has a value (for this namespace where it has
+    the label), and the dead-letters the run caused fire ShoalDeadLetters."""
+    problems = []
+    names = set()
+    for grp in groups:
+        for rule in grp["rules"]:
+            expr = re.sub(r'"[^"]*"', '""', rule["query"])  # no label values
+            expr = re.sub(r"\{[^}]*\}", "{}", expr)  # no label names
+            expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
+            for name in re.findall(r"(?<![\w:])([a-z_][a-z0-9_]*)(?=\s*[\[{)]|\s*$|\s*[=!<>*/+-])", expr):
+                if name not in PROMQL_WORDS:
+                    names.add(name)
+    for name in sorted(names - NOT_IN_RUN):
+        ok, message, _ = query(f'count({{__name__="{name}"}})')
+        if not ok:
+            problems.append(f"the rules read {name}, which the run's Prometheus does not have ({message})")
+    print(f"    metrics the rules read, all present in the run: {', '.join(sorted(names - NOT_IN_RUN))}")
+    for grp in groups:
+        for rule in grp["rules"]:
+            if rule.get("type") != "recording":
+                continue
+            name = rule["name"]
+            selector = f'{name}{{shoal_namespace="{NS}"}}' if name.startswith("shoal_namespace:") else name
+            ok, message, result = query(selector)
+            if not ok and "NaN" not in message:
+                problems.append(f"recording rule {selector}: {message}")
+            else:
+                print(f"    recording rule {selector} = {result[0]['value'][1]}")
+    firing = [
+        a for a in api("/api/v1/alerts")["data"]["alerts"]
+        if a["labels"].get("alertname") == "ShoalDeadLetters" and a["labels"].get("shoal_namespace") == NS
+    ]
+    if not firing:
+        problems.append(f"ShoalDeadLetters is not active for {NS} although the run dead-lettered messages")
+    else:
+        print(f"    ShoalDeadLetters is {firing[0]['state']} for {NS}, as the run's dead-letters require")
+    return problems
+
+
+PROMQL_WORDS = {
+    "sum", "min", "max", "avg", "count", "rate", "increase", "delta", "deriv", "irate", "vector", "scalar",
+    "label_replace", "min_over_time", "max_over_time", "histogram_quantile", "clamp_min", "and", "or",
+    "unless", "by", "on", "ignoring", "group_left", "group_right", "bool", "offset", "absent", "time",
+}
 
 
 if __name__ == "__main__":
