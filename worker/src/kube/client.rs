@@ -122,6 +122,8 @@ pub enum PatcherError {
         #[source]
         source: reqwest::Error,
     },
+    #[error("the API server's CA {path} holds no certificate")]
+    NoCa { path: String },
     #[error("building the HTTP client: {0}")]
     Client(#[source] reqwest::Error),
 }
@@ -159,8 +161,16 @@ impl PodPatcher {
                 path: path.clone(),
                 source,
             })?;
-            let roots = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|source| PatcherError::BadCa { path, source })?;
+            let roots = reqwest::Certificate::from_pem_bundle(&pem).map_err(|source| {
+                PatcherError::BadCa {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+            if roots.is_empty() {
+                // Trusting nothing would fail every request as "unreachable".
+                return Err(PatcherError::NoCa { path });
+            }
             builder = builder.tls_certs_only(roots);
         }
         let client = builder.build().map_err(PatcherError::Client)?;
@@ -349,5 +359,182 @@ mod tests {
             log.should_log(PatchErrorClass::Server, start + LOG_EVERY),
             Some(0)
         );
+    }
+
+    /// The in-cluster path: HTTPS to an API server whose certificate the
+    /// service account's CA signed, that CA the only root trusted.
+    mod tls {
+        use std::path::PathBuf;
+        use std::sync::{Arc, Mutex};
+
+        use prometheus_client::registry::Registry;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio_rustls::rustls;
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+        use super::super::super::PodTarget;
+        use super::super::*;
+
+        fn testdata(name: &str) -> PathBuf {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("src/kube/testdata")
+                .join(name)
+        }
+
+        /// Requests as received: the head (request line and headers) and the body.
+        type Received = Arc<Mutex<Vec<(String, String)>>>;
+
+        /// An HTTPS server on 127.0.0.1 with the certificate `ca.crt`
+        /// signed, answering every request 200 with a Pod.
+        async fn https_api() -> (String, Received) {
+            let certs = vec![CertificateDer::from_pem_file(testdata("server.crt")).expect("cert")];
+            let key = PrivateKeyDer::from_pem_file(testdata("server.key")).expect("key");
+            let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("protocols")
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("server config");
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let url = format!("https://{}", listener.local_addr().expect("addr"));
+            let received: Received = Arc::default();
+            let log = received.clone();
+            tokio::spawn(async move {
+                while let Ok((tcp, _)) = listener.accept().await {
+                    // A client that refuses our certificate ends here.
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        continue;
+                    };
+                    let mut buffer = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    let (head, body) = loop {
+                        let Ok(n) = tls.read(&mut chunk).await else {
+                            break (String::new(), String::new());
+                        };
+                        if n == 0 {
+                            break (String::new(), String::new());
+                        }
+                        buffer.extend_from_slice(&chunk[..n]);
+                        let text = String::from_utf8_lossy(&buffer).into_owned();
+                        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                            continue;
+                        };
+                        let length = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().to_owned())
+                            })
+                            .and_then(|v| v.parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if body.len() >= length {
+                            break (head.to_owned(), body.to_owned());
+                        }
+                    };
+                    log.lock().unwrap().push((head, body));
+                    let pod = r#"{"kind":"Pod","apiVersion":"v1","metadata":{"name":"p","namespace":"n"}}"#;
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{pod}",
+                        pod.len()
+                    );
+                    let _ = tls.write_all(answer.as_bytes()).await;
+                    let _ = tls.shutdown().await;
+                }
+            });
+            (url, received)
+        }
+
+        fn target(url: &str, ca: PathBuf) -> (PodTarget, PathBuf) {
+            let dir = std::env::temp_dir()
+                .join(format!("shoal-kube-tls-{}", uuid::Uuid::now_v7().simple()));
+            std::fs::create_dir_all(&dir).expect("dir");
+            let token = dir.join("token");
+            std::fs::write(&token, "sa-token\n").expect("token");
+            let target = PodTarget {
+                api_url: url.to_owned(),
+                namespace: "n".into(),
+                pod: "p".into(),
+                token_file: token,
+                ca_file: Some(ca),
+            };
+            (target, dir)
+        }
+
+        fn metrics() -> KubeMetrics {
+            KubeMetrics::new(&mut Registry::default())
+        }
+
+        #[tokio::test]
+        async fn an_https_api_is_reached_through_the_service_account_ca() {
+            let (url, received) = https_api().await;
+            let (target, dir) = target(&url, testdata("ca.crt"));
+            let metrics = metrics();
+            let patcher = PodPatcher::new(target, metrics.clone()).expect("a patcher");
+            patcher.set_cost(2).await.expect("the PATCH is accepted");
+            let received = received.lock().unwrap().clone();
+            assert_eq!(received.len(), 1, "{received:?}");
+            let (head, body) = &received[0];
+            assert!(
+                head.starts_with("PATCH /api/v1/namespaces/n/pods/p HTTP/1.1"),
+                "{head}"
+            );
+            let head = head.to_ascii_lowercase();
+            assert!(
+                head.contains("content-type: application/merge-patch+json"),
+                "{head}"
+            );
+            assert!(head.contains("authorization: bearer sa-token"), "{head}");
+            assert_eq!(
+                body,
+                r#"{"metadata":{"annotations":{"controller.kubernetes.io/pod-deletion-cost":"2"}}}"#
+            );
+            assert_eq!(metrics.patches.get(), 1);
+            assert_eq!(metrics.deletion_cost.get(), 2);
+            let _ = std::fs::remove_dir_all(dir);
+        }
+
+        #[tokio::test]
+        async fn an_api_whose_certificate_another_ca_signed_is_not_trusted() {
+            let (url, received) = https_api().await;
+            let (target, dir) = target(&url, testdata("other-ca.crt"));
+            let metrics = metrics();
+            let patcher = PodPatcher::new(target, metrics.clone()).expect("a patcher");
+            let error = patcher.set_cost(2).await.expect_err("refused");
+            assert_eq!(error.class, PatchErrorClass::Unreachable, "{error}");
+            assert!(
+                received.lock().unwrap().is_empty(),
+                "no request got through"
+            );
+            let counted = metrics
+                .patch_errors
+                .get_or_create(&crate::metrics::PatchErrorLabels {
+                    class: "unreachable".into(),
+                })
+                .get();
+            assert_eq!(counted, 4, "the first attempt and three retries");
+            let _ = std::fs::remove_dir_all(dir);
+        }
+
+        #[test]
+        fn a_missing_or_empty_ca_file_is_refused_when_the_patcher_is_built() {
+            let (missing, _) = target("https://127.0.0.1:1", testdata("no-such-ca.crt"));
+            assert!(matches!(
+                PodPatcher::new(missing, metrics()),
+                Err(PatcherError::Ca { .. })
+            ));
+            let (empty, dir) = target("https://127.0.0.1:1", testdata("README.md"));
+            assert!(matches!(
+                PodPatcher::new(empty, metrics()),
+                Err(PatcherError::NoCa { .. })
+            ));
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
