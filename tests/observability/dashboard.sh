@@ -8,9 +8,10 @@
 #      shoal-worker processes (own ids and metrics ports), the LLM simulator as
 #      the agents' model, and a real Prometheus (scrape_interval 1s) scraping both
 #      workers and RabbitMQ's rabbitmq_prometheus plugin, with the rules loaded.
-#      Exec tasks (one succeeds, one exits 3, one times out), agent tasks (one
-#      meets a 500 from the LLM first) and one malformed message (dead-lettered)
-#      run to their terminal states;
+#      Waves of exec tasks (succeeding, exiting 3, timing out), agent tasks
+#      (one meets a 500 from the LLM first) and a malformed message
+#      (dead-lettered) run to their expected terminal states, until every
+#      series the panels read has moved while Prometheus watched;
 #   4. every panel target of the dashboard, with its template variables resolved
 #      the way Grafana resolves them (the variables' own label_values queries,
 #      run against the same Prometheus), is evaluated through /api/v1/query: an
@@ -26,7 +27,8 @@
 # `bash deploy/local/services.sh install`), python3, curl, bwrap, and the built
 # binaries in ${SHOAL_BIN_DIR:-target/debug} (`cargo build --workspace --bins`).
 # Leaves RabbitMQ/Redis running if they were already up; stops everything else
-# it started, by pid.
+# it started, by pid, checks no sandbox outlived the workers, and deletes the
+# run's queues, exchanges and Redis keys. About 30 s.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$(pwd)
@@ -222,9 +224,11 @@ pids+=($!)
 SHOAL__WORKER__ID=obs-w1 SHOAL__WORKER__METRICS_LISTEN="127.0.0.1:$w1_port" \
   "$bin/shoal-worker" >"$work/worker1.log" 2>&1 &
 pids+=($!)
+workers=($!)
 SHOAL__WORKER__ID=obs-w2 SHOAL__WORKER__METRICS_LISTEN="127.0.0.1:$w2_port" \
   "$bin/shoal-worker" >"$work/worker2.log" 2>&1 &
 pids+=($!)
+workers+=($!)
 wait_for "the scheduler's /readyz" 60 curl -fsS "$api/readyz"
 wait_for "worker 1's /readyz" 60 curl -fsS "http://127.0.0.1:$w1_port/readyz"
 wait_for "worker 2's /readyz" 60 curl -fsS "http://127.0.0.1:$w2_port/readyz"
@@ -318,3 +322,13 @@ done
 
 # ---------------------------------------------------------------- the panels
 python3 tests/observability/check_panels.py check "$dashboard"
+
+say "stopping the workers: no sandbox process may outlive them"
+for pid in "${workers[@]}"; do kill -TERM "$pid"; done
+for pid in "${workers[@]}"; do
+  status=0
+  wait "$pid" || status=$?
+  [ "$status" = 0 ] || fail "worker $pid exited with $status on SIGTERM"
+done
+if pgrep -f "$work/sandboxes" >&2; then fail "sandbox processes outlived their workers (above)"; fi
+say "PASS"
