@@ -11,7 +11,11 @@
 #        version with kubernetes-validate --strict; the custom resources
 #        (ScaledObject, TriggerAuthentication, PodMonitor) against their CRD
 #        schemas (@kubernetes-models); an object nothing validates is a failure
-#     4. the rendered ConfigMap's shoal.toml loaded by the real
+#     4. the wiring: the KEDA trigger selects exactly the namespace's three
+#        work queues with target worker.slots (or, KEDA off, an HPA targets
+#        the workers); the worker pod's grace period exceeds
+#        worker.drain_timeout_s, its probes follow worker.metrics_listen
+#     5. the rendered ConfigMap's shoal.toml loaded by the real
 #        shoal-scheduler and shoal-worker (--check-config), with the
 #        environment the chart gives each Deployment's container (secret
 #        values replaced by dummies of the right shape)
@@ -200,6 +204,73 @@ for name in "${ORDER[@]}"; do
   else
     sed 's/^/        /' <<<"$out" >&2
     fail "custom resources invalid ($name)"
+  fi
+
+  # The ScaledObject counts exactly the three work queues of this namespace:
+  # not the retry tiers, the dead letters or another fleet's queues.
+  if out="$("$PY" - "$dir/objects.json" "$dir/shoal.toml" <<'PY'
+import json, re, sys, tomllib
+objects = json.load(open(sys.argv[1]))
+config = tomllib.load(open(sys.argv[2], "rb"))
+ns = config.get("namespace", "shoal")
+tiers = config.get("broker", {}).get("retry_tiers_s", [5, 30, 120, 600])
+scaled = [o for o in objects if o["kind"] == "ScaledObject"]
+if not scaled:
+    hpa = [o for o in objects if o["kind"] == "HorizontalPodAutoscaler"]
+    if not hpa or hpa[0]["spec"]["scaleTargetRef"]["name"] != next(
+            o["metadata"]["name"] for o in objects
+            if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-worker")):
+        sys.exit("KEDA off but no HPA on the worker Deployment")
+    print("KEDA off: the HPA fallback targets the worker Deployment")
+    sys.exit(0)
+meta = scaled[0]["spec"]["triggers"][0]["metadata"]
+pattern = re.compile(meta["queueName"])
+want = [f"{ns}.work.{p}" for p in ("high", "normal", "low")]
+other = [f"{ns}.retry.{t}s" for t in tiers] + [f"{ns}.dead", f"{ns}.work", f"{ns}.doorbell",
+         f"x{ns}.work.high", f"{ns}.work.high.x", "other.work.normal"]
+bad = [q for q in want if not pattern.search(q)] + [q for q in other if pattern.search(q)]
+if bad or meta.get("useRegex") != "true" or meta.get("operation") != "sum" \
+        or meta.get("excludeUnacknowledged") != "false" or meta.get("mode") != "QueueLength":
+    sys.exit(f"queue selection wrong for {bad} or trigger metadata {meta}")
+slots = config.get("worker", {}).get("slots", 4)
+if meta["value"] != str(slots):
+    sys.exit(f"target {meta['value']} is not worker.slots = {slots}")
+print(f"{meta['queueName']} selects the {len(want)} work queues and none of {len(other)} others; {slots} tasks per worker")
+PY
+)"; then
+    pass "KEDA trigger: $out"
+  else
+    fail "KEDA trigger ($name): $out"
+  fi
+
+  # One value drives both: the worker pod's grace period follows
+  # worker.drain_timeout_s, its probes and port follow worker.metrics_listen.
+  if out="$("$PY" - "$dir/objects.json" "$dir/shoal.toml" <<'PY'
+import json, sys, tomllib
+objects = json.load(open(sys.argv[1]))
+worker_cfg = tomllib.load(open(sys.argv[2], "rb")).get("worker", {})
+dep = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-worker"))
+pod = dep["spec"]["template"]["spec"]
+c = pod["containers"][0]
+drain = worker_cfg.get("drain_timeout_s", 60)
+grace = pod["terminationGracePeriodSeconds"]
+if grace <= drain:
+    sys.exit(f"terminationGracePeriodSeconds {grace} does not exceed drain_timeout_s {drain}")
+port = int(worker_cfg["metrics_listen"].rsplit(":", 1)[1])
+ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+probes = (c["livenessProbe"]["httpGet"], c["readinessProbe"]["httpGet"])
+if ports.get("metrics") != port or [p["path"] for p in probes] != ["/healthz", "/readyz"] \
+        or any(p["port"] != "metrics" for p in probes):
+    sys.exit(f"probes {probes} / ports {ports} do not follow metrics_listen {worker_cfg['metrics_listen']}")
+env = {e["name"] for e in c["env"]}
+if not {"POD_NAME", "POD_NAMESPACE"} <= env:
+    sys.exit("POD_NAME/POD_NAMESPACE missing from the worker's env")
+print(f"grace {grace} s = drain {drain} s + {grace - drain} s; /healthz and /readyz on :{port}; POD_NAME/POD_NAMESPACE set")
+PY
+)"; then
+    pass "worker pod: $out"
+  else
+    fail "worker pod ($name): $out"
   fi
 
   for comp in scheduler worker; do
