@@ -160,11 +160,11 @@ wait_for() {
   done
 }
 
-max_waves=${SHOAL_OBS_MAX_WAVES:-6}
+max_waves=${SHOAL_OBS_MAX_WAVES:-8}
 say "LLM simulator"
 # Constrained tool calls (as the local-model profile uses): every agent runs
 # `echo observed` in the terminal, then finishes once it sees the output. A
-# prompt with "flaky-<wave>" first meets a 500, which the worker retries (an LLM
+# prompt with "flaky-<wave><copy>:" first meets a 500, which the worker retries (an LLM
 # error class on the dashboard).
 cat >"$work/llm-script.json" <<'EOF'
 {
@@ -179,9 +179,11 @@ cat >"$work/llm-script.json" <<'EOF'
   ]
 }
 EOF
-# One 500 for each wave's flaky-<n> task (a rule is used up after `times`).
+# One 500 for each wave's flaky-<n><a|b>: tasks (a rule is used up after `times`).
 flaky=$(for n in $(seq 1 "$max_waves"); do
-  printf '{"when": {"last_user_contains": "flaky-%d"}, "then": {"kind": "server_error"}, "times": 1},' "$n"
+  for copy in a b; do
+    printf '{"when": {"last_user_contains": "flaky-%d%s:"}, "then": {"kind": "server_error"}, "times": 1},' "$n" "$copy"
+  done
 done)
 sed -i "s/@FLAKY@/$flaky/" "$work/llm-script.json"
 "$bin/shoal-llm-sim" --script "$work/llm-script.json" >"$work/llm-sim.log" 2>&1 &
@@ -279,10 +281,14 @@ while :; do
   ids=()
   ids+=("$(submit --exec 'echo ok')") && expected[${ids[-1]}]=succeeded
   ids+=("$(submit --exec 'echo high' --priority high)") && expected[${ids[-1]}]=succeeded
-  ids+=("$(submit --exec 'exit 3')") && expected[${ids[-1]}]=failed
-  ids+=("$(submit --exec 'sleep 60' --timeout 2)") && expected[${ids[-1]}]=timed_out
+  # Two of each outcome that happens once per task, so that each wave most
+  # likely gives every worker one (3 chances in 4 for a given worker).
+  for copy in a b; do
+    ids+=("$(submit --exec 'exit 3')") && expected[${ids[-1]}]=failed
+    ids+=("$(submit --exec 'sleep 60' --timeout 2)") && expected[${ids[-1]}]=timed_out
+    ids+=("$(submit --model sim "A flaky-$wave$copy: one: say hello with echo.")") && expected[${ids[-1]}]=succeeded
+  done
   ids+=("$(submit --model sim 'Say hello with echo.')") && expected[${ids[-1]}]=succeeded
-  ids+=("$(submit --model sim "A flaky-$wave one: say hello with echo.")") && expected[${ids[-1]}]=succeeded
   all_ids+=("${ids[@]}")
   # A message that is not a task: a worker dead-letters it at once to $ns.dead.
   curl -fsS -u guest:guest -H 'content-type: application/json' \
