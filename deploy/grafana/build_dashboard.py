@@ -332,8 +332,9 @@ def build():
         timeseries(
             "Estimated queue wait (Little's law)",
             "Ready work over the fleet's start rate: roughly how long a task enqueued now waits. "
-            "RabbitMQ 3.10's Prometheus plugin serves no oldest-message age (quorum queues have no head "
-            "timestamp); this is the proxy until workers export an enqueue-to-start histogram. "
+            "RabbitMQ 3.10 serves head_message_timestamp for classic queues only, and Shoal's work queues "
+            "are quorum queues: this is the proxy for the oldest task's age until workers export an "
+            "enqueue-to-start histogram. "
             "Infinite when work is ready and nothing starts.",
             targets(
                 (
