@@ -167,6 +167,11 @@ if [[ -n "$workspace_version" && "$app_version" == "$workspace_version" ]]; then
 else
   fail "appVersion '$app_version' differs from the workspace version '$workspace_version' (Cargo.toml)"
 fi
+if "$PY" "$ROOT/deploy/helm/validate/values-schema.py" - | cmp -s - "$CHART/values.schema.json"; then
+  pass "values.schema.json is what deploy/helm/validate/values-schema.py writes"
+else
+  fail "values.schema.json differs from deploy/helm/validate/values-schema.py's output (edit the script, run it)"
+fi
 
 for name in "${ORDER[@]}"; do
   echo "== value set: $name"

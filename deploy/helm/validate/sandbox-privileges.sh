@@ -17,6 +17,12 @@
 #                   and /run on volumes, sandbox uid 10000
 #   userns-masked   the same with the default (masked) /proc
 #
+# then runs the real shoal-worker (local RabbitMQ and Redis) in the chart's
+# worker profiles: privileged with a network template and cgroups required,
+# its state volume 0755 (as the chart's init container leaves it) and 0777
+# (a bare emptyDir); non-root Daytona-only with its state on a 0777 volume
+# and on /dev/shm.
+#
 # Usage: deploy/helm/validate/sandbox-privileges.sh [WORKDIR]   (run as root)
 set -euo pipefail
 
@@ -94,3 +100,78 @@ USERNS=(--uidmap 0:300000:65536 --gidmap 0:300000:65536 --env PROBE_UID=10000
   --tmpfs /var/lib/shoal:rw,mode=0711 --tmpfs /run:rw --cap-drop=all --cap-add="$(joined "${CAPS[@]}")")
 probe userns-caps "${USERNS[@]}" --security-opt unmask=ALL
 probe userns-masked "${USERNS[@]}"
+
+# ---- the real worker in the chart's worker profiles -------------------------
+# Needs the local RabbitMQ and Redis (deploy/local/services.sh up); uses its
+# own namespace and removes its queues and keys afterwards.
+ENV_FILE="$ROOT/.local/env"
+if [[ ! -f "$ENV_FILE" ]] || ! bash "$ROOT/deploy/local/services.sh" status >/dev/null 2>&1; then
+  echo "sandbox-privileges: local RabbitMQ/Redis not running (bash deploy/local/services.sh up); worker cases not run" >&2
+  exit 1
+fi
+set -a
+# shellcheck disable=SC1090
+. "$ENV_FILE"
+set +a
+NS="privprobe$$"
+PORT=39464
+install -m 0755 "$ROOT/target/debug/shoal-worker" "$ROOTFS/usr/local/bin/"
+STATE="$WORK/state"
+
+worker_case() { # NAME STATE_MODE SANDBOX_ROOT TEMPLATE_TOML PODMAN_OPTIONS...
+  local name="$1" mode="$2" root="$3" template="$4"
+  shift 4
+  rm -rf "$STATE" && mkdir -p "$STATE" && chmod "$mode" "$STATE"
+  cat >"$ROOTFS/etc/shoal-probe.toml" <<EOF
+namespace = "$NS"
+[worker]
+metrics_listen = "0.0.0.0:$PORT"
+drain_timeout_s = 5
+pod_deletion_cost = false
+[sandbox]
+root = "$root/sandboxes"
+uid_dir = "$root/sandbox-uids"
+$template
+[daytona]
+api_url = "http://127.0.0.1:9/api"
+EOF
+  echo "### worker: $name"
+  timeout 60 "${P[@]}" --read-only -v /etc/ssl/certs:/etc/ssl/certs:ro -v "$STATE:/var/lib/shoal" "$@" \
+    -e SHOAL__BROKER__URL="$SHOAL__BROKER__URL" -e SHOAL__REDIS__URL="$SHOAL__REDIS__URL" \
+    -e DAYTONA_API_KEY=dummy -e RUST_LOG=warn \
+    --rootfs "$ROOTFS" /usr/local/bin/shoal-worker --config /etc/shoal-probe.toml >"$WORK/worker-$name.log" 2>&1 &
+  local pid=$! ready="" idle=""
+  for _ in $(seq 1 60); do
+    ready="$(curl -s -m 1 "127.0.0.1:$PORT/readyz" || true)"
+    [[ "$ready" == *running* ]] && break
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.5
+  done
+  sleep 3
+  idle="$(curl -s -m 1 "127.0.0.1:$PORT/metrics" | grep -E '^shoal_pool_idle' | tr '\n' ' ' || true)"
+  kill "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  echo "readyz: ${ready:-none}  ${idle}"
+  sed 's/\x1b\[[0-9;]*m//g' "$WORK/worker-$name.log" | grep -E 'Error|refus|parent|ERROR' | head -3 | cut -c1-200 || true
+}
+
+LOCAL_NET=$'cgroups = "required"\n[sandbox.templates.default]\nnetwork = true\nmin_idle = 2'
+DAYTONA=$'cgroups = "off"\n[sandbox.templates.default]\nprovider = "daytona"\nmin_idle = 0'
+worker_case privileged-state-0755 0755 /var/lib/shoal "$LOCAL_NET" --privileged --tmpfs /run:rw,mode=0755
+worker_case privileged-state-0777 0777 /var/lib/shoal "$LOCAL_NET" --privileged --tmpfs /run:rw,mode=0755
+worker_case daytona-nonroot-state-0777 0777 /var/lib/shoal "$DAYTONA" \
+  --user 65532:65532 --cap-drop=all --security-opt no-new-privileges
+worker_case daytona-nonroot-devshm 0777 /dev/shm/shoal "$DAYTONA" \
+  --user 65532:65532 --cap-drop=all --security-opt no-new-privileges
+
+# Clean up the probe namespace's queues, exchanges and keys.
+MGMT="${SHOAL_RABBITMQ_MGMT_URL:-http://127.0.0.1:35673}"
+for kind in queues exchanges; do
+  curl -s -u guest:guest "$MGMT/api/$kind/%2f" \
+    | python3 -c "import json,sys; [print(x['name']) for x in json.load(sys.stdin) if x['name'].startswith('$NS.')]" \
+    | while read -r item; do curl -s -o /dev/null -u guest:guest -X DELETE "$MGMT/api/$kind/%2f/$item"; done
+done
+redis_port="${SHOAL__REDIS__URL##*:}"
+redis_port="${redis_port%%/*}"
+redis-cli -p "$redis_port" --scan --pattern "$NS*" | xargs -r redis-cli -p "$redis_port" del >/dev/null
+rm -rf "$STATE"
