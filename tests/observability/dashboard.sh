@@ -24,7 +24,7 @@
 # scrape it; the test talks to its API only.
 #
 # Needs: prometheus and promtool (Debian `prometheus`, installed by
-# `bash deploy/local/services.sh install`), python3, curl, bwrap, and the built
+# `bash deploy/local/services.sh install`), python3, redis-cli, bwrap, and the built
 # binaries in ${SHOAL_BIN_DIR:-target/debug} (`cargo build --workspace --bins`).
 # Leaves RabbitMQ/Redis running if they were already up; stops everything else
 # it started, by pid, checks no sandbox outlived the workers, and deletes the
@@ -44,7 +44,7 @@ fail() {
   exit 1
 }
 
-for tool in prometheus promtool python3 curl redis-cli; do
+for tool in prometheus promtool python3 redis-cli; do
   command -v "$tool" >/dev/null 2>&1 ||
     fail "'$tool' is missing (prometheus/promtool: bash deploy/local/services.sh install)"
 done
@@ -57,13 +57,16 @@ python3 deploy/grafana/build_dashboard.py --check "$dashboard" ||
   fail "$dashboard differs from deploy/grafana/build_dashboard.py's output (run it to regenerate)"
 
 say "the Grafana provisioning files"
-python3 - <<'PY' || fail "deploy/grafana/provisioning is not what Grafana expects"
-import yaml
-d = yaml.safe_load(open("deploy/grafana/provisioning/dashboards/shoal.yaml"))
-assert d["apiVersion"] == 1 and d["providers"][0]["type"] == "file", d
-s = yaml.safe_load(open("deploy/grafana/provisioning/datasources/prometheus.yaml"))
-assert s["apiVersion"] == 1 and s["datasources"][0]["type"] == "prometheus", s
-PY
+# Textual (no YAML parser is installed by the project's scripts): the keys
+# Grafana's file provider and Prometheus data source need.
+for pattern in '^apiVersion: 1$' '^providers:$' '^    type: file$' '^      path: /'; do
+  grep -qE "$pattern" deploy/grafana/provisioning/dashboards/shoal.yaml ||
+    fail "deploy/grafana/provisioning/dashboards/shoal.yaml lacks /$pattern/"
+done
+for pattern in '^apiVersion: 1$' '^datasources:$' '^    type: prometheus$' '^    url: ' '^    uid: '; do
+  grep -qE "$pattern" deploy/grafana/provisioning/datasources/prometheus.yaml ||
+    fail "deploy/grafana/provisioning/datasources/prometheus.yaml lacks /$pattern/"
+done
 
 say "promtool check rules"
 promtool check rules "$rules"
@@ -149,6 +152,22 @@ prom_port=$(free_port)
 api="http://127.0.0.1:$api_port"
 prom="http://127.0.0.1:$prom_port"
 
+# http METHOD URL [JSON-BODY]: the body on stdout; fails on a non-2xx answer.
+# (RabbitMQ's management API with the local guest account.)
+http() {
+  python3 - "$@" <<'PY'
+import base64, sys, urllib.request
+method, url = sys.argv[1], sys.argv[2]
+body = sys.argv[3].encode() if len(sys.argv) > 3 else None
+req = urllib.request.Request(url, data=body, method=method)
+req.add_header("content-type", "application/json")
+if "/api/" in url:
+    req.add_header("authorization", "Basic " + base64.b64encode(b"guest:guest").decode())
+with urllib.request.urlopen(req, timeout=30) as resp:
+    sys.stdout.write(resp.read().decode())
+PY
+}
+
 # wait_for DESCRIPTION SECONDS COMMAND...: polls COMMAND until it succeeds.
 wait_for() {
   local what=$1 limit=$2
@@ -231,9 +250,9 @@ SHOAL__WORKER__ID=obs-w2 SHOAL__WORKER__METRICS_LISTEN="127.0.0.1:$w2_port" \
   "$bin/shoal-worker" >"$work/worker2.log" 2>&1 &
 pids+=($!)
 workers+=($!)
-wait_for "the scheduler's /readyz" 60 curl -fsS "$api/readyz"
-wait_for "worker 1's /readyz" 60 curl -fsS "http://127.0.0.1:$w1_port/readyz"
-wait_for "worker 2's /readyz" 60 curl -fsS "http://127.0.0.1:$w2_port/readyz"
+wait_for "the scheduler's /readyz" 60 http GET "$api/readyz"
+wait_for "worker 1's /readyz" 60 http GET "http://127.0.0.1:$w1_port/readyz"
+wait_for "worker 2's /readyz" 60 http GET "http://127.0.0.1:$w2_port/readyz"
 
 say "Prometheus on $prom"
 cat >"$work/prometheus.yml" <<EOF
@@ -262,7 +281,7 @@ promtool check config "$work/prometheus.yml" >/dev/null
 prometheus --config.file="$work/prometheus.yml" --storage.tsdb.path="$work/tsdb" \
   --web.listen-address="127.0.0.1:$prom_port" --log.level=warn >"$work/prometheus.log" 2>&1 &
 pids+=($!)
-wait_for "Prometheus /-/ready" 60 curl -fsS "$prom/-/ready"
+wait_for "Prometheus /-/ready" 60 http GET "$prom/-/ready"
 
 # ---------------------------------------------------------------- the tasks
 # Prometheus' rate() sees a counter's increase only after it has scraped the
@@ -272,7 +291,7 @@ wait_for "Prometheus /-/ready" 60 curl -fsS "$prom/-/ready"
 # $max_waves waves; usually two or three).
 export SHOAL_SERVER=$api PROM=$prom NS=$ns
 submit() { "$bin/shoal" submit "$@"; }
-state_of() { curl -fsS "$api/v1/tasks/$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])'; }
+state_of() { http GET "$api/v1/tasks/$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])'; }
 declare -A final expected
 all_ids=()
 wave=0
@@ -291,9 +310,8 @@ while :; do
   ids+=("$(submit --model sim 'Say hello with echo.')") && expected[${ids[-1]}]=succeeded
   all_ids+=("${ids[@]}")
   # A message that is not a task: a worker dead-letters it at once to $ns.dead.
-  curl -fsS -u guest:guest -H 'content-type: application/json' \
-    -X POST "$SHOAL_RABBITMQ_MGMT_URL/api/exchanges/%2F/$ns.work/publish" \
-    -d '{"properties":{},"routing_key":"normal.x","payload":"not a task","payload_encoding":"string"}' |
+  http POST "$SHOAL_RABBITMQ_MGMT_URL/api/exchanges/%2F/$ns.work/publish" \
+    '{"properties":{},"routing_key":"normal.x","payload":"not a task","payload_encoding":"string"}' |
     grep -q '"routed":true' || fail "the malformed message was not routed"
 
   deadline=$((SECONDS + 90))
@@ -313,7 +331,7 @@ while :; do
   done
   for id in "${ids[@]}"; do
     [ "${final[$id]}" = "${expected[$id]}" ] && continue
-    curl -sS "$api/v1/tasks/$id" >&2 || true
+    http GET "$api/v1/tasks/$id" >&2 || true
     echo >&2
     fail "wave $wave: task $id ended ${final[$id]}, expected ${expected[$id]}"
   done
@@ -336,5 +354,16 @@ for pid in "${workers[@]}"; do
   wait "$pid" || status=$?
   [ "$status" = 0 ] || fail "worker $pid exited with $status on SIGTERM"
 done
-if pgrep -f "$work/sandboxes" >&2; then fail "sandbox processes outlived their workers (above)"; fi
+left=$(python3 - "$work/sandboxes" <<'PY'
+import os, sys
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        argv = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace").split("\0")
+    except OSError:
+        continue
+    if int(pid) != os.getpid() and any(sys.argv[1] in a for a in argv):
+        print(pid, " ".join(argv)[:200])
+PY
+)
+[ -z "$left" ] || fail "sandbox processes outlived their workers: $left"
 say "PASS"
