@@ -78,12 +78,23 @@ impl Worker {
         )
         .await
         .context("connecting to rabbitmq and declaring the topology")?;
-        let local: Arc<dyn SandboxProvider> = Arc::new(
-            LocalProvider::new(settings.sandbox.clone(), &settings.worker.id)
-                .await
-                .context("preparing the sandbox directory")?,
-        );
-        let mut providers = vec![local.clone()];
+        // A provider is built only when a template uses it: a Daytona-only
+        // worker needs no sandbox directory, uid range or launcher.
+        let wants_local = settings
+            .sandbox
+            .templates
+            .values()
+            .any(|t| t.provider == ProviderKind::Local);
+        let local: Option<Arc<dyn SandboxProvider>> = if wants_local {
+            Some(Arc::new(
+                LocalProvider::new(settings.sandbox.clone(), &settings.worker.id)
+                    .await
+                    .context("preparing the sandbox directory")?,
+            ))
+        } else {
+            None
+        };
+        let mut providers: Vec<Arc<dyn SandboxProvider>> = local.iter().cloned().collect();
         let wants_daytona = settings
             .sandbox
             .templates
@@ -112,12 +123,13 @@ impl Worker {
             .sandbox
             .templates
             .values()
-            .map(|t| {
-                let provider = match (t.provider, &daytona) {
-                    (ProviderKind::Daytona, Some(daytona)) => daytona.clone(),
-                    _ => local.clone(),
+            .filter_map(|t| {
+                let provider = match t.provider {
+                    ProviderKind::Daytona => daytona.clone(),
+                    ProviderKind::Local => local.clone(),
                 };
-                (t.clone(), provider)
+                // Built above for every kind a template names.
+                provider.map(|provider| (t.clone(), provider))
             })
             .collect();
         if let Some(http) = &http {
