@@ -178,7 +178,7 @@ POLICY_RC_D=/usr/sbin/policy-rc.d
 
 cmd_install() {
   local missing=() b
-  for b in rabbitmq-server redis-server redis-cli bwrap prometheus python3 slirp4netns nft ip git; do
+  for b in rabbitmq-server redis-server redis-cli bwrap prometheus python3 slirp4netns nft ip git unzip; do
     have "$b" || missing+=("$b")
   done
   if ((${#missing[@]} == 0)); then
@@ -198,7 +198,7 @@ cmd_install() {
   apt-get update
   DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
     rabbitmq-server redis-server redis-tools bubblewrap prometheus util-linux python3 \
-    slirp4netns nftables iproute2 git
+    slirp4netns nftables iproute2 git unzip
   if [[ $own_policy -eq 1 ]]; then
     rm -f "$POLICY_RC_D"
     trap - EXIT
