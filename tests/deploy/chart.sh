@@ -19,6 +19,17 @@
 #        shoal-scheduler and shoal-worker (--check-config), with the
 #        environment the chart gives each Deployment's container (secret
 #        values replaced by dummies of the right shape)
+#     6. monitoring (where enabled): the dashboard ConfigMap holds exactly
+#        deploy/grafana/shoal.json and is under 900 KiB (the API server refuses
+#        a ConfigMap over 1 MiB); the PrometheusRule holds exactly the groups
+#        of deploy/prometheus/shoal-rules.yml (and passes the Prometheus
+#        Operator's CRD schema, step 3); the PodMonitors give the workers a
+#        job label the rules and the dashboard select and scrape RabbitMQ's
+#        /metrics/detailed with the per-queue families
+#   the chart's copies (files/) of the dashboard and the rules are
+#   byte-identical to deploy/grafana/shoal.json and deploy/prometheus/shoal-rules.yml
+#   (deploy/helm/sync-files.sh refreshes them), and the PodMonitors' default
+#   job names and scrape parameters are those of tests/observability/dashboard.sh;
 #   then negative checks that prove each validator can fail.
 #
 # Tools are installed, pinned and checksum-checked, by
@@ -119,7 +130,7 @@ kv() {
     sed 's/^/        /' "$log" >&2
     return 1
   fi
-  if grep -v -E "^INFO .* passed for resource |^WARN .* Couldn't find schema for kind (ScaledObject|TriggerAuthentication|PodMonitor|ServiceMonitor) with api version (keda.sh/v1alpha1|monitoring.coreos.com/v1) " "$log" | grep -q .; then
+  if grep -v -E "^INFO .* passed for resource |^WARN .* Couldn't find schema for kind (ScaledObject|TriggerAuthentication|PodMonitor|ServiceMonitor|PrometheusRule) with api version (keda.sh/v1alpha1|monitoring.coreos.com/v1) " "$log" | grep -q .; then
     echo "        unexpected kubernetes-validate output:" >&2
     grep -v -E "^INFO .* passed for resource " "$log" | sed 's/^/        /' >&2
     return 1
@@ -139,6 +150,110 @@ check_config() {
   mapfile -t env_args <"$dir/env.$comp"
   env -i PATH="$PATH" HOME="$WORK" "${env_args[@]}" SHOAL_CONFIG="$dir/shoal.toml" \
     "$BIN/$bin" --check-config --config "$dir/shoal.toml"
+}
+
+# same_copy SOURCE COPY: the chart's copy of a file is byte-identical.
+same_copy() {
+  if cmp -s "$1" "$2"; then
+    echo "${2#"$ROOT/"} = ${1#"$ROOT/"} ($(wc -c <"$1") bytes)"
+  else
+    echo "${2#"$ROOT/"} differs from ${1#"$ROOT/"}: run bash deploy/helm/sync-files.sh"
+    return 1
+  fi
+}
+
+# configmap_sizes JSON: every ConfigMap fits the API server's 1 MiB limit,
+# with room to spare (900 KiB, counted on data + binaryData and on the whole
+# object as JSON).
+configmap_sizes() {
+  "$PY" - "$1" <<'PY'
+import json, sys
+LIMIT = 900 * 1024
+out, bad = [], []
+for o in json.load(open(sys.argv[1])):
+    if o["kind"] != "ConfigMap":
+        continue
+    name = o["metadata"]["name"]
+    data = sum(len(k.encode()) + len(v.encode()) for k, v in (o.get("data") or {}).items())
+    data += sum(len(k.encode()) + len(v) * 3 // 4 for k, v in (o.get("binaryData") or {}).items())
+    whole = len(json.dumps(o, separators=(",", ":")).encode())
+    (bad if max(data, whole) > LIMIT else out).append(f"{name} {max(data, whole) / 1024:.1f} KiB")
+if bad:
+    sys.exit(f"ConfigMap over {LIMIT // 1024} KiB (the API server refuses 1 MiB): {', '.join(bad)}")
+print(", ".join(out) + f" (limit {LIMIT // 1024} KiB)")
+PY
+}
+
+# monitoring_wiring JSON TOML: the dashboard ConfigMap and the PrometheusRule
+# hold the project's files exactly; the PodMonitors' job labels fit the
+# rules' and the dashboard's job selectors; the bundled RabbitMQ's per-queue
+# endpoint is scraped. Prints "dashboard" / "rules" markers for the summary.
+monitoring_wiring() {
+  "$PY" - "$1" "$2" "$ROOT/deploy/grafana/shoal.json" "$ROOT/deploy/prometheus/shoal-rules.yml" <<'PY'
+import json, re, sys, tomllib, yaml
+objects = json.load(open(sys.argv[1]))
+ns = tomllib.load(open(sys.argv[2], "rb")).get("namespace", "shoal")
+dashboard_text = open(sys.argv[3]).read()
+dashboard = json.loads(dashboard_text)
+rules_text = open(sys.argv[4]).read()
+rules = yaml.safe_load(rules_text)
+said, errors = [], []
+
+cms = [o for o in objects if o["kind"] == "ConfigMap" and "shoal.json" in o.get("data", {})]
+for cm in cms:
+    if cm["data"]["shoal.json"] != dashboard_text:
+        errors.append(f"ConfigMap {cm['metadata']['name']}: shoal.json is not deploy/grafana/shoal.json")
+    labels = cm["metadata"].get("labels", {})
+    if "grafana_dashboard" not in labels:
+        errors.append(f"ConfigMap {cm['metadata']['name']}: no grafana_dashboard label for the sidecar ({labels})")
+    said.append(f"dashboard ConfigMap = deploy/grafana/shoal.json, grafana_dashboard={labels.get('grafana_dashboard')!r}")
+
+prs = [o for o in objects if o["kind"] == "PrometheusRule"]
+for pr in prs:
+    if pr["spec"]["groups"] != rules["groups"]:
+        errors.append(f"PrometheusRule {pr['metadata']['name']}: spec.groups differ from deploy/prometheus/shoal-rules.yml")
+    n = sum(len(g["rules"]) for g in pr["spec"]["groups"])
+    said.append(f"PrometheusRule = shoal-rules.yml ({n} rules)")
+
+# The selectors the workers' job label must satisfy (PromQL regexes are anchored).
+exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
+selectors = {s for e in exprs for s in re.findall(r'job=~"([^"\\]+)"', e)}
+worker_sel = [s for s in selectors if "worker" in s]
+dash_sel = [v["query"] for v in dashboard["templating"]["list"] if v["name"] == "worker_job"]
+if not worker_sel or not dash_sel:
+    errors.append(f"no worker job selector found in the rules ({selectors}) or the dashboard ({dash_sel})")
+
+def relabel(endpoint, label):
+    vals = [r.get("replacement") for r in endpoint.get("relabelings", []) if r.get("targetLabel") == label]
+    return vals[-1] if vals else None
+
+for pm in (o for o in objects if o["kind"] == "PodMonitor"):
+    name, comp = pm["metadata"]["name"], pm["metadata"]["labels"]["app.kubernetes.io/component"]
+    eps = pm["spec"]["podMetricsEndpoints"]
+    if comp == "worker":
+        job = relabel(eps[0], "job")
+        missed = [s for s in worker_sel + dash_sel if not re.fullmatch(s, job or "")]
+        if missed:
+            errors.append(f"PodMonitor {name}: job {job!r} not selected by {missed}")
+        if relabel(eps[0], "shoal_namespace") != ns:
+            errors.append(f"PodMonitor {name}: shoal_namespace is not {ns!r}")
+        said.append(f"worker job {job!r} matches {sorted(set(worker_sel + dash_sel))}, shoal_namespace={ns!r}")
+    elif comp == "rabbitmq":
+        paths = {e["path"]: e for e in eps}
+        detailed = paths.get("/metrics/detailed")
+        families = (detailed or {}).get("params", {}).get("family")
+        if "/metrics" not in paths or families != ["queue_coarse_metrics", "queue_consumer_count"] \
+                or detailed.get("port") != "prometheus":
+            errors.append(f"PodMonitor {name}: needs /metrics and /metrics/detailed with family="
+                          f"[queue_coarse_metrics, queue_consumer_count] on port prometheus, has {eps}")
+        jobs = [relabel(e, "job") for e in eps]
+        if len(set(jobs)) != len(jobs) or None in jobs:
+            errors.append(f"PodMonitor {name}: the endpoints need distinct job labels, have {jobs}")
+        said.append(f"RabbitMQ /metrics + /metrics/detailed?family={'&family='.join(families or [])} (jobs {jobs})")
+if errors:
+    sys.exit("; ".join(errors))
+print("; ".join(said) if said else "monitoring off")
+PY
 }
 
 render() { # OUT ARGS...: helm template
@@ -172,7 +287,39 @@ if "$PY" "$ROOT/deploy/helm/validate/values-schema.py" - | cmp -s - "$CHART/valu
 else
   fail "values.schema.json differs from deploy/helm/validate/values-schema.py's output (edit the script, run it)"
 fi
+for pair in "deploy/grafana/shoal.json files/shoal.json" "deploy/prometheus/shoal-rules.yml files/shoal-rules.yml"; do
+  read -r src copy <<<"$pair"
+  if out="$(same_copy "$ROOT/$src" "$CHART/$copy")"; then
+    pass "$out"
+  else
+    fail "$out"
+  fi
+done
+# The PodMonitors' default job names and RabbitMQ's per-queue scrape are those
+# of the Prometheus tests/observability/dashboard.sh proves the dashboard and
+# the rules with.
+if out="$("$PY" - "$CHART/values.yaml" "$ROOT/tests/observability/dashboard.sh" "$CHART/templates/podmonitor.yaml" <<'PY'
+import re, sys, yaml
+jobs = yaml.safe_load(open(sys.argv[1]))["monitoring"]["podMonitor"]["jobLabels"]
+script = open(sys.argv[2]).read()
+template = open(sys.argv[3]).read()
+test_jobs = re.findall(r"^\s*- job_name: (\S+)$", script, re.M)
+test_families = re.findall(r"^\s*family: \[([^\]]*)\]$", script, re.M)
+chart_families = re.findall(r"^\s*family: \[([^\]]*)\]$", template, re.M)
+if sorted(jobs.values()) != sorted(test_jobs):
+    sys.exit(f"job names {sorted(jobs.values())} (values.yaml) != {sorted(test_jobs)} (dashboard.sh)")
+if not test_families or test_families != chart_families:
+    sys.exit(f"family params {chart_families} (podmonitor.yaml) != {test_families} (dashboard.sh)")
+print(f"jobs {sorted(test_jobs)} and family=[{test_families[0]}] as in tests/observability/dashboard.sh")
+PY
+)"; then
+  pass "PodMonitor defaults: $out"
+else
+  fail "PodMonitor defaults: $out"
+fi
 
+MONITORED_DASHBOARD=()
+MONITORED_RULES=()
 for name in "${ORDER[@]}"; do
   echo "== value set: $name"
   dir="$WORK/$name"
@@ -278,6 +425,20 @@ PY
     fail "worker pod ($name): $out"
   fi
 
+  if out="$(configmap_sizes "$dir/objects.json" 2>&1)"; then
+    pass "ConfigMap sizes: $out"
+  else
+    fail "ConfigMap size ($name): $out"
+  fi
+
+  if out="$(monitoring_wiring "$dir/objects.json" "$dir/shoal.toml" 2>&1)"; then
+    pass "monitoring: $out"
+    [[ "$out" == *"dashboard ConfigMap"* ]] && MONITORED_DASHBOARD+=("$name")
+    [[ "$out" == *"PrometheusRule ="* ]] && MONITORED_RULES+=("$name")
+  else
+    fail "monitoring ($name): $out"
+  fi
+
   for comp in scheduler worker; do
     if out="$(check_config "$dir" "$comp" 2>&1)"; then
       pass "$(cat "$dir/cmd.$comp") --check-config: $out"
@@ -287,6 +448,13 @@ PY
     fi
   done
 done
+
+echo "== monitoring coverage"
+if ((${#MONITORED_DASHBOARD[@]} > 0 && ${#MONITORED_RULES[@]} > 0)); then
+  pass "dashboard ConfigMap checked in: ${MONITORED_DASHBOARD[*]}; PrometheusRule in: ${MONITORED_RULES[*]}"
+else
+  fail "no value set enables monitoring.dashboard (${MONITORED_DASHBOARD[*]:-none}) or monitoring.rules (${MONITORED_RULES[*]:-none}): nothing checked them"
+fi
 
 # ---- negative checks: each validator must be able to fail -------------------
 echo "== negative checks (each must fail)"
@@ -354,6 +522,74 @@ if out="$(crds "$neg/broken-keda.json" 2>&1)"; then
   fail "the KEDA schema accepted a ScaledObject without scaleTargetRef.name: $out"
 else
   pass "the KEDA schema refuses a broken ScaledObject: $(grep -o 'INVALID: .*' <<<"$out" | head -1)"
+fi
+
+# A broken PrometheusRule fails the Prometheus Operator's schema: a rule
+# without expr, a `for` that is not a duration.
+"$PY" - "$WORK/bundled/objects.json" "$neg/broken-rule.json" <<'PY'
+import json, sys
+objects = json.load(open(sys.argv[1]))
+rule = next(o for o in objects if o["kind"] == "PrometheusRule")
+rules = rule["spec"]["groups"][0]["rules"]
+del rules[0]["expr"]
+next(r for r in rules if "for" in r)["for"] = "five minutes"
+json.dump([rule], open(sys.argv[2], "w"))
+PY
+if out="$(crds "$neg/broken-rule.json" 2>&1)"; then
+  fail "the PrometheusRule schema accepted a rule without expr and for: five minutes: $out"
+else
+  pass "the PrometheusRule schema refuses a broken rule: $(grep -o 'INVALID: .*' <<<"$out" | cut -c1-110 | head -1)"
+fi
+
+# A dashboard ConfigMap near the API server's limit is refused by the size check.
+"$PY" - "$WORK/bundled/objects.json" "$neg/big-dashboard.json" <<'PY'
+import json, sys
+objects = json.load(open(sys.argv[1]))
+cm = next(o for o in objects if o["kind"] == "ConfigMap" and "shoal.json" in o.get("data", {}))
+cm["data"]["shoal.json"] += " " * (950 * 1024)
+json.dump([cm], open(sys.argv[2], "w"))
+PY
+if out="$(configmap_sizes "$neg/big-dashboard.json" 2>&1)"; then
+  fail "the size check accepted a 950 KiB dashboard ConfigMap: $out"
+else
+  pass "the size check refuses a 950 KiB ConfigMap: $(cut -c1-90 <<<"$out")"
+fi
+
+# A stale copy of the dashboard is reported, with the command to refresh it.
+cp "$CHART/files/shoal.json" "$neg/stale-shoal.json"
+printf ' ' >>"$neg/stale-shoal.json"
+if out="$(same_copy "$ROOT/deploy/grafana/shoal.json" "$neg/stale-shoal.json")"; then
+  fail "the copy check accepted a dashboard copy one byte longer: $out"
+elif grep -q 'sync-files.sh' <<<"$out"; then
+  pass "the copy check refuses a stale copy: ...${out: -45}"
+else
+  fail "the copy check failed without naming deploy/helm/sync-files.sh: $out"
+fi
+
+# The wiring check notices a RabbitMQ PodMonitor without the per-queue
+# endpoint, and a PrometheusRule that is not the project's rules.
+"$PY" - "$WORK/bundled/objects.json" "$neg/no-detailed.json" <<'PY'
+import json, sys
+objects = json.load(open(sys.argv[1]))
+pm = next(o for o in objects if o["kind"] == "PodMonitor" and o["metadata"]["name"].endswith("-rabbitmq"))
+pm["spec"]["podMetricsEndpoints"] = [e for e in pm["spec"]["podMetricsEndpoints"] if e["path"] == "/metrics"]
+rule = next(o for o in objects if o["kind"] == "PrometheusRule")
+rule["spec"]["groups"][0]["rules"].pop()
+json.dump(objects, open(sys.argv[2], "w"))
+PY
+if out="$(monitoring_wiring "$neg/no-detailed.json" "$WORK/bundled/shoal.toml" 2>&1)"; then
+  fail "the monitoring check accepted RabbitMQ without /metrics/detailed: $out"
+elif grep -q '/metrics/detailed' <<<"$out" && grep -q 'spec.groups differ' <<<"$out"; then
+  pass "the monitoring check refuses a missing /metrics/detailed endpoint and a truncated PrometheusRule"
+else
+  fail "the monitoring check failed without naming both faults: $out"
+fi
+
+# The schema refuses a worker job name the rules would not select.
+if render "$neg/job.yaml" --set monitoring.podMonitor.jobLabels.worker=workers 2>"$neg/job.log"; then
+  fail "values.schema.json accepted monitoring.podMonitor.jobLabels.worker=workers"
+else
+  pass "values.schema.json refuses a worker job without shoal-worker: $(grep -o "does not match pattern.*" "$neg/job.log" | head -1 || head -1 "$neg/job.log")"
 fi
 
 # The Daytona-only preset refuses a local template (it could not run there).

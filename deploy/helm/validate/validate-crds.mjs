@@ -1,7 +1,7 @@
 // Validates the chart's custom resources against their CRD schemas, as
 // packaged by @kubernetes-models: KEDA (ScaledObject, TriggerAuthentication,
 // ClusterTriggerAuthentication) and the Prometheus Operator (PodMonitor,
-// ServiceMonitor). Usage: node validate-crds.mjs FILE.json...
+// ServiceMonitor, PrometheusRule). Usage: node validate-crds.mjs FILE.json...
 // Each FILE holds a JSON array of Kubernetes objects; built-in API groups
 // are ignored (kubernetes-validate checks those). An object of any other
 // group or kind is an error: nothing here may go unchecked. Exits 1 if any
@@ -12,11 +12,11 @@ import {
   TriggerAuthentication,
   ClusterTriggerAuthentication,
 } from "@kubernetes-models/keda/keda.sh/v1alpha1";
-import { PodMonitor, ServiceMonitor } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1";
+import { PodMonitor, ServiceMonitor, PrometheusRule } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1";
 
 const models = {
   "keda.sh/v1alpha1": { ScaledObject, TriggerAuthentication, ClusterTriggerAuthentication },
-  "monitoring.coreos.com/v1": { PodMonitor, ServiceMonitor },
+  "monitoring.coreos.com/v1": { PodMonitor, ServiceMonitor, PrometheusRule },
 };
 // Built-in groups (no dot, or *.k8s.io): kubernetes-validate's business.
 const builtin = (apiVersion) => !apiVersion.includes(".") || /\.k8s\.io\//.test(apiVersion);

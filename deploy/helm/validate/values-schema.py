@@ -31,6 +31,7 @@ strlist={"type":"array","items":{"type":"string"}}
 intlist={"type":"array","items":{"type":"integer","minimum":1}}
 anyobj={"type":"object"}
 anyarr={"type":"array"}
+strmap={"type":"object","additionalProperties":{"type":"string"}}
 secretRef=lambda: obj({"existingSecret":s,"key":{"type":"string","minLength":1}},["existingSecret","key"])
 template=obj({
  "provider":{"enum":["local","daytona"]},"network":b,"network_allow":strlist,"reuse":b,"setup":strlist,
@@ -101,7 +102,12 @@ root=obj({
    "egress":obj({"broker":rule,"redis":rule,"llm":rule,"sandboxProvider":rule,"kubernetesApi":rule,"extra":{"type":"array","items":rule}}),
    "dns":obj({"namespaceSelector":{"type":"object","additionalProperties":{"type":"string"}},"podSelector":{"type":"object","additionalProperties":{"type":"string"}}}),
    "schedulerIngressFrom":anyarr,"metricsIngressFrom":anyarr}),
- "monitoring":obj({"podMonitor":obj({"enabled":b,"interval":s,"labels":{"type":"object","additionalProperties":{"type":"string"}}})}),
+ "monitoring":obj({
+   "podMonitor":obj({"enabled":b,"interval":s,"labels":strmap,
+     "jobLabels":obj({"worker":{"type":"string","pattern":"shoal-worker","description":"must contain shoal-worker: the rules and the dashboard select up{job=~\".*shoal-worker.*\"}"},
+                      "rabbitmq":{"type":"string","minLength":1},"rabbitmqQueues":{"type":"string","minLength":1}},["worker","rabbitmq","rabbitmqQueues"])}),
+   "dashboard":obj({"enabled":b,"label":{"type":"string","minLength":1},"labelValue":s,"namespace":s,"annotations":strmap}),
+   "rules":obj({"enabled":b,"labels":strmap})}),
  "rabbitmq":obj({"enabled":b,"image":svcImage,"consumerTimeoutMarginSeconds":i(0),"persistence":persistence,"resources":anyobj}),
  "redis":obj({"enabled":b,"image":svcImage,"persistence":persistence,"resources":anyobj}),
 })
