@@ -101,6 +101,9 @@ def figures(path):
             continue
         if section and line and not line.startswith(("-", "#", "|")):
             prose = line
+            ratio = re.match(r"^\*\*Ratio: (.*?) (-?[0-9][0-9.]*)(%|×)", line)
+            if ratio:
+                found[f"{section}: Ratio: {ratio.group(1)} …"] = (float(ratio.group(2)), ratio.group(3))
             for sentence in re.split(r"(?<=\.)\s+", line.replace("**", "")):
                 m = SENTENCE.match(sentence.rstrip("."))
                 if m:
@@ -279,9 +282,10 @@ echo "$head" >"$out/head.rev"
 run() { # side rev round
   local side=$1 rev=$2 r=$3 t0 t1
   t0=$(date +%s%N)
-  # cwd = the side's worktree, so nothing the bench reads or writes by a
-  # relative path touches the main tree.
-  (cd "$root/.local/ab/$rev" &&
+  # cwd = the main tree: the submit section finds the services' pid files
+  # under .local/ by a relative path (for their CPU use). The report goes to
+  # --out, never to docs/BENCHMARKS.md.
+  (cd "$root" &&
     "$root/.local/ab/target-$rev/release/shoal-bench" --out "$out/$side-$(printf %02d "$r").md" "${bench_args[@]}") \
     >"$out/$side-$(printf %02d "$r").log" 2>&1 ||
     die "run $r of $side ($rev) failed; see $out/$side-$(printf %02d "$r").log"
