@@ -2,11 +2,11 @@
 # Builds Shoal's container image without a Docker engine or a registry
 # (`make image`). Not part of `make test`: it takes minutes.
 #
-#   1. compiles the release binaries on the host (bookworm, so their glibc
-#      matches the image's);
-#   2. makes a Debian bookworm base with mmdebstrap (minbase, the host's apt
+#   1. makes a Debian bookworm base with mmdebstrap (minbase, the host's apt
 #      sources) and imports it into buildah's storage as $SHOAL_IMAGE_BASE,
 #      once (SHOAL_IMAGE_REBASE=1 makes it again);
+#   2. compiles the release binaries on the host (bookworm, so their glibc
+#      matches the image's);
 #   3. stages the binaries as bin/ in a context directory and builds
 #      deploy/docker/Dockerfile.prebuilt with buildah (vfs storage, chroot
 #      isolation, --pull=never): the runtime stage of deploy/docker/Dockerfile;
@@ -14,11 +14,12 @@
 #      docker-archive (for `podman load`, `kind load image-archive`, skopeo).
 #
 # Run it as root (buildah's chroot isolation and mmdebstrap need it); the
-# Debian packages buildah, mmdebstrap (and podman, runc for
+# Debian packages buildah, mmdebstrap, binutils (and podman, runc for
 # deploy/docker/smoke.sh) are apt-get installed when missing.
 #
 # Environment: SHOAL_IMAGE (default localhost/shoal:dev), SHOAL_IMAGE_BASE
-# (default localhost/shoal-base:bookworm), SHOAL_IMAGE_REBASE,
+# (default localhost/shoal-base:bookworm), SHOAL_IMAGE_STORE (the container
+# store, default .local/image/storage), SHOAL_IMAGE_REBASE,
 # SHOAL_IMAGE_ARCHIVE, SANDBOX_PACKAGES (passed as the build argument).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -27,9 +28,12 @@ IMAGE=${SHOAL_IMAGE:-localhost/shoal:dev}
 BASE=${SHOAL_IMAGE_BASE:-localhost/shoal-base:bookworm}
 WORK=.local/image
 BINARIES=(shoal-scheduler shoal shoal-worker shoal-sandbox-exec)
-# Podman and buildah share /var/lib/containers/storage; both must be told vfs
-# (overlay is not available everywhere this runs).
-BUILDAH=(buildah --storage-driver vfs)
+# A container store of the project's own (vfs: overlay is not available
+# everywhere this runs), so nothing else's images or podman database on the
+# machine get in the way; deploy/docker/smoke.sh runs podman on the same one.
+STORE=${SHOAL_IMAGE_STORE:-$PWD/$WORK/storage}
+STORAGE=(--root "$STORE" --runroot "$STORE-run" --storage-driver vfs)
+BUILDAH=(buildah "${STORAGE[@]}")
 
 log() { printf 'image: %s\n' "$*" >&2; }
 die() {
@@ -40,7 +44,7 @@ die() {
 [[ $(id -u) -eq 0 ]] || die "run as root (buildah --isolation chroot and mmdebstrap need it)"
 
 missing=()
-for tool in buildah mmdebstrap podman runc; do
+for tool in buildah mmdebstrap podman runc strip; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 if ((${#missing[@]})); then
@@ -49,20 +53,11 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
     buildah mmdebstrap podman runc uidmap
 fi
-for tool in buildah mmdebstrap; do
+for tool in buildah mmdebstrap strip; do
   command -v "$tool" >/dev/null 2>&1 || die "$tool still missing after apt-get install"
 done
 
-# ---- 1. binaries -----------------------------------------------------------
-log "compiling the release binaries"
-cargo build --release --locked -p shoal-worker -p shoal-scheduler --bins
-glibc=$(ldd --version | head -n1 | awk '{print $NF}')
-case $glibc in
-  2.3[0-6] | 2.[12][0-9]) ;;
-  *) die "host glibc $glibc is newer than bookworm's 2.36: the binaries would not run in the image; build on bookworm or use deploy/docker/Dockerfile" ;;
-esac
-
-# ---- 2. base ---------------------------------------------------------------
+# ---- 1. base ---------------------------------------------------------------
 mkdir -p "$WORK"
 if [[ ${SHOAL_IMAGE_REBASE:-0} == 1 ]] || ! "${BUILDAH[@]}" inspect --type image "$BASE" >/dev/null 2>&1; then
   sources=/etc/apt/sources.list.d/debian.sources
@@ -88,12 +83,24 @@ if [[ ${SHOAL_IMAGE_REBASE:-0} == 1 ]] || ! "${BUILDAH[@]}" inspect --type image
   rm -f "$WORK/base.tar"
 fi
 
+# ---- 2. binaries -----------------------------------------------------------
+log "compiling the release binaries"
+cargo build --release --locked -p shoal-worker -p shoal-scheduler --bins
+glibc=$(ldd --version | head -n1 | awk '{print $NF}')
+case $glibc in
+  2.3[0-6] | 2.[12][0-9]) ;;
+  *) die "host glibc $glibc is newer than bookworm's 2.36: the binaries would not run in the image; build on bookworm or use deploy/docker/Dockerfile" ;;
+esac
+
 # ---- 3. image --------------------------------------------------------------
 context=$WORK/context
 rm -rf "$context"
 mkdir -p "$context/bin"
+# Debug info (the release profile keeps line tables) is most of their size;
+# the symbols stay, so a backtrace still names its functions.
 for binary in "${BINARIES[@]}"; do
   install -m 0755 "target/release/$binary" "$context/bin/$binary"
+  strip --strip-debug "$context/bin/$binary"
 done
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
 revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)
