@@ -21,7 +21,8 @@
 # worker profiles: privileged with a network template and cgroups required,
 # its state volume 0755 (as the chart's init container leaves it) and 0777
 # (a bare emptyDir); non-root Daytona-only with its state on a 0777 volume
-# and on /dev/shm.
+# and on /dev/shm (the preset's old workaround, needless since the worker skips
+# the local provider when no template uses it).
 #
 # Usage: deploy/helm/validate/sandbox-privileges.sh [WORKDIR]   (run as root)
 set -euo pipefail
