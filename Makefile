@@ -5,7 +5,7 @@ SERVICES := deploy/local/services.sh
 ENV_FILE := .local/env
 CARGO ?= cargo
 
-.PHONY: help setup up down build demo fleet demo-check llm test fuzz lint fmt bench clean-local
+.PHONY: help setup up down build image demo fleet demo-check llm test fuzz lint fmt bench clean-local
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
