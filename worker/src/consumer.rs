@@ -33,6 +33,13 @@ use crate::run::{panic_error, Disposition, TaskRunner};
 /// The shortest idle wait between polls; it doubles up to the configured max.
 const IDLE_POLL_MIN: Duration = Duration::from_millis(5);
 
+/// On a copy sent to a retry tier: when its delay ends and it is back in its
+/// work queue (milliseconds since the Unix epoch, this worker's clock), so
+/// the next slot measures its queue wait from there and not from the first
+/// submission. A header of our own: RabbitMQ's `x-death` keeps the time of
+/// the first dead-lettering per queue, and only to the second.
+pub const HEADER_READY_AT: &str = "x-shoal-ready-at";
+
 /// A task slot. Each slot owns one channel, so a broker `consumer_timeout`
 /// closing a channel affects one task only.
 pub struct Slot {
@@ -83,6 +90,8 @@ impl Slot {
         if let Some(channel) = channel {
             let _ = channel.close(200, "slot stopped".into()).await;
         }
+        // A stopped slot takes no more work: it is not free.
+        self.runner.metrics.flow.slots_free.dec();
         debug!(slot = self.index, "slot stopped");
     }
 
@@ -124,6 +133,7 @@ impl Slot {
     }
 
     async fn handle(&self, channel: &Channel, delivery: Delivery, abort: &CancellationToken) {
+        let _busy = self.runner.metrics.flow.slot_busy();
         let settings = &self.runner.settings;
         let disposition = match TaskMessage::decode(
             &delivery.data,
@@ -131,6 +141,12 @@ impl Slot {
             &settings.limits,
         ) {
             Ok(message) => {
+                let since = ready_at(&delivery).unwrap_or(message.submitted_at);
+                self.runner.metrics.flow.queue_wait(
+                    message.spec.priority,
+                    since,
+                    chrono::Utc::now(),
+                );
                 // The runner turns a panic in the run into a failed task; this
                 // catches one in its own bookkeeping, so the message is still
                 // settled and the slot goes on serving.
@@ -213,6 +229,7 @@ impl Slot {
             &delivery.data,
             message,
             &disposition,
+            chrono::Utc::now(),
         );
         let result = match plan {
             SettlePlan::Ack => Ok(()),
@@ -228,7 +245,7 @@ impl Slot {
                 );
             }
             SettlePlan::PublishThenAck(outgoing) => {
-                if let Disposition::Retry { delay, reason } = &disposition {
+                if let Disposition::Retry { delay, reason, .. } = &disposition {
                     info!(delay_s = delay.as_secs(), %reason, "task scheduled for retry");
                 }
                 let published = publish_confirmed(channel, &[outgoing])
@@ -259,7 +276,15 @@ impl Slot {
             }
         };
         match result {
-            Ok(()) => log_settle(delivery.acker.ack(BasicAckOptions::default()).await),
+            Ok(()) => {
+                let flow = &self.runner.metrics.flow;
+                match &disposition {
+                    Disposition::Retry { why, .. } => flow.retry(*why),
+                    Disposition::Dead { reason, .. } => flow.dead_letter(reason),
+                    Disposition::Ack | Disposition::Requeue { .. } => {}
+                }
+                log_settle(delivery.acker.ack(BasicAckOptions::default()).await)
+            }
             Err(error) => {
                 // Not acked: the message comes back after the channel closes.
                 error!(%error, ?disposition, "settling failed; the message will be redelivered");
@@ -289,18 +314,27 @@ fn settle_plan(
     body: &[u8],
     message: Option<&TaskMessage>,
     disposition: &Disposition,
+    now: chrono::DateTime<chrono::Utc>,
 ) -> SettlePlan {
     let message_id = message.map(|m| m.id.to_string());
     match disposition {
         Disposition::Ack => SettlePlan::Ack,
-        Disposition::Retry { delay, reason } => {
+        Disposition::Retry { delay, reason, .. } => {
+            let ready_at = now
+                + chrono::Duration::from_std(*delay).unwrap_or_else(|_| chrono::Duration::zero());
             let priority = message.map(|m| m.spec.priority).unwrap_or_default();
             SettlePlan::PublishThenAck(OutgoingMessage {
                 exchange: topology.retry_exchange(),
                 routing_key: Topology::retry_routing_key(priority, *delay),
                 body: body.to_vec(),
                 message_id,
-                headers: vec![(HEADER_LAST_ERROR.into(), truncate(reason, 1024))],
+                headers: vec![
+                    (HEADER_LAST_ERROR.into(), truncate(reason, 1024)),
+                    (
+                        HEADER_READY_AT.into(),
+                        ready_at.timestamp_millis().to_string(),
+                    ),
+                ],
             })
         }
         Disposition::Dead {
@@ -356,6 +390,19 @@ fn task_id_of(delivery: &Delivery) -> Option<TaskId> {
         .map(|body| body.id)
 }
 
+/// When a delivery that came back from a retry tier was back in its work
+/// queue ([`HEADER_READY_AT`]); `None` for a first delivery.
+fn ready_at(delivery: &Delivery) -> Option<chrono::DateTime<chrono::Utc>> {
+    let headers = delivery.properties.headers().as_ref()?;
+    let millis = match headers.inner().get(HEADER_READY_AT)? {
+        lapin::types::AMQPValue::LongString(s) => s.to_string().parse().ok()?,
+        lapin::types::AMQPValue::ShortString(s) => s.as_str().parse().ok()?,
+        lapin::types::AMQPValue::LongLongInt(n) => *n,
+        _ => return None,
+    };
+    chrono::DateTime::from_timestamp_millis(millis)
+}
+
 fn log_settle(result: Result<bool, lapin::Error>) {
     match result {
         Ok(true) => {}
@@ -386,7 +433,11 @@ mod tests {
     }
 
     fn plan(message: Option<&TaskMessage>, disposition: Disposition) -> SettlePlan {
-        settle_plan(&topology(), "w1", b"body", message, &disposition)
+        settle_plan(&topology(), "w1", b"body", message, &disposition, now())
+    }
+
+    fn now() -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::from_timestamp_millis(1_700_000_000_000).unwrap()
     }
 
     fn header<'a>(outgoing: &'a OutgoingMessage, name: &str) -> Option<&'a str> {
@@ -414,6 +465,7 @@ mod tests {
         let retry = Disposition::Retry {
             delay: Duration::from_secs(30),
             reason: "x".repeat(2000),
+            why: crate::metrics::RetryReason::Pool,
         };
         let SettlePlan::PublishThenAck(outgoing) = plan(Some(&message), retry) else {
             panic!("a retry publishes a copy");
@@ -426,11 +478,14 @@ mod tests {
             header(&outgoing, HEADER_LAST_ERROR).map(str::len),
             Some(1024)
         );
-        assert_eq!(outgoing.headers.len(), 1);
+        // Ready again when the delay is over: the next queue wait starts there.
+        assert_eq!(header(&outgoing, HEADER_READY_AT), Some("1700000030000"));
+        assert_eq!(outgoing.headers.len(), 2);
         // Without a readable message the retry keeps the default priority.
         let unread = Disposition::Retry {
             delay: Duration::from_secs(5),
             reason: "r".into(),
+            why: crate::metrics::RetryReason::Other,
         };
         let SettlePlan::PublishThenAck(outgoing) = plan(None, unread) else {
             panic!("a retry publishes a copy");

@@ -60,6 +60,8 @@ pub struct TaskMetrics {
     /// Runs in progress, all kinds together, for whoever must react when the
     /// number changes (the pod-deletion-cost updater); moves with `running`.
     busy: watch::Sender<usize>,
+    /// The rest: queue, slots, settling, agent loop, events, LLM retries.
+    pub flow: FlowMetrics,
 }
 
 /// Decrements the running gauge (and the busy count) when the run is over,
@@ -94,6 +96,7 @@ impl TaskMetrics {
                 Histogram::new(exponential_buckets(0.01, 2.0, 15))
             }),
             busy: watch::Sender::new(0),
+            flow: FlowMetrics::new(registry),
         };
         let tasks = registry.sub_registry_with_prefix("shoal_tasks");
         tasks.register(
@@ -204,7 +207,16 @@ impl TaskMetrics {
     pub fn llm_attempts(&self, model: &str) -> crate::agent::llm::retry::AttemptObserver {
         let seconds = self.llm_call_seconds.clone();
         let model = model.to_owned();
-        std::sync::Arc::new(move |class, took: Duration| {
+        let retries = self.flow.llm_retries.clone();
+        std::sync::Arc::new(move |report: crate::agent::llm::retry::AttemptReport| {
+            let (class, took) = match report {
+                crate::agent::llm::retry::AttemptReport::Attempt { class, took } => (class, took),
+                // A failed attempt that will be tried again.
+                crate::agent::llm::retry::AttemptReport::Retry { class } => {
+                    retries.inc(class);
+                    return;
+                }
+            };
             let outcome = match class {
                 None => "ok".to_owned(),
                 Some(kind) => serde_json::to_value(kind)
@@ -222,9 +234,25 @@ impl TaskMetrics {
     }
 }
 
-impl crate::agent::sink::CostObserver for TaskMetrics {
+impl crate::agent::sink::SinkObserver for TaskMetrics {
     fn llm_call(&self, entry: &CostEntry) {
         TaskMetrics::llm_call(self, entry);
+    }
+
+    fn step(&self) {
+        self.flow.agent_steps.inc();
+    }
+
+    fn tool_call(&self, tool: &str, outcome: crate::agent::sink::ToolOutcome) {
+        self.flow.tool_call(tool, outcome);
+    }
+
+    fn events_published(&self, count: u64) {
+        self.flow.events_published.inc_by(count);
+    }
+
+    fn events_dropped(&self, reason: DropReason, count: u64) {
+        self.flow.events_dropped(reason, count);
     }
 }
 
@@ -286,5 +314,412 @@ impl KubeMetrics {
                 class: class.into(),
             })
             .inc();
+    }
+}
+
+pub use crate::agent::sink::DropReason;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PriorityLabels {
+    /// `high`, `normal`, `low`.
+    pub priority: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ToolLabels {
+    pub tool: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabels {
+    pub class: String,
+}
+
+/// Why a delivery went to a retry tier: a bounded set, one label value each
+/// (docs/adr/0024-worker-flow-metrics.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RetryReason {
+    /// Another worker holds the task's lease (a redelivery while it runs).
+    LeasedElsewhere,
+    /// The task's state refused the lease (not queued or retrying).
+    StateRefused,
+    /// Redis failed: the run's writes or recording its outcome.
+    Store,
+    /// No sandbox from the pool (full, timed out, closing).
+    Pool,
+    /// The sandbox failed in a way worth another attempt.
+    Sandbox,
+    /// Building the LLM client failed in a way worth another attempt.
+    Llm,
+    /// The task's record vanished mid-run.
+    RecordVanished,
+    /// The task could not move to running.
+    CannotStart,
+    /// Anything else.
+    Other,
+}
+
+impl RetryReason {
+    pub const ALL: [RetryReason; 9] = [
+        Self::LeasedElsewhere,
+        Self::StateRefused,
+        Self::Store,
+        Self::Pool,
+        Self::Sandbox,
+        Self::Llm,
+        Self::RecordVanished,
+        Self::CannotStart,
+        Self::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::LeasedElsewhere => "leased_elsewhere",
+            Self::StateRefused => "state_refused",
+            Self::Store => "store",
+            Self::Pool => "pool",
+            Self::Sandbox => "sandbox",
+            Self::Llm => "llm",
+            Self::RecordVanished => "record_vanished",
+            Self::CannotStart => "cannot_start",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// The dead-letter reasons a worker gives (`Disposition::Dead`'s `reason`);
+/// any other is counted as `other`.
+pub const DEAD_REASONS: [&str; 5] = [
+    "attempts_exhausted",
+    "too_large",
+    "malformed",
+    "unsupported_version",
+    "invalid_spec",
+];
+
+/// The tools an agent has (`Tool::name`); a call naming none of them is
+/// counted as `unknown`.
+pub const TOOLS: [&str; 6] = [
+    "terminal",
+    "file_editor",
+    "think",
+    "finish",
+    "task_tracker",
+    "unknown",
+];
+
+/// The LLM error classes a client retries by itself (`LlmErrorKind::is_retryable`).
+const RETRY_CLASSES: [crate::agent::llm::LlmErrorKind; 5] = [
+    crate::agent::llm::LlmErrorKind::RateLimit,
+    crate::agent::llm::LlmErrorKind::Server,
+    crate::agent::llm::LlmErrorKind::Timeout,
+    crate::agent::llm::LlmErrorKind::Connection,
+    crate::agent::llm::LlmErrorKind::InvalidResponse,
+];
+
+/// The label value of an LLM error class (its serde name).
+pub fn llm_class_name(kind: crate::agent::llm::LlmErrorKind) -> &'static str {
+    use crate::agent::llm::LlmErrorKind::*;
+    match kind {
+        RateLimit => "rate_limit",
+        ContextWindowExceeded => "context_window_exceeded",
+        Auth => "auth",
+        BadRequest => "bad_request",
+        Server => "server",
+        Timeout => "timeout",
+        Connection => "connection",
+        InvalidResponse => "invalid_response",
+        Cancelled => "cancelled",
+    }
+}
+
+/// LLM retries by class, every retryable class counted from startup.
+#[derive(Clone)]
+pub struct LlmRetries {
+    family: Family<ClassLabels, Counter>,
+    /// In `RETRY_CLASSES` order: no label built per retry.
+    known: Vec<Counter>,
+}
+
+impl LlmRetries {
+    pub fn inc(&self, class: crate::agent::llm::LlmErrorKind) {
+        match RETRY_CLASSES.iter().position(|c| *c == class) {
+            Some(index) => self.known[index].inc(),
+            None => self
+                .family
+                .get_or_create(&ClassLabels {
+                    class: llm_class_name(class).into(),
+                })
+                .inc(),
+        };
+    }
+}
+
+/// How tasks flow through a worker besides their runs: the queue wait, the
+/// slots, how deliveries are settled, what the agent loop does, events,
+/// LLM retries. Every series whose labels are known in advance exists (at 0)
+/// from startup, so `rate()` sees the first increment.
+#[derive(Clone)]
+pub struct FlowMetrics {
+    pub queue_wait_seconds: Family<PriorityLabels, Histogram>,
+    /// Configured slots (`worker.slots`).
+    pub slots: Gauge,
+    /// Slots not holding a delivery; a stopped slot (draining) is not free.
+    pub slots_free: Gauge,
+    pub retries: Family<ReasonLabels, Counter>,
+    pub dead_letters: Family<ReasonLabels, Counter>,
+    pub tool_calls: Family<ToolLabels, Counter>,
+    pub agent_steps: Counter,
+    pub events_published: Counter,
+    pub events_dropped: Family<ReasonLabels, Counter>,
+    pub llm_retries: LlmRetries,
+    /// Pre-built series, indexed like the enums and tables above.
+    queue_wait_by_priority: Vec<Histogram>,
+    retries_by_reason: Vec<Counter>,
+    dead_by_reason: Vec<Counter>,
+    /// `TOOLS.len() * ToolOutcome::ALL.len()`, tool-major.
+    tool_table: Vec<Counter>,
+    dropped_by_reason: Vec<Counter>,
+}
+
+impl FlowMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        use crate::agent::sink::ToolOutcome;
+        use shoal_shared::task::Priority;
+        // 5 ms .. ~2.2 h.
+        let queue_wait_seconds: Family<PriorityLabels, Histogram> =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.005, 3.0, 14)));
+        let queue_wait_by_priority = Priority::ALL
+            .iter()
+            .map(|p| {
+                queue_wait_seconds
+                    .get_or_create(&PriorityLabels {
+                        priority: p.as_str().into(),
+                    })
+                    .clone()
+            })
+            .collect();
+        let retries: Family<ReasonLabels, Counter> = Family::default();
+        let retries_by_reason = RetryReason::ALL
+            .iter()
+            .map(|r| {
+                retries
+                    .get_or_create(&ReasonLabels {
+                        reason: r.as_str().into(),
+                    })
+                    .clone()
+            })
+            .collect();
+        let dead_letters: Family<ReasonLabels, Counter> = Family::default();
+        let dead_by_reason = DEAD_REASONS
+            .iter()
+            .chain(["other"].iter())
+            .map(|r| {
+                dead_letters
+                    .get_or_create(&ReasonLabels {
+                        reason: (*r).into(),
+                    })
+                    .clone()
+            })
+            .collect();
+        let tool_calls: Family<ToolLabels, Counter> = Family::default();
+        let mut tool_table = Vec::with_capacity(TOOLS.len() * ToolOutcome::ALL.len());
+        for tool in TOOLS {
+            for outcome in ToolOutcome::ALL {
+                tool_table.push(
+                    tool_calls
+                        .get_or_create(&ToolLabels {
+                            tool: tool.into(),
+                            outcome: outcome.as_str().into(),
+                        })
+                        .clone(),
+                );
+            }
+        }
+        let events_dropped: Family<ReasonLabels, Counter> = Family::default();
+        let dropped_by_reason = DropReason::ALL
+            .iter()
+            .map(|r| {
+                events_dropped
+                    .get_or_create(&ReasonLabels {
+                        reason: r.as_str().into(),
+                    })
+                    .clone()
+            })
+            .collect();
+        let llm_family: Family<ClassLabels, Counter> = Family::default();
+        let llm_retries = LlmRetries {
+            known: RETRY_CLASSES
+                .iter()
+                .map(|c| {
+                    llm_family
+                        .get_or_create(&ClassLabels {
+                            class: llm_class_name(*c).into(),
+                        })
+                        .clone()
+                })
+                .collect(),
+            family: llm_family,
+        };
+        let metrics = Self {
+            queue_wait_seconds,
+            slots: Gauge::default(),
+            slots_free: Gauge::default(),
+            retries,
+            dead_letters,
+            tool_calls,
+            agent_steps: Counter::default(),
+            events_published: Counter::default(),
+            events_dropped,
+            llm_retries,
+            queue_wait_by_priority,
+            retries_by_reason,
+            dead_by_reason,
+            tool_table,
+            dropped_by_reason,
+        };
+        let tasks = registry.sub_registry_with_prefix("shoal_tasks");
+        tasks.register(
+            "queue_wait_seconds",
+            "Time a task's message waited in its work queue before a slot took it: from \
+             submission (or from the end of its retry delay) to the slot, on the wall clock",
+            metrics.queue_wait_seconds.clone(),
+        );
+        tasks.register(
+            "retries",
+            "Deliveries this worker sent to a retry tier, by reason",
+            metrics.retries.clone(),
+        );
+        tasks.register(
+            "dead_letters",
+            "Deliveries this worker dead-lettered, by reason",
+            metrics.dead_letters.clone(),
+        );
+        let worker = registry.sub_registry_with_prefix("shoal_worker");
+        worker.register(
+            "slots",
+            "Task slots this worker is configured with",
+            metrics.slots.clone(),
+        );
+        worker.register(
+            "slots_free",
+            "Task slots not holding a delivery (a stopped slot is not free)",
+            metrics.slots_free.clone(),
+        );
+        let agent = registry.sub_registry_with_prefix("shoal_agent");
+        agent.register(
+            "tool_calls",
+            "Tool calls of agent conversations, by tool and outcome",
+            metrics.tool_calls.clone(),
+        );
+        agent.register(
+            "steps",
+            "Model replies the agent loop acted on (LLM calls of the loop, condensation excluded)",
+            metrics.agent_steps.clone(),
+        );
+        let events = registry.sub_registry_with_prefix("shoal_events");
+        events.register(
+            "published",
+            "Task events this worker wrote to Redis",
+            metrics.events_published.clone(),
+        );
+        events.register(
+            "dropped",
+            "Task events this worker could not write, by reason",
+            metrics.events_dropped.clone(),
+        );
+        let llm = registry.sub_registry_with_prefix("shoal_llm");
+        llm.register(
+            "retries",
+            "Failed LLM attempts the client tried again, by error class",
+            metrics.llm_retries.family.clone(),
+        );
+        metrics
+    }
+
+    /// A slot took a delivery of `priority` that became runnable at `since`
+    /// (wall clock, another host's maybe): one queue-wait observation, 0
+    /// when the clocks disagree the other way.
+    pub fn queue_wait(
+        &self,
+        priority: shoal_shared::task::Priority,
+        since: chrono::DateTime<chrono::Utc>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) {
+        let waited = (now - since).to_std().unwrap_or_default();
+        let index = shoal_shared::task::Priority::ALL
+            .iter()
+            .position(|p| *p == priority)
+            .unwrap_or(0);
+        self.queue_wait_by_priority[index].observe(waited.as_secs_f64());
+    }
+
+    pub fn retry(&self, reason: RetryReason) {
+        let index = RetryReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(RetryReason::ALL.len() - 1);
+        self.retries_by_reason[index].inc();
+    }
+
+    pub fn dead_letter(&self, reason: &str) {
+        let index = DEAD_REASONS
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(DEAD_REASONS.len());
+        self.dead_by_reason[index].inc();
+    }
+
+    pub fn tool_call(&self, tool: &str, outcome: crate::agent::sink::ToolOutcome) {
+        use crate::agent::sink::ToolOutcome;
+        let row = TOOLS
+            .iter()
+            .position(|t| *t == tool)
+            .unwrap_or(TOOLS.len() - 1);
+        let column = ToolOutcome::ALL
+            .iter()
+            .position(|o| *o == outcome)
+            .unwrap_or(0);
+        self.tool_table[row * ToolOutcome::ALL.len() + column].inc();
+    }
+
+    pub fn events_dropped(&self, reason: DropReason, count: u64) {
+        let index = DropReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        self.dropped_by_reason[index].inc_by(count);
+    }
+
+    /// The configured slots, all free: set once when the worker starts.
+    pub fn set_slots(&self, slots: usize) {
+        let slots = i64::try_from(slots).unwrap_or(i64::MAX);
+        self.slots.set(slots);
+        self.slots_free.set(slots);
+    }
+
+    /// A slot holds a delivery until the guard is dropped.
+    pub fn slot_busy(&self) -> SlotBusy {
+        self.slots_free.dec();
+        SlotBusy {
+            free: self.slots_free.clone(),
+        }
+    }
+}
+
+/// Gives the slot back to the free count when the delivery is settled.
+pub struct SlotBusy {
+    free: Gauge,
+}
+
+impl Drop for SlotBusy {
+    fn drop(&mut self) {
+        self.free.inc();
     }
 }

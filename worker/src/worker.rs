@@ -139,6 +139,7 @@ impl Worker {
             });
         }
         let busy = task_metrics.busy();
+        task_metrics.flow.set_slots(settings.worker.slots);
         let deletion_cost = if settings.worker.pod_deletion_cost {
             pod_patcher_from_env(&kube_metrics).map(|sink| (sink, Timing::default()))
         } else {

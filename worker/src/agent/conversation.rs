@@ -17,7 +17,7 @@ use super::condenser;
 use super::llm::{ChatMessage, LlmClient, LlmErrorKind, LlmRequest, LlmResponse, ToolCall};
 use super::prompt::{system_prompt, CONTINUE_NUDGE, CUT_OFF_NOTE};
 use super::secrets::Masker;
-use super::sink::EventSink;
+use super::sink::{EventSink, ToolOutcome};
 use super::stuck::{self, Step, Verdict};
 use super::tools::{ToolContext, Toolbox};
 use crate::sandbox::Sandbox;
@@ -268,6 +268,7 @@ impl Conversation<'_> {
                 Ok(Ok(response)) => response,
             };
             self.account(run, &response).await;
+            self.sink.step();
             // A reply cut off at the token limit is never an answer: the
             // model is told once; cut off again, the conversation ends.
             let cut_off = response.is_truncated();
@@ -375,6 +376,7 @@ impl Conversation<'_> {
                 call.name,
                 self.toolbox.names().join(", ")
             );
+            self.sink.tool_call("unknown", ToolOutcome::Invalid);
             self.fail(run, call, error).await;
             return Ok(None);
         };
@@ -386,6 +388,7 @@ impl Conversation<'_> {
             }) {
                 Ok(args @ serde_json::Value::Object(_)) => args,
                 Ok(_) => {
+                    self.sink.tool_call(tool.name(), ToolOutcome::Invalid);
                     self.fail(
                         run,
                         call,
@@ -395,6 +398,7 @@ impl Conversation<'_> {
                     return Ok(None);
                 }
                 Err(error) => {
+                    self.sink.tool_call(tool.name(), ToolOutcome::Invalid);
                     self.fail(
                         run,
                         call,
@@ -430,6 +434,7 @@ impl Conversation<'_> {
         let result = match self.race(deadline, tool.call(&args, &ctx)).await {
             Ok(result) => result,
             Err(interrupted) => {
+                self.sink.tool_call(tool.name(), ToolOutcome::Interrupted);
                 let (reason, outcome) = match interrupted {
                     Interrupted::Cancelled => ("the task was cancelled", Outcome::Cancelled),
                     Interrupted::TimedOut => ("the task reached its time limit", Outcome::TimedOut),
@@ -445,6 +450,7 @@ impl Conversation<'_> {
         };
         match result {
             Err(argument_error) => {
+                self.sink.tool_call(tool.name(), ToolOutcome::Invalid);
                 self.fail(
                     run,
                     call,
@@ -454,6 +460,8 @@ impl Conversation<'_> {
                 Ok(None)
             }
             Ok(output) => {
+                self.sink
+                    .tool_call(tool.name(), tool_outcome(tool.name(), &output));
                 let content = self.masker.mask(&output.content);
                 self.sink
                     .event(Event::Observation {
@@ -514,6 +522,8 @@ impl Conversation<'_> {
         error: String,
     ) {
         self.sink
+            .tool_call(self.tool_name(call), ToolOutcome::Refused);
+        self.sink
             .event(Event::Action {
                 action_id: call.id.clone(),
                 tool: call.name.clone(),
@@ -522,6 +532,13 @@ impl Conversation<'_> {
             })
             .await;
         self.fail(run, call, error).await;
+    }
+
+    /// The name of the tool `call` names (aliases resolved), for metrics.
+    fn tool_name(&self, call: &ToolCall) -> &'static str {
+        self.toolbox
+            .get(&call.name)
+            .map_or("unknown", |tool| tool.name())
     }
 
     fn max_tokens_label(&self) -> String {
@@ -561,6 +578,8 @@ impl Conversation<'_> {
 
     /// Answers a call that will not run, so every action has its answer.
     async fn refuse(&self, run: &mut Run, call: &ToolCall, reason: &str) {
+        self.sink
+            .tool_call(self.tool_name(call), ToolOutcome::Refused);
         self.sink
             .event(Event::Action {
                 action_id: call.id.clone(),
@@ -695,6 +714,18 @@ impl Conversation<'_> {
                 ts: chrono::Utc::now(),
             })
             .await;
+    }
+}
+
+/// How a tool call that ran ended, for metrics: the terminal's exit code
+/// -1 means the command was still running at its no-output timeout or was
+/// cut at its hard timeout.
+fn tool_outcome(tool: &str, output: &super::tools::ToolOutput) -> ToolOutcome {
+    match output.exit_code {
+        Some(-1) if tool == "terminal" => ToolOutcome::Timeout,
+        Some(code) if code != 0 => ToolOutcome::Error,
+        _ if output.is_error => ToolOutcome::Error,
+        _ => ToolOutcome::Ok,
     }
 }
 

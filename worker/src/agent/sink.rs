@@ -3,7 +3,7 @@
 //! pipelined batches, so a slow Redis delays the loop only once the buffer is
 //! full; `flush` waits until everything sent so far is written.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use shoal_shared::event::{Event, EventEnvelope};
@@ -17,10 +17,82 @@ const BUFFER: usize = 1024;
 /// Most entries written in one pipeline.
 const BATCH: usize = 256;
 
-/// Told of each LLM call as it is costed; the worker counts them in its
+/// How one tool call ended, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ToolOutcome {
+    /// The tool ran and reported success (exit code 0 for a command).
+    Ok,
+    /// The tool ran and reported an error (a command's non-zero exit code).
+    Error,
+    /// A command still running at its no-output timeout or cut at its hard
+    /// timeout (the terminal reports exit code -1).
+    Timeout,
+    /// Not run: an unknown tool, arguments that are not a JSON object or
+    /// that the tool refused.
+    Invalid,
+    /// Not run: after `finish` or an interruption in the same reply, or cut
+    /// off at the token limit.
+    Refused,
+    /// Cut short by the task's cancel or its time limit.
+    Interrupted,
+}
+
+impl ToolOutcome {
+    pub const ALL: [ToolOutcome; 6] = [
+        Self::Ok,
+        Self::Error,
+        Self::Timeout,
+        Self::Invalid,
+        Self::Refused,
+        Self::Interrupted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Error => "error",
+            Self::Timeout => "timeout",
+            Self::Invalid => "invalid",
+            Self::Refused => "refused",
+            Self::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// Why events were not written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Redis refused the write (after the sink's retries, if any).
+    Redis,
+    /// The sink's writer was gone (its task ended).
+    Closed,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 2] = [Self::Redis, Self::Closed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Redis => "redis",
+            Self::Closed => "closed",
+        }
+    }
+}
+
+/// Told of what passes through a sink; the worker counts it in its
 /// metrics. A trait so the agent does not depend on the worker's metrics.
-pub trait CostObserver: Send + Sync {
+/// Every method is cheap and synchronous (a counter increment).
+pub trait SinkObserver: Send + Sync {
+    /// An LLM call, as it is costed.
     fn llm_call(&self, entry: &CostEntry);
+    /// The loop acted on one model reply.
+    fn step(&self) {}
+    /// One tool call ended; `tool` is the tool's name, `unknown` for none.
+    fn tool_call(&self, _tool: &str, _outcome: ToolOutcome) {}
+    /// `count` events were written.
+    fn events_published(&self, _count: u64) {}
+    /// `count` events were lost.
+    fn events_dropped(&self, _reason: DropReason, _count: u64) {}
 }
 
 /// The conversation's outlet.
@@ -30,6 +102,10 @@ pub trait EventSink: Send + Sync {
     async fn cost(&self, entry: CostEntry);
     /// Returns once everything emitted before is stored.
     async fn flush(&self);
+    /// The loop acted on one model reply (metrics only).
+    fn step(&self) {}
+    /// One tool call ended (metrics only).
+    fn tool_call(&self, _tool: &'static str, _outcome: ToolOutcome) {}
 }
 
 enum Item {
@@ -43,8 +119,8 @@ pub struct RedisSink {
     task_id: TaskId,
     source: String,
     tx: mpsc::Sender<Item>,
-    /// Counts each LLM call as it is costed (the worker's metrics).
-    metrics: Option<Box<dyn CostObserver>>,
+    /// Counts LLM calls, steps, tool calls and events (the worker's metrics).
+    metrics: Option<Arc<dyn SinkObserver>>,
 }
 
 impl RedisSink {
@@ -53,10 +129,10 @@ impl RedisSink {
         store: Store,
         task_id: TaskId,
         source: String,
-        metrics: Option<Box<dyn CostObserver>>,
+        metrics: Option<Arc<dyn SinkObserver>>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(BUFFER);
-        tokio::spawn(write_loop(store, rx));
+        tokio::spawn(write_loop(store, rx, metrics.clone()));
         Self {
             task_id,
             source,
@@ -66,7 +142,11 @@ impl RedisSink {
     }
 }
 
-async fn write_loop(store: Store, mut rx: mpsc::Receiver<Item>) {
+async fn write_loop(
+    store: Store,
+    mut rx: mpsc::Receiver<Item>,
+    metrics: Option<Arc<dyn SinkObserver>>,
+) {
     let mut buffer = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut buffer, BATCH).await > 0 {
         let mut events = Vec::new();
@@ -83,13 +163,23 @@ async fn write_loop(store: Store, mut rx: mpsc::Receiver<Item>) {
         let mut delay = std::time::Duration::from_millis(100);
         for attempt in 0..8 {
             match store.append_batch(&events, &costs).await {
-                Ok(()) => break,
+                Ok(()) => {
+                    if let Some(metrics) = &metrics {
+                        metrics.events_published(events.len() as u64);
+                    }
+                    break;
+                }
                 Err(error) if attempt < 7 => {
                     warn!(%error, "writing events failed; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(std::time::Duration::from_secs(5));
                 }
-                Err(error) => warn!(%error, lost = events.len() + costs.len(), "events lost"),
+                Err(error) => {
+                    warn!(%error, lost = events.len() + costs.len(), "events lost");
+                    if let Some(metrics) = &metrics {
+                        metrics.events_dropped(DropReason::Redis, events.len() as u64);
+                    }
+                }
             }
         }
         for done in flushes {
@@ -102,7 +192,11 @@ async fn write_loop(store: Store, mut rx: mpsc::Receiver<Item>) {
 impl EventSink for RedisSink {
     async fn event(&self, event: Event) {
         let envelope = EventEnvelope::now(self.task_id, self.source.clone(), event);
-        let _ = self.tx.send(Item::Event(envelope)).await;
+        if self.tx.send(Item::Event(envelope)).await.is_err() {
+            if let Some(metrics) = &self.metrics {
+                metrics.events_dropped(DropReason::Closed, 1);
+            }
+        }
     }
 
     async fn cost(&self, entry: CostEntry) {
@@ -116,6 +210,18 @@ impl EventSink for RedisSink {
         let (done_tx, done_rx) = oneshot::channel();
         if self.tx.send(Item::Flush(done_tx)).await.is_ok() {
             let _ = done_rx.await;
+        }
+    }
+
+    fn step(&self) {
+        if let Some(metrics) = &self.metrics {
+            metrics.step();
+        }
+    }
+
+    fn tool_call(&self, tool: &'static str, outcome: ToolOutcome) {
+        if let Some(metrics) = &self.metrics {
+            metrics.tool_call(tool, outcome);
         }
     }
 }

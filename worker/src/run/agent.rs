@@ -85,7 +85,7 @@ pub async fn run(ctx: &RunContext<'_>, spec: &AgentSpec) -> Result<RunEnd, RunEr
         ctx.store.clone(),
         message.id,
         ctx.source.to_owned(),
-        Some(Box::new(ctx.metrics.clone())),
+        Some(std::sync::Arc::new(ctx.metrics.clone())),
     );
     let config = AgentConfig {
         max_iterations: spec.limits.max_iterations,

@@ -33,6 +33,7 @@ impl RunContext<'_> {
     pub async fn emit(&self, event: Event) {
         emit(
             self.store,
+            self.metrics,
             EventEnvelope::now(self.message.id, self.source.to_owned(), event),
         )
         .await;
@@ -46,8 +47,16 @@ impl RunContext<'_> {
 }
 
 /// Appends `event`, logging (not failing) when Redis refuses it.
-pub async fn emit(store: &Store, event: EventEnvelope) {
-    if let Err(error) = store.append(&event).await {
-        warn!(%error, event = event.event.type_name(), "event not recorded");
+pub async fn emit(store: &Store, metrics: &TaskMetrics, event: EventEnvelope) {
+    match store.append(&event).await {
+        Ok(()) => {
+            metrics.flow.events_published.inc();
+        }
+        Err(error) => {
+            metrics
+                .flow
+                .events_dropped(crate::agent::sink::DropReason::Redis, 1);
+            warn!(%error, event = event.event.type_name(), "event not recorded");
+        }
     }
 }

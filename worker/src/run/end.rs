@@ -10,6 +10,7 @@ use shoal_shared::store::StoreError;
 use shoal_shared::task::{TaskResult, TaskState};
 
 use crate::agent::llm::LlmError;
+use crate::metrics::RetryReason;
 use crate::pool::PoolError;
 use crate::sandbox::SandboxError;
 
@@ -45,8 +46,13 @@ pub enum RunEnd {
 pub enum Disposition {
     /// The task reached a terminal state that is persisted (or was a duplicate).
     Ack,
-    /// Publish a copy to the retry tier for `delay`, then ack.
-    Retry { delay: Duration, reason: String },
+    /// Publish a copy to the retry tier for `delay`, then ack. `reason` is
+    /// the error text; `why` its class, for metrics.
+    Retry {
+        delay: Duration,
+        reason: String,
+        why: RetryReason,
+    },
     /// Publish to the dead-letter exchange with a reason, then ack.
     /// `attempts` is the task's attempt count as the runner knew it (0 for
     /// a message that could not be read).
@@ -85,6 +91,21 @@ pub enum Cause {
     /// A panic in the run: a bug of ours, named by its message.
     #[error("{0}")]
     Panicked(String),
+}
+
+impl Cause {
+    /// The class of a retry this cause leads to, for metrics.
+    pub fn retry_reason(&self) -> RetryReason {
+        match self {
+            Self::Store(_) => RetryReason::Store,
+            Self::Pool(_) => RetryReason::Pool,
+            Self::Sandbox(_) => RetryReason::Sandbox,
+            Self::Llm(_) => RetryReason::Llm,
+            Self::RecordVanished => RetryReason::RecordVanished,
+            Self::CannotStart(_) => RetryReason::CannotStart,
+            Self::Refused(_) | Self::Panicked(_) => RetryReason::Other,
+        }
+    }
 }
 
 /// A run that ended in an error, classed by whether another attempt may

@@ -18,7 +18,7 @@ use super::context::{emit, RunContext};
 use super::end::{Cause, Disposition, RunEnd, RunError, StopReason};
 use super::stop::{renew_lease, watch_cancel, RunStop};
 use super::{agent, exec};
-use crate::metrics::{kind_of, TaskMetrics};
+use crate::metrics::{kind_of, RetryReason, TaskMetrics};
 use crate::pool::Pool;
 
 /// Everything a slot needs to run tasks; shared by all slots of a worker.
@@ -55,7 +55,8 @@ impl TaskRunner {
             // task's `last_error`.
             Err(RunError::Retryable(cause)) => {
                 warn!(error = %cause, "task run failed, will retry");
-                self.retry_or_dead(message, cause.to_string()).await
+                self.retry_or_dead(message, cause.to_string(), cause.retry_reason())
+                    .await
             }
             Err(RunError::Fatal(cause)) => self.fail(message, cause.to_string()).await,
         }
@@ -80,6 +81,7 @@ impl TaskRunner {
                 Disposition::Retry {
                     delay: self.settings.broker.retry_tiers[0],
                     reason: error,
+                    why: RetryReason::Store,
                 }
             }
         }
@@ -124,6 +126,7 @@ impl TaskRunner {
                 return Ok(Disposition::Retry {
                     delay: self.settings.broker.retry_tiers[0],
                     reason: format!("task is leased by {holder}"),
+                    why: RetryReason::LeasedElsewhere,
                 });
             }
         };
@@ -148,6 +151,7 @@ impl TaskRunner {
                     Disposition::Retry {
                         delay: self.settings.broker.retry_tiers[0],
                         reason: format!("task is {current}"),
+                        why: RetryReason::StateRefused,
                     }
                 });
             }
@@ -341,7 +345,12 @@ impl TaskRunner {
     }
 
     /// After a retryable failure: a delayed retry, or dead when attempts ran out.
-    async fn retry_or_dead(&self, message: &TaskMessage, error: String) -> Disposition {
+    async fn retry_or_dead(
+        &self,
+        message: &TaskMessage,
+        error: String,
+        why: RetryReason,
+    ) -> Disposition {
         let record = match self.store.get(&message.id).await {
             Ok(Some(record)) => record,
             // Without Redis we cannot count; retry later rather than lose it.
@@ -349,6 +358,7 @@ impl TaskRunner {
                 return Disposition::Retry {
                     delay: self.settings.broker.retry_tiers[0],
                     reason: error,
+                    why: RetryReason::Store,
                 }
             }
         };
@@ -361,6 +371,7 @@ impl TaskRunner {
             &self.settings.broker.retry_tiers,
             shoal_shared::retry::unit_jitter(),
             error.clone(),
+            why,
         );
         let to = if matches!(disposition, Disposition::Dead { .. }) {
             TaskState::Dead
@@ -398,7 +409,7 @@ impl TaskRunner {
     /// Appends an informational event; a failure is logged, not fatal, because
     /// the state transitions (the facts that matter) are written separately.
     async fn emit(&self, event: EventEnvelope) {
-        emit(&self.store, event).await;
+        emit(&self.store, &self.metrics, event).await;
     }
 }
 
@@ -411,6 +422,7 @@ fn after_retryable_failure(
     retry_tiers: &[std::time::Duration],
     jitter: f64,
     error: String,
+    why: RetryReason,
 ) -> Disposition {
     if attempts >= max_attempts {
         Disposition::Dead {
@@ -422,6 +434,7 @@ fn after_retryable_failure(
         Disposition::Retry {
             delay: shoal_shared::broker::retry_tier_for(retry_tiers, attempts, jitter),
             reason: error,
+            why,
         }
     }
 }
@@ -485,9 +498,11 @@ mod tests {
             &tiers,
             jitter,
             "e".into(),
+            RetryReason::Pool,
         ) {
-            Disposition::Retry { delay, reason } => {
+            Disposition::Retry { delay, reason, why } => {
                 assert_eq!(reason, "e");
+                assert_eq!(why, RetryReason::Pool);
                 delay
             }
             other => panic!("attempt {attempts} of 5 must retry, got {other:?}"),
@@ -508,14 +523,21 @@ mod tests {
                 assert!(tiers.contains(&drawn), "{drawn:?} is not a tier");
             }
         }
-        let many = after_retryable_failure(12, 20, &tiers, 0.999, "e".into());
+        let many = after_retryable_failure(12, 20, &tiers, 0.999, "e".into(), RetryReason::Other);
         assert!(matches!(many, Disposition::Retry { delay, .. } if delay == secs(600)));
     }
 
     #[test]
     fn a_retryable_failure_of_the_last_attempt_is_dead_lettered_with_its_count() {
         for attempts in [3, 4] {
-            let end = after_retryable_failure(attempts, 3, &tiers(), 0.5, "sandbox gone".into());
+            let end = after_retryable_failure(
+                attempts,
+                3,
+                &tiers(),
+                0.5,
+                "sandbox gone".into(),
+                RetryReason::Sandbox,
+            );
             assert_eq!(
                 end,
                 Disposition::Dead {
@@ -527,7 +549,7 @@ mod tests {
         }
         // One attempt allowed: its first failure is its last.
         assert!(matches!(
-            after_retryable_failure(1, 1, &tiers(), 0.0, "e".into()),
+            after_retryable_failure(1, 1, &tiers(), 0.0, "e".into(), RetryReason::Other),
             Disposition::Dead { attempts: 1, .. }
         ));
     }

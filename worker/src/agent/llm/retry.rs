@@ -165,13 +165,17 @@ pub async fn send<T>(
         attempts.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let result = attempt(exchange, policy, &parse).await;
-        report_attempt(result.as_ref().err().map(|e| e.kind), started.elapsed());
+        report(AttemptReport::Attempt {
+            class: result.as_ref().err().map(|e| e.kind),
+            took: started.elapsed(),
+        });
         result
     })
     .retry(backoff.builder())
     .when(|e: &LlmError| e.kind.is_retryable())
     .adjust(|e: &LlmError, delay| backoff.next_wait(delay, e.retry_after, policy.max_retry_after))
     .notify(|e: &LlmError, delay| {
+        report(AttemptReport::Retry { class: e.kind });
         tracing::warn!(
             provider = exchange.provider,
             kind = ?e.kind,
@@ -192,10 +196,23 @@ pub async fn send<T>(
     }
 }
 
-/// Told of every HTTP attempt: its error class (`None` when it succeeded)
-/// and how long it took. Set per task with [`observing_attempts`], so this
-/// layer needs nothing from the one that counts.
-pub type AttemptObserver = std::sync::Arc<dyn Fn(Option<LlmErrorKind>, Duration) + Send + Sync>;
+/// What an [`AttemptObserver`] is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptReport {
+    /// An HTTP attempt ended: its error class (`None` when it succeeded)
+    /// and how long it took.
+    Attempt {
+        class: Option<LlmErrorKind>,
+        took: Duration,
+    },
+    /// A failed attempt of this class is about to be tried again.
+    Retry { class: LlmErrorKind },
+}
+
+/// Told of every HTTP attempt and every retry. Set per task with
+/// [`observing_attempts`], so this layer needs nothing from the one that
+/// counts.
+pub type AttemptObserver = std::sync::Arc<dyn Fn(AttemptReport) + Send + Sync>;
 
 tokio::task_local! {
     static ATTEMPT_OBSERVER: AttemptObserver;
@@ -209,8 +226,8 @@ pub async fn observing_attempts<F: std::future::Future>(
     ATTEMPT_OBSERVER.scope(observer, future).await
 }
 
-fn report_attempt(class: Option<LlmErrorKind>, took: Duration) {
-    let _ = ATTEMPT_OBSERVER.try_with(|observer| observer(class, took));
+fn report(what: AttemptReport) {
+    let _ = ATTEMPT_OBSERVER.try_with(|observer| observer(what));
 }
 
 fn cancelled() -> LlmError {
