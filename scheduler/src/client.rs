@@ -4,6 +4,8 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use shoal_shared::task::{TaskId, TaskRecord, TaskRef, TaskSpec};
 
+use crate::cost::CostSummary;
+
 /// A call to the scheduler failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -24,6 +26,30 @@ pub struct EventsPage {
     pub state: shoal_shared::TaskState,
     /// The task is finished and this was the last page.
     pub done: bool,
+}
+
+/// The parameters of `GET /v1/cost` (see [`crate::cost`]).
+#[derive(Debug, Clone, Default)]
+pub struct CostQuery {
+    pub since: Option<String>,
+    pub until: Option<String>,
+    pub tenant: Option<String>,
+    pub model: Option<String>,
+    pub task: Option<String>,
+    pub by: Option<String>,
+}
+
+/// A query-string value: unreserved characters as they are, the rest as `%XX`.
+fn percent_encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
 }
 
 #[derive(Deserialize)]
@@ -97,6 +123,31 @@ impl Client {
         let mut url = format!("/v1/tasks/{id}/events");
         if let Some(after) = after {
             url.push_str(&format!("?after={after}"));
+        }
+        self.send(self.http.get(self.url(&url))).await
+    }
+
+    /// A cost summary (`GET /v1/cost`); unset fields are left to the
+    /// scheduler's defaults.
+    pub async fn cost(&self, query: &CostQuery) -> Result<CostSummary, ClientError> {
+        let params = [
+            ("since", &query.since),
+            ("until", &query.until),
+            ("tenant", &query.tenant),
+            ("model", &query.model),
+            ("task", &query.task),
+            ("by", &query.by),
+        ];
+        let mut url = "/v1/cost".to_owned();
+        let mut separator = '?';
+        for (name, value) in params {
+            if let Some(value) = value {
+                url.push(separator);
+                url.push_str(name);
+                url.push('=');
+                url.push_str(&percent_encode(value));
+                separator = '&';
+            }
         }
         self.send(self.http.get(self.url(&url))).await
     }

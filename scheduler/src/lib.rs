@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod client;
+pub mod cost;
 pub mod submit;
 pub mod watch;
 

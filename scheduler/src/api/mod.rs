@@ -2,6 +2,7 @@
 
 mod auth;
 mod body;
+mod cost;
 mod events;
 mod health;
 mod problem;
@@ -39,6 +40,7 @@ pub fn router(state: AppState, settings: &Settings) -> Router {
         .route("/v1/tasks/batch", post(tasks::submit_batch))
         .route("/v1/tasks/{id}", get(tasks::get))
         .route("/v1/tasks/{id}/events", get(events::events))
+        .route("/v1/cost", get(cost::summary))
         .route("/v1/tasks/{id}/cancel", post(tasks::cancel))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

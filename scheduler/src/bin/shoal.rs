@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use shoal_scheduler::client::Client;
+use shoal_scheduler::client::{Client, CostQuery};
 use shoal_shared::task::{
     AgentSpec, ExecSpec, Language, Priority, TaskId, TaskKind, TaskRecord, TaskResult, TaskSpec,
 };
@@ -35,6 +35,8 @@ struct Cli {
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Output {
+    /// Readable text (`table` is the same).
+    #[value(alias = "table")]
     Text,
     Json,
 }
@@ -63,6 +65,8 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// Sum LLM costs by tenant, model and day (or task) from the cost stream.
+    Cost(CostArgs),
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
 }
@@ -107,6 +111,30 @@ struct SubmitArgs {
     /// Wait for the task to finish and print its result.
     #[arg(long)]
     wait: bool,
+}
+
+#[derive(clap::Args)]
+struct CostArgs {
+    /// Start of the range: a duration before now (24h, 7d, 90m, 2w) or an
+    /// RFC 3339 time. Default: the oldest entry kept.
+    #[arg(long)]
+    since: Option<String>,
+    /// End of the range (exclusive), in the same forms. Default: now.
+    #[arg(long)]
+    until: Option<String>,
+    /// Only this tenant (a token sees its own tenant only).
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Only this model.
+    #[arg(long)]
+    model: Option<String>,
+    /// Only this task: its total is the sum of its LLM calls.
+    #[arg(long)]
+    task: Option<TaskId>,
+    /// Group by these keys, comma-separated: tenant, model, day (UTC), task.
+    /// Default: tenant,model,day; with --task: task.
+    #[arg(long)]
+    by: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -164,6 +192,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 record = wait_for(&client, &id).await?;
             }
             print_record(cli.output, &record)
+        }
+        Command::Cost(args) => {
+            let by = args
+                .by
+                .or_else(|| args.task.is_some().then(|| "task".to_owned()));
+            let query = CostQuery {
+                since: args.since,
+                until: args.until,
+                tenant: args.tenant,
+                model: args.model,
+                task: args.task.map(|id| id.to_string()),
+                by,
+            };
+            let summary = client.cost(&query).await?;
+            match cli.output {
+                Output::Json => print_json(&summary),
+                Output::Text => {
+                    print!("{}", shoal_scheduler::cost::render_table(&summary));
+                    Ok(())
+                }
+            }
         }
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "shoal", &mut std::io::stdout());
@@ -461,6 +510,28 @@ mod tests {
         let cli = Cli::try_parse_from(["shoal", "cancel", &id.to_string(), "--wait"]).unwrap();
         assert!(matches!(cli.command, Command::Cancel { id: got, wait: true } if got == id));
         assert!(Cli::try_parse_from(["shoal", "cancel", "nope"]).is_err());
+    }
+
+    #[test]
+    fn cost_takes_filters_and_table_is_text() {
+        let cli = Cli::try_parse_from([
+            "shoal",
+            "cost",
+            "--since",
+            "7d",
+            "--by",
+            "tenant,day",
+            "--output",
+            "table",
+        ])
+        .unwrap();
+        assert!(cli.output == Output::Text);
+        let Command::Cost(args) = cli.command else {
+            panic!("not a cost")
+        };
+        assert_eq!(args.since.as_deref(), Some("7d"));
+        assert_eq!(args.by.as_deref(), Some("tenant,day"));
+        assert!(Cli::try_parse_from(["shoal", "cost", "--task", "nope"]).is_err());
     }
 
     #[test]

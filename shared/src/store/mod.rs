@@ -5,11 +5,13 @@
 //! the caller's fencing token), writes the new state, appends the event to the
 //! task's stream and the firehose, all atomically.
 
+mod costs;
 mod keys;
 mod lease;
 mod scripts;
 mod tasks;
 
+pub use costs::CostRecord;
 pub use keys::Keys;
 pub use lease::{Lease, LeaseAttempt};
 pub use tasks::{CancelOutcome, Claim, CostEntry, DeadEntry, Store, Transition, TransitionOutcome};

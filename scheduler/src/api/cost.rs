@@ -1,0 +1,110 @@
+//! `GET /v1/cost?since=&until=&tenant=&model=&task=&by=`: the cost stream
+//! summed by tenant, model, day or task (docs/adr/0024-cost-summary.md).
+//!
+//! A token sees its own tenant's costs only; naming another tenant is a 403,
+//! as submitting for one is (`Tenant::resolve`).
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::Deserialize;
+use shoal_shared::store::StoreError;
+use shoal_shared::task::TaskId;
+
+use super::auth::Tenant;
+use super::{AppState, Problem};
+use crate::cost::{self, CostSummary, Filter, Summer, DEFAULT_BY};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CostQuery {
+    since: Option<String>,
+    until: Option<String>,
+    tenant: Option<String>,
+    model: Option<String>,
+    task: Option<String>,
+    by: Option<String>,
+}
+
+fn bad(field: &str, detail: String) -> Problem {
+    Problem::bad_request(format!("{field}: {detail}")).with_field(field)
+}
+
+pub async fn summary(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    query: Result<Query<CostQuery>, QueryRejection>,
+) -> Result<Json<CostSummary>, Problem> {
+    let Query(query) = query.map_err(|e| Problem::bad_request(e.body_text()))?;
+    let now = chrono::Utc::now();
+    let time = |field: &str, value: &Option<String>| {
+        value
+            .as_deref()
+            .map(|text| cost::parse_time(text, now).map_err(|e| bad(field, e)))
+            .transpose()
+    };
+    let since = time("since", &query.since)?;
+    let until = time("until", &query.until)?.unwrap_or(now);
+    if since.is_some_and(|since| since > until) {
+        return Err(bad("since", "is after until".to_owned()));
+    }
+    let by = cost::parse_by(query.by.as_deref().unwrap_or(DEFAULT_BY)).map_err(|e| bad("by", e))?;
+    if let Some(task) = &query.task {
+        task.parse::<TaskId>()
+            .map_err(|e| bad("task", e.to_string()))?;
+    }
+    let tenant_filter = match (&tenant.name, query.tenant) {
+        (Some(own), Some(asked)) if *own != asked => {
+            return Err(Problem::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "Forbidden",
+                format!("this token may not read the costs of tenant {asked:?}"),
+            ))
+        }
+        (Some(own), _) => Some(own.clone()),
+        (None, asked) => asked,
+    };
+    let filter = Filter {
+        tenant: tenant_filter,
+        model: query.model,
+        task: query.task,
+    };
+    let since_ms = since.map_or(0, |t| u64::try_from(t.timestamp_millis()).unwrap_or(0));
+    let until_ms = u64::try_from(until.timestamp_millis()).unwrap_or(0);
+    let mut summer = Summer::new(by, filter);
+    state
+        .store
+        .visit_costs(since_ms, until_ms, |record| summer.add(&record))
+        .await
+        .map_err(store_problem)?;
+    let retained_since = state
+        .store
+        .costs_retained_since()
+        .await
+        .map_err(store_problem)?
+        .and_then(|ms| i64::try_from(ms).ok())
+        .and_then(chrono::DateTime::from_timestamp_millis);
+    Ok(Json(summer.finish(since, until, retained_since)))
+}
+
+fn store_problem(error: StoreError) -> Problem {
+    match error {
+        StoreError::Corrupt(_) => {
+            tracing::error!(%error, "cost summary refused: stored data is damaged");
+            Problem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "stored-data-damaged",
+                "Stored data is damaged",
+                error.to_string(),
+            )
+        }
+        StoreError::Redis(_) => Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "Service unavailable",
+            error.to_string(),
+        ),
+    }
+}
