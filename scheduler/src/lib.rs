@@ -6,6 +6,7 @@
 pub mod api;
 pub mod client;
 pub mod cost;
+pub mod metrics;
 pub mod submit;
 pub mod watch;
 
@@ -54,6 +55,10 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<api::AppState> {
         connect_and_declare(settings, "shoal-scheduler", Duration::from_secs(60))
             .await
             .context("connecting to rabbitmq and declaring the topology")?;
+    let metrics = Arc::new(metrics::SchedulerMetrics::new(
+        tokens.tenants().into_keys(),
+        settings.scheduler.max_streams,
+    ));
     let submitter = Submitter::new(
         store.clone(),
         broker.clone(),
@@ -67,12 +72,14 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<api::AppState> {
             .keys()
             .map(|name| name.to_string())
             .collect(),
-    );
+    )
+    .with_metrics(metrics.clone());
     Ok(api::AppState {
         submitter: Arc::new(submitter),
         store,
         tokens: Arc::new(tokens),
         max_batch: settings.scheduler.max_batch,
         streams: Arc::new(tokio::sync::Semaphore::new(settings.scheduler.max_streams)),
+        metrics,
     })
 }

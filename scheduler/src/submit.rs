@@ -1,6 +1,9 @@
 //! The submit path: validate, claim idempotency keys, publish with confirms,
 //! then record. A task is reported `queued` only after the broker confirmed it.
 
+use std::sync::Arc;
+use std::time::Instant;
+
 use shoal_shared::broker::{
     Broker, OutgoingMessage, PublishError, Publisher, Topology, HEADER_TASK_ID,
 };
@@ -8,6 +11,8 @@ use shoal_shared::store::{Claim, Store, StoreError};
 use shoal_shared::task::{SpecError, SpecLimits, TaskId, TaskRecord, TaskSpec};
 use shoal_shared::TaskMessage;
 use tracing::warn;
+
+use crate::metrics::SchedulerMetrics;
 
 /// Why a submission was not accepted.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +66,8 @@ pub struct Submitter {
     max_message_bytes: usize,
     /// Sandbox templates the fleet offers; a spec naming another is refused.
     templates: Vec<String>,
+    /// Publisher-confirm latency goes here when set.
+    metrics: Option<Arc<SchedulerMetrics>>,
 }
 
 impl Submitter {
@@ -81,7 +88,14 @@ impl Submitter {
             limits,
             max_message_bytes,
             templates,
+            metrics: None,
         }
+    }
+
+    /// Records the broker's publisher-confirm latency in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<SchedulerMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Whether the broker connection is up (for readiness).
@@ -193,7 +207,12 @@ impl Submitter {
             messages.push(message);
         }
         if !outgoing.is_empty() {
-            if let Err(error) = self.publisher.publish_all(&outgoing).await {
+            let started = Instant::now();
+            let published = self.publisher.publish_all(&outgoing).await;
+            if let Some(metrics) = &self.metrics {
+                metrics.confirmed(published.is_ok(), started.elapsed());
+            }
+            if let Err(error) = published {
                 self.release_keys(tenant, &claimed).await;
                 return Err(error.into());
             }

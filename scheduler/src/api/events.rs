@@ -20,6 +20,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::auth::Tenant;
 use super::{AppState, Problem};
+use crate::metrics::{OpenStream, ReasonLabels};
 
 /// Most events in one JSON page or SSE poll.
 const PAGE: usize = 500;
@@ -136,10 +137,26 @@ pub async fn events(
                  (scheduler.max_streams); try again later or read the events as JSON pages",
             )
             .with_retry_after(STREAMS_FULL_RETRY_S)
-        })?;
-        return Ok(Sse::new(live(state.store.clone(), id, resume, permit))
-            .keep_alive(KeepAlive::default())
-            .into_response());
+        });
+        let permit = match permit {
+            Ok(permit) => permit,
+            Err(problem) => {
+                state
+                    .metrics
+                    .streams_refused
+                    .get_or_create(&ReasonLabels {
+                        reason: "too_many_streams",
+                    })
+                    .inc();
+                return Err(problem);
+            }
+        };
+        let open = state.metrics.stream_opened();
+        return Ok(
+            Sse::new(live(state.store.clone(), id, resume, (permit, open)))
+                .keep_alive(KeepAlive::default())
+                .into_response(),
+        );
     }
     let limit = query.limit.unwrap_or(PAGE).clamp(1, PAGE);
     let page = state
@@ -162,7 +179,7 @@ fn live(
     store: Store,
     id: TaskId,
     after: Option<String>,
-    permit: OwnedSemaphorePermit,
+    permit: (OwnedSemaphorePermit, OpenStream),
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     struct Cursor {
         store: Store,
@@ -170,7 +187,7 @@ fn live(
         after: Option<String>,
         pending: std::collections::VecDeque<(String, EventEnvelope)>,
         finished: bool,
-        _permit: OwnedSemaphorePermit,
+        _permit: (OwnedSemaphorePermit, OpenStream),
     }
     let cursor = Cursor {
         store,

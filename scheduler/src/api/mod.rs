@@ -11,6 +11,7 @@ mod tasks;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
+use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post};
 use axum::Router;
 use shoal_shared::settings::Settings;
@@ -19,6 +20,7 @@ use shoal_shared::store::Store;
 pub use auth::{Tokens, TokensError};
 pub use problem::Problem;
 
+use crate::metrics::{Endpoint, SchedulerMetrics};
 use crate::submit::Submitter;
 
 /// What every handler can reach.
@@ -31,19 +33,38 @@ pub struct AppState {
     pub max_batch: usize,
     /// One permit per open event stream (`scheduler.max_streams`).
     pub streams: Arc<tokio::sync::Semaphore>,
+    /// Served on `/metrics`.
+    pub metrics: Arc<SchedulerMetrics>,
 }
 
 /// The API's routes.
 pub fn router(state: AppState, settings: &Settings) -> Router {
+    let metrics = state.metrics.clone();
+    let submit_layer =
+        |endpoint| from_fn_with_state((metrics.clone(), endpoint), crate::metrics::track_submit);
     Router::new()
-        .route("/v1/tasks", post(tasks::submit))
-        .route("/v1/tasks/batch", post(tasks::submit_batch))
+        .route(
+            "/v1/tasks",
+            post(tasks::submit).layer(submit_layer(Endpoint::Single)),
+        )
+        .route(
+            "/v1/tasks/batch",
+            post(tasks::submit_batch).layer(submit_layer(Endpoint::Batch)),
+        )
         .route("/v1/tasks/{id}", get(tasks::get))
         .route("/v1/tasks/{id}/events", get(events::events))
         .route("/v1/cost", get(cost::summary))
-        .route("/v1/tasks/{id}/cancel", post(tasks::cancel))
+        .route(
+            "/v1/tasks/{id}/cancel",
+            post(tasks::cancel).layer(from_fn_with_state(
+                metrics.clone(),
+                crate::metrics::track_cancel,
+            )),
+        )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        // Unauthenticated, like the health probes: counts, never task data.
+        .route("/metrics", get(crate::metrics::serve).with_state(metrics))
         .fallback(problem::not_found)
         .layer(DefaultBodyLimit::max(settings.scheduler.max_body_bytes))
         .with_state(state)

@@ -4,6 +4,8 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::metrics::RefusalReason;
+
 /// An HTTP error with a machine-readable type and a human-readable detail.
 #[derive(Debug, Clone, Serialize)]
 pub struct Problem {
@@ -21,6 +23,27 @@ pub struct Problem {
     /// Seconds the client should wait before trying again (`Retry-After`).
     #[serde(skip)]
     pub retry_after_s: Option<u32>,
+    /// What failed, for the refusal metrics' `reason` label when it should
+    /// be finer than the type (a 503: the broker or the store).
+    #[serde(skip)]
+    pub cause: Option<Cause>,
+}
+
+/// A dependency whose failure refused a request (one byte: `Problem` stays small).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    Broker,
+    Store,
+}
+
+impl Cause {
+    /// The metrics' `reason` label.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Broker => "broker-unavailable",
+            Self::Store => "store-unavailable",
+        }
+    }
 }
 
 impl Problem {
@@ -38,6 +61,7 @@ impl Problem {
             field: None,
             index: None,
             retry_after_s: None,
+            cause: None,
         }
     }
 
@@ -69,6 +93,11 @@ impl Problem {
         self
     }
 
+    pub fn with_cause(mut self, cause: Cause) -> Self {
+        self.cause = Some(cause);
+        self
+    }
+
     pub fn with_retry_after(mut self, seconds: u32) -> Self {
         self.retry_after_s = Some(seconds);
         self
@@ -79,12 +108,22 @@ impl IntoResponse for Problem {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = serde_json::to_vec(&self).unwrap_or_default();
+        let reason = match self.cause {
+            Some(cause) => cause.reason().to_owned(),
+            None => self
+                .kind
+                .rsplit(':')
+                .next()
+                .unwrap_or(&self.kind)
+                .to_owned(),
+        };
         let mut response = (
             status,
             [(header::CONTENT_TYPE, "application/problem+json")],
             body,
         )
             .into_response();
+        response.extensions_mut().insert(RefusalReason(reason));
         if let Some(seconds) = self.retry_after_s {
             response
                 .headers_mut()

@@ -10,7 +10,9 @@ use shoal_shared::task::{TaskId, TaskRecord, TaskRef, TaskSpec};
 
 use super::auth::Tenant;
 use super::body::JsonBody;
+use super::problem::Cause;
 use super::{AppState, Problem};
+use crate::metrics::Endpoint;
 use crate::submit::{SubmitError, Submitted};
 
 /// The header that makes a submission idempotent (overrides the spec's key).
@@ -38,6 +40,7 @@ pub async fn submit(
         .await
         .map_err(problem_of)?;
     let Submitted { record, created } = submitted.remove(0);
+    count(&state, Endpoint::Single, &record, created);
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -107,6 +110,10 @@ pub async fn submit_batch(
         .submit(specs, &tenant_name)
         .await
         .map_err(problem_of)?;
+    state.metrics.batch_size.observe(submitted.len() as f64);
+    for s in &submitted {
+        count(&state, Endpoint::Batch, &s.record, s.created);
+    }
     Ok((
         StatusCode::CREATED,
         Json(BatchResponse {
@@ -164,6 +171,22 @@ pub async fn cancel(
     };
     let record = own_record(&state, &tenant, &id).await?;
     Ok((status, Json(record)).into_response())
+}
+
+/// Counts one task of an accepted submission: queued, or replayed.
+fn count(state: &AppState, endpoint: Endpoint, record: &TaskRecord, created: bool) {
+    if created {
+        let kind = match record.kind.as_str() {
+            "agent" => "agent",
+            "exec" => "exec",
+            _ => "other",
+        };
+        state
+            .metrics
+            .submitted(endpoint, kind, record.priority.as_str(), &record.tenant);
+    } else {
+        state.metrics.replayed(endpoint, &record.tenant);
+    }
 }
 
 fn parse_id(id: &str) -> Result<TaskId, Problem> {
@@ -241,9 +264,13 @@ fn problem_of(error: SubmitError) -> Problem {
                 error.to_string(),
             )
         }
-        SubmitError::Publish(_) | SubmitError::Store(_) => {
+        SubmitError::Publish(_) => {
             tracing::warn!(%error, "submission failed");
-            unavailable(error.to_string())
+            unavailable(error.to_string()).with_cause(Cause::Broker)
+        }
+        SubmitError::Store(_) => {
+            tracing::warn!(%error, "submission failed");
+            unavailable(error.to_string()).with_cause(Cause::Store)
         }
     }
 }
