@@ -341,8 +341,7 @@ pub struct ClassLabels {
     pub class: String,
 }
 
-/// Why a delivery went to a retry tier: a bounded set, one label value each
-/// (docs/adr/0024-worker-flow-metrics.md).
+/// Why a delivery went to a retry tier: a bounded set, one label value each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RetryReason {
     /// Another worker holds the task's lease (a redelivery while it runs).
@@ -464,7 +463,17 @@ impl LlmRetries {
 /// How tasks flow through a worker besides their runs: the queue wait, the
 /// slots, how deliveries are settled, what the agent loop does, events,
 /// LLM retries. Every series whose labels are known in advance exists (at 0)
-/// from startup, so `rate()` sees the first increment.
+/// from startup, so `rate()` sees the first increment; the hot paths
+/// increment pre-built series (no label built, nothing allocated).
+///
+/// The queue wait is measured on the wall clock: from the message's
+/// `submitted_at` (the scheduler's clock, when it published) or, for a copy
+/// back from a retry tier, from its `x-shoal-ready-at` header (the
+/// republishing worker's clock plus the delay), to this worker's clock when
+/// a slot takes the delivery. Monotonic clocks do not cross hosts; with
+/// NTP the skew is milliseconds, and a negative difference counts as 0. A
+/// message requeued by a draining worker keeps its stamp, so its second
+/// wait includes its first run.
 #[derive(Clone)]
 pub struct FlowMetrics {
     pub queue_wait_seconds: Family<PriorityLabels, Histogram>,
