@@ -384,6 +384,15 @@ pub fn render_table(summary: &CostSummary) -> String {
             .map(|t| format!(" (entries kept since {t})"))
             .unwrap_or_default()
     );
+    if let (Some(since), Some(kept)) = (&summary.since, &summary.retained_since) {
+        // Both are `format_time` output: the text order is the time order.
+        if since < kept {
+            let _ = writeln!(
+                out,
+                "note: the cost stream keeps entries since {kept} (it is capped at redis.firehose_maxlen); any recorded before are not counted"
+            );
+        }
+    }
     line(&mut out, &header);
     if keys.is_empty() {
         line(&mut out, &numbers(&summary.total));
@@ -425,6 +434,47 @@ mod tests {
             assert!(at(bad).is_err(), "{bad:?} should be refused");
         }
         assert!(at("99999999999w").is_err());
+    }
+
+    #[test]
+    fn the_table_aligns_groups_and_ends_with_the_total() {
+        let totals = |calls, micros| Totals {
+            calls,
+            prompt_tokens: 10 * calls,
+            cost_microdollars: micros,
+            cost_usd: usd(micros),
+            ..Totals::default()
+        };
+        let group = |tenant: &str, micros| CostGroup {
+            tenant: Some(tenant.to_owned()),
+            model: None,
+            day: None,
+            task: None,
+            totals: totals(1, micros),
+        };
+        let summary = CostSummary {
+            since: Some("2026-12-01T00:00:00.000Z".into()),
+            until: "2026-12-03T00:00:00.000Z".into(),
+            by: vec!["tenant".into()],
+            tenant: None,
+            model: None,
+            task: None,
+            retained_since: Some("2026-12-02T00:00:00.000Z".into()),
+            groups: vec![group("acme", 1_500_000), group("a-longer-name", 7)],
+            total: totals(2, 1_500_007),
+        };
+        let table = render_table(&summary);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[1].starts_with("note: the cost stream keeps entries since 2026-12-02"));
+        assert_eq!(
+            &lines[2..],
+            [
+                "TENANT         CALLS  PROMPT  COMPLETION  CACHE_READ  CACHE_WRITE  COST_USD",
+                "acme               1      10           0           0            0  1.500000",
+                "a-longer-name      1      10           0           0            0  0.000007",
+                "TOTAL              2      20           0           0            0  1.500007",
+            ]
+        );
     }
 
     #[test]
