@@ -27,6 +27,38 @@ pub const OTHER_TENANT: &str = "other";
 /// axum made itself, such as 405).
 pub const OTHER_REASON: &str = "other";
 
+/// The refusal reasons a submit endpoint can give (the problem types of
+/// `api/problem.rs`, `api/body.rs`, `api/auth.rs` and `api/tasks.rs`, 503s
+/// split by what failed), each counted from 0 at startup.
+pub const SUBMIT_REASONS: [&str; 14] = [
+    "malformed-request",
+    "unsupported-media-type",
+    "body-too-large",
+    "invalid-task",
+    "unauthorized",
+    "forbidden",
+    "batch-too-large",
+    "task-too-large",
+    "idempotency-key-reused",
+    "idempotency-in-progress",
+    "broker-unavailable",
+    "store-unavailable",
+    "stored-data-damaged",
+    OTHER_REASON,
+];
+
+/// The outcomes of `POST /v1/tasks/{id}/cancel`, by the status it answered.
+pub const CANCEL_OUTCOMES: [&str; 8] = [
+    "cancelled",
+    "requested",
+    "already_finished",
+    "not_found",
+    "unauthorized",
+    "bad_request",
+    "unavailable",
+    "other",
+];
+
 /// Which submit endpoint: `single` (`POST /v1/tasks`) or `batch`
 /// (`POST /v1/tasks/batch`).
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -135,6 +167,37 @@ impl SchedulerMetrics {
             streams_max: Gauge::default(),
             streams_refused: Family::default(),
         };
+        // Every series whose labels are known in advance exists from startup,
+        // so `rate()` sees its first increment. The tenant-labelled ones are
+        // created on first use (one per tenant that submits).
+        for endpoint in [Endpoint::Single, Endpoint::Batch] {
+            for reason in SUBMIT_REASONS {
+                if reason == "batch-too-large" && endpoint == Endpoint::Single {
+                    continue;
+                }
+                let _ = metrics.rejected.get_or_create(&RejectedLabels {
+                    endpoint: endpoint.as_str(),
+                    reason: reason.to_owned(),
+                });
+            }
+            for outcome in ["accepted", "rejected"] {
+                let _ = metrics.submit_seconds.get_or_create(&LatencyLabels {
+                    endpoint: endpoint.as_str(),
+                    outcome,
+                });
+            }
+        }
+        for outcome in CANCEL_OUTCOMES {
+            let _ = metrics.cancels.get_or_create(&OutcomeLabels { outcome });
+        }
+        for outcome in ["ok", "error"] {
+            let _ = metrics
+                .confirm_seconds
+                .get_or_create(&OutcomeLabels { outcome });
+        }
+        let _ = metrics.streams_refused.get_or_create(&ReasonLabels {
+            reason: "too_many_streams",
+        });
         metrics
             .streams_max
             .set(i64::try_from(max_streams).unwrap_or(i64::MAX));
@@ -336,6 +399,7 @@ pub async fn track_cancel(
         StatusCode::SERVICE_UNAVAILABLE => "unavailable",
         _ => "other",
     };
+    debug_assert!(CANCEL_OUTCOMES.contains(&outcome));
     metrics
         .cancels
         .get_or_create(&OutcomeLabels { outcome })
