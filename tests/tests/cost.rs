@@ -483,3 +483,101 @@ async fn a_token_sees_only_its_own_tenant() {
     assert_eq!(printed["total"]["cost_usd"], "0.320000");
     env.teardown().await;
 }
+
+/// A real agent task (worker, bubblewrap sandbox, the LLM simulator speaking
+/// the OpenAI wire format with a priced model): `shoal cost --task` sums to
+/// the cost on the task's record, under the submitting token's tenant only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_agent_task_costs_what_its_record_says() {
+    use serde_json::json;
+    use shoal_scheduler::client::Client;
+    use shoal_shared::task::{AgentSpec, TaskKind, TaskResult, TaskSpec, TaskState};
+    use shoal_tests::llm_sim::{LlmSim, Script, Turn};
+
+    let (sim_url, _sim) = LlmSim::start(Script::turns([
+        Turn::tool_call("terminal", json!({"command": "echo priced"})),
+        Turn::tool_call("finish", json!({"message": "priced"})),
+    ]))
+    .await;
+    let mut env = TestEnv::new(
+        "cost-agent",
+        &format!(
+            "scheduler.tokens.tok-acme = \"acme\"\nscheduler.tokens.tok-beta = \"beta\"\n\
+             models.sim.provider = \"openai\"\nmodels.sim.base_url = \"{sim_url}\"\n\
+             models.sim.model = \"sim-model\"\nmodels.sim.price_input = 3.0\n\
+             models.sim.price_output = 15.0\nmodels.sim.max_retries = 3\n"
+        ),
+    )
+    .await;
+    let base = env.start_scheduler().await;
+    env.start_worker("w1", 1).await;
+    let mut agent: AgentSpec =
+        serde_json::from_value(json!({ "prompt": "say priced" })).expect("spec");
+    agent.model = "sim".into();
+    let record = Client::new(&base, Some("tok-acme".into()))
+        .submit(&TaskSpec::new(TaskKind::Agent(agent)), None)
+        .await
+        .expect("submit");
+    let done = env.wait_terminal(&record.id, Duration::from_secs(90)).await;
+    assert_eq!(done.state, TaskState::Succeeded, "{:?}", done.last_error);
+    let Some(TaskResult::Agent(result)) = &done.result else {
+        panic!("no agent result: {:?}", done.result)
+    };
+    assert!(result.cost_micros > 0, "a priced model costs something");
+
+    let id = record.id.to_string();
+    let printed = shoal(
+        &base,
+        Some("tok-acme"),
+        &["cost", "--task", &id, "-o", "json"],
+    )
+    .await;
+    let summary: Value = serde_json::from_str(&printed).expect("json");
+    assert_eq!(summary["tenant"], "acme");
+    assert_eq!(summary["groups"].as_array().unwrap().len(), 1, "{summary}");
+    assert_eq!(summary["groups"][0]["task"], id);
+    assert_eq!(summary["total"]["cost_microdollars"], result.cost_micros);
+    assert_eq!(summary["total"]["calls"], u64::from(result.steps));
+    assert_eq!(
+        summary["total"]["completion_tokens"],
+        result.usage.completion_tokens
+    );
+    assert_eq!(
+        summary["total"]["cost_usd"],
+        format!(
+            "{}.{:06}",
+            result.cost_micros / 1_000_000,
+            result.cost_micros % 1_000_000
+        )
+    );
+    // By tenant and model over the last hour: the same money, one group.
+    let printed = shoal(
+        &base,
+        Some("tok-acme"),
+        &[
+            "cost",
+            "--since",
+            "1h",
+            "--by",
+            "tenant,model",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    let summary: Value = serde_json::from_str(&printed).expect("json");
+    assert_eq!(summary["groups"].as_array().unwrap().len(), 1, "{summary}");
+    assert_eq!(summary["groups"][0]["tenant"], "acme");
+    assert_eq!(summary["total"]["cost_microdollars"], result.cost_micros);
+    // The other tenant's token sees none of it.
+    let printed = shoal(
+        &base,
+        Some("tok-beta"),
+        &["cost", "--task", &id, "-o", "json"],
+    )
+    .await;
+    let summary: Value = serde_json::from_str(&printed).expect("json");
+    assert_eq!(summary["total"]["calls"], 0, "{summary}");
+    assert_eq!(summary["total"]["cost_usd"], "0.000000");
+    env.teardown().await;
+}
