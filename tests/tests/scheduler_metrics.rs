@@ -571,6 +571,15 @@ async fn every_submission_refusal_cancel_and_stream_moves_exactly_its_metrics() 
     )
     .await;
 
+    // An error axum answers itself: no problem type.
+    let response = client.get(&single).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    m.assert_delta(
+        "a wrong method",
+        &[rejected("single", "other"), latency("single", "rejected")],
+    )
+    .await;
+
     // An event stream on the first task: open, and the only one allowed.
     let events = format!("{base}/v1/tasks/{first}/events");
     let stream = client
