@@ -6,8 +6,9 @@
 
 Plain Python, no dependency: the JSON is Grafana 11's dashboard model. Every
 panel target is evaluated against a real Prometheus by
-tests/observability/dashboard.sh, so only metrics that exist today are used:
-the worker's /metrics (worker/src/metrics.rs, worker/src/pool/metrics.rs) and
+tests/observability/dashboard.sh, so only metrics that exist are used
+(docs/metrics.md): the scheduler's /metrics (scheduler/src/metrics.rs), the
+worker's /metrics (worker/src/metrics.rs, worker/src/pool/metrics.rs) and
 RabbitMQ's rabbitmq_prometheus plugin, per queue from /metrics/detailed
 (families queue_coarse_metrics and queue_consumer_count).
 """
@@ -162,12 +163,21 @@ def build():
             "Worker scrape targets answering (`up` of the jobs matching $worker_job).",
             targets((f'sum(up{{job=~"$worker_job", {W}}})', "up")),
         ),
+        3,
         4,
+    )
+    g.add(
+        stat(
+            "Schedulers up",
+            "Scheduler scrape targets answering (`up` of the jobs matching $scheduler_job).",
+            targets((f'sum(up{{job=~"$scheduler_job", {W}}})', "up")),
+        ),
+        3,
         4,
     )
     g.add(
         stat("Tasks running", "Task runs in progress on all workers.", targets((f"sum(shoal_tasks_running{{{W}}})", "running"))),
-        4,
+        3,
         4,
     )
     g.add(
@@ -176,7 +186,7 @@ def build():
             "Messages ready in the namespace's work queues: tasks no worker has taken yet.",
             targets((f"sum(rabbitmq_detailed_queue_messages_ready{{{WORK_Q}}})", "ready")),
         ),
-        4,
+        3,
         4,
     )
     g.add(
@@ -186,7 +196,7 @@ def build():
             targets((f"sum(rabbitmq_detailed_queue_messages{{{DEAD_Q}}})", "dead")),
             thresholds=red_at(1),
         ),
-        4,
+        3,
         4,
     )
     g.add(
@@ -201,7 +211,24 @@ def build():
             ),
             unit="percentunit",
         ),
+        3,
         4,
+    )
+    g.add(
+        stat(
+            "Queue wait p95",
+            "95th percentile of how long tasks waited in the work queues before a slot took them "
+            "(shoal_tasks_queue_wait_seconds, all priorities).",
+            targets(
+                (
+                    f"histogram_quantile(0.95, sum by (le) (rate(shoal_tasks_queue_wait_seconds_bucket{{{W}}}[{RI}])))",
+                    "p95",
+                )
+            ),
+            unit="s",
+            thresholds=[{"color": "green", "value": None}, {"color": "orange", "value": 60}, {"color": "red", "value": 900}],
+        ),
+        3,
         4,
     )
     g.add(
@@ -216,8 +243,97 @@ def build():
             ),
             unit="currencyUSD",
         ),
+        3,
         4,
-        4,
+    )
+
+    # ---- scheduler
+    g.row("Scheduler")
+    ten = f'{W}, tenant=~"$tenant"'
+    g.add(
+        timeseries(
+            "Tasks submitted per second, by kind and priority",
+            "shoal_scheduler_tasks_submitted_total: tasks the schedulers queued (broker-confirmed; "
+            "idempotent replays excluded), of the selected tenants.",
+            targets(
+                (
+                    f"sum by (kind, priority) (rate(shoal_scheduler_tasks_submitted_total{{{ten}}}[{RI}]))",
+                    "{{kind}} {{priority}}",
+                )
+            ),
+            unit="ops",
+            stack=True,
+        ),
+        8,
+        8,
+    )
+    g.add(
+        timeseries(
+            "Tasks submitted per second, by tenant",
+            "shoal_scheduler_tasks_submitted_total by tenant: a configured tenant, `default`, or `other`.",
+            targets(
+                (f"sum by (tenant) (rate(shoal_scheduler_tasks_submitted_total{{{ten}}}[{RI}]))", "{{tenant}}")
+            ),
+            unit="ops",
+            stack=True,
+        ),
+        8,
+        8,
+    )
+    g.add(
+        timeseries(
+            "Submissions rejected per second, by reason",
+            "shoal_scheduler_submissions_rejected_total: submit requests answered with an error, by the "
+            "problem type (invalid-task, unauthorized, body-too-large, …; broker-unavailable and "
+            "store-unavailable for 503s).",
+            targets(
+                (
+                    f"sum by (reason) (rate(shoal_scheduler_submissions_rejected_total{{{W}}}[{RI}]))",
+                    "{{reason}}",
+                )
+            ),
+            unit="ops",
+            stack=True,
+        ),
+        8,
+        8,
+    )
+    g.add(
+        timeseries(
+            "Submit latency (accepted requests), by endpoint",
+            "shoal_scheduler_submit_seconds{outcome=\"accepted\"}: from the request reaching the route to the "
+            "response, including the publisher-confirm round and the Redis pipeline.",
+            quantiles("shoal_scheduler_submit_seconds_bucket", "endpoint", f'{W}, outcome="accepted"', "{{endpoint}}"),
+            unit="s",
+        ),
+        8,
+        8,
+    )
+    g.add(
+        timeseries(
+            "Broker confirm latency",
+            "shoal_scheduler_broker_confirm_seconds{outcome=\"ok\"}: one round of publisher confirms, from "
+            "publishing a submission's messages to the broker's last confirm. Rises when RabbitMQ blocks "
+            "publishers (memory or disk alarm).",
+            quantiles("shoal_scheduler_broker_confirm_seconds_bucket", "outcome", f'{W}, outcome="ok"', "{{outcome}}"),
+            unit="s",
+        ),
+        8,
+        8,
+    )
+    g.add(
+        timeseries(
+            "Event streams (SSE) open",
+            "shoal_scheduler_event_streams_open against scheduler.max_streams (summed over the schedulers), "
+            "and streams refused per second because every one was taken.",
+            targets(
+                (f"sum(shoal_scheduler_event_streams_open{{{W}}})", "open"),
+                (f"sum(shoal_scheduler_event_streams_max{{{W}}})", "max"),
+                (f"sum(rate(shoal_scheduler_event_streams_refused_total{{{W}}}[{RI}]))", "refused/s"),
+            ),
+        ),
+        8,
+        8,
     )
 
     # ---- throughput and outcomes
@@ -273,12 +389,12 @@ def build():
     g.row("Workers")
     g.add(
         stat(
-            "Saturation (running / slots)",
-            "Runs in progress over the fleet's slots. Workers do not export their slot count yet: "
-            "slots = workers up × $slots (set the `slots` variable to worker.slots).",
+            "Saturation (busy slots / slots)",
+            "Share of the fleet's task slots holding a delivery: 1 - shoal_worker_slots_free / shoal_worker_slots "
+            "(a draining worker's stopped slots count as busy).",
             targets(
                 (
-                    f'sum(shoal_tasks_running{{{W}}}) / (sum(up{{job=~"$worker_job", {W}}}) * $slots)',
+                    f"1 - sum(shoal_worker_slots_free{{{W}}}) / sum(shoal_worker_slots{{{W}}})",
                     "saturation",
                 )
             ),
@@ -296,11 +412,28 @@ def build():
     g.add(
         timeseries(
             "Saturation per worker",
-            "Each worker's running tasks over $slots slots.",
-            targets((f"sum by (instance) (shoal_tasks_running{{{W}}}) / $slots", "{{instance}}")),
+            "Each worker's busy slots over its slots (shoal_worker_slots_free, shoal_worker_slots).",
+            targets(
+                (
+                    f"1 - sum by (instance) (shoal_worker_slots_free{{{W}}}) / sum by (instance) (shoal_worker_slots{{{W}}})",
+                    "{{instance}}",
+                )
+            ),
             unit="percentunit",
         ),
-        9,
+        6,
+        8,
+    )
+    g.add(
+        timeseries(
+            "Slots and free slots",
+            "The fleet's configured task slots (worker.slots summed) and the slots not holding a delivery.",
+            targets(
+                (f"sum(shoal_worker_slots{{{W}}})", "slots"),
+                (f"sum(shoal_worker_slots_free{{{W}}})", "free"),
+            ),
+        ),
+        6,
         8,
     )
     g.add(
@@ -310,7 +443,7 @@ def build():
             targets((f"sum by (instance, kind) (shoal_tasks_running{{{W}}})", "{{instance}} {{kind}}")),
             stack=True,
         ),
-        9,
+        6,
         8,
     )
 
@@ -330,18 +463,11 @@ def build():
     )
     g.add(
         timeseries(
-            "Estimated queue wait (Little's law)",
-            "Ready work over the fleet's start rate: roughly how long a task enqueued now waits. "
-            "RabbitMQ 3.10 serves head_message_timestamp for classic queues only, and Shoal's work queues "
-            "are quorum queues: this is the proxy for the oldest task's age until workers export an "
-            "enqueue-to-start histogram. "
-            "Infinite when work is ready and nothing starts.",
-            targets(
-                (
-                    f"sum(rabbitmq_detailed_queue_messages_ready{{{WORK_Q}}}) / sum(rate(shoal_tasks_started_total{{{W}}}[{RI}]))",
-                    "estimated wait",
-                )
-            ),
+            "Queue wait percentiles, by priority",
+            "shoal_tasks_queue_wait_seconds: from submission (or the end of a retry delay) until a worker's "
+            "slot took the task, on the wall clock. Tasks still waiting are not in it: a queue nobody takes "
+            "from shows as growing ready work, not as a wait.",
+            quantiles("shoal_tasks_queue_wait_seconds_bucket", "priority", W, "{{priority}}"),
             unit="s",
         ),
         12,
@@ -359,12 +485,12 @@ def build():
     )
     g.add(
         timeseries(
-            "Dead-letters per minute",
-            "Growth of `<namespace>.dead` (worker-published dead tasks and broker delivery-limit "
-            "dead-letters both land there), and the broker's delivery-limit dead-letter counter "
-            "(every namespace of the broker).",
+            "Dead-letters per minute, by reason",
+            "shoal_tasks_dead_letters_total: deliveries the workers dead-lettered to `<namespace>.dead`, by "
+            "reason (attempts_exhausted, malformed, too_large, …); and the broker's own delivery-limit "
+            "dead-letters (a message redelivered past x-delivery-limit; every namespace of the broker).",
             targets(
-                (f"sum by (queue) (clamp_min(deriv(rabbitmq_detailed_queue_messages{{{DEAD_Q}}}[{RI}]), 0)) * 60", "{{queue}}"),
+                (f"sum by (reason) (rate(shoal_tasks_dead_letters_total{{{W}}}[{RI}])) * 60", "{{reason}}"),
                 (
                     f"sum(rate(rabbitmq_global_messages_dead_lettered_delivery_limit_total[{RI}])) * 60",
                     "broker delivery-limit (all namespaces)",
@@ -377,12 +503,23 @@ def build():
     )
     g.add(
         timeseries(
+            "Retries per minute, by reason",
+            "shoal_tasks_retries_total: deliveries the workers sent to a retry tier (leased_elsewhere, store, "
+            "pool, sandbox, llm, …).",
+            targets((f"sum by (reason) (rate(shoal_tasks_retries_total{{{W}}}[{RI}])) * 60", "{{reason}}")),
+            unit="short",
+        ),
+        8,
+        8,
+    )
+    g.add(
+        timeseries(
             "Dead-letter queue depth",
             "Messages kept in `<namespace>.dead` for inspection and replay.",
             targets((f"sum by (queue) (rabbitmq_detailed_queue_messages{{{DEAD_Q}}})", "{{queue}}")),
         ),
-        8,
-        8,
+        24,
+        6,
     )
 
     # ---- LLM
@@ -468,8 +605,82 @@ def build():
             ),
             unit="percentunit",
         ),
-        24,
-        6,
+        12,
+        8,
+    )
+    g.add(
+        timeseries(
+            "LLM retries per second, by error class",
+            "shoal_llm_retries_total: failed attempts the client tried again (rate_limit, server, timeout, "
+            "connection, invalid_response). Every model.",
+            targets((f"sum by (class) (rate(shoal_llm_retries_total{{{W}}}[{RI}]))", "{{class}}")),
+            unit="ops",
+            stack=True,
+        ),
+        12,
+        8,
+    )
+
+    # ---- agent loop and events
+    g.row("Agent loop and events")
+    g.add(
+        timeseries(
+            "Tool calls per second, by tool and outcome",
+            "shoal_agent_tool_calls_total: the agents' tool calls (terminal, file_editor, think, finish, "
+            "task_tracker) by outcome (ok, error, timeout, invalid, refused, interrupted).",
+            targets(
+                (
+                    f'sum by (tool, outcome) (rate(shoal_agent_tool_calls_total{{{W}}}[{RI}]))',
+                    "{{tool}} {{outcome}}",
+                )
+            ),
+            unit="ops",
+            stack=True,
+        ),
+        12,
+        8,
+    )
+    g.add(
+        timeseries(
+            "Tool calls not ok, by tool",
+            "Share of each tool's calls whose outcome is not `ok` (error, timeout, invalid, refused, "
+            "interrupted). A tool nobody called has no ratio.",
+            targets(
+                (
+                    f'sum by (tool) (rate(shoal_agent_tool_calls_total{{{W}, outcome!="ok"}}[{RI}])) '
+                    f"/ sum by (tool) (rate(shoal_agent_tool_calls_total{{{W}}}[{RI}]))",
+                    "{{tool}}",
+                )
+            ),
+            unit="percentunit",
+        ),
+        12,
+        8,
+    )
+    g.add(
+        timeseries(
+            "Agent steps per second",
+            "shoal_agent_steps_total: model replies the agent loops acted on.",
+            targets((f"sum(rate(shoal_agent_steps_total{{{W}}}[{RI}]))", "steps")),
+            unit="ops",
+        ),
+        12,
+        8,
+    )
+    g.add(
+        timeseries(
+            "Task events published and dropped per second",
+            "shoal_events_published_total: task events the workers wrote to Redis; "
+            "shoal_events_dropped_total: events they could not write (by reason: redis, closed) — "
+            "clients and the task log miss those.",
+            targets(
+                (f"sum(rate(shoal_events_published_total{{{W}}}[{RI}]))", "published"),
+                (f"sum by (reason) (rate(shoal_events_dropped_total{{{W}}}[{RI}]))", "dropped {{reason}}"),
+            ),
+            unit="ops",
+        ),
+        12,
+        8,
     )
 
     # ---- sandbox pool
@@ -593,6 +804,9 @@ def variables():
         ),
         query_var("model", "Model", f"label_values(shoal_llm_calls_total{{{W}}}, model)", multi=True),
         query_var("template", "Sandbox template", f"label_values(shoal_pool_leases_total{{{W}}}, template)", multi=True),
+        query_var(
+            "tenant", "Tenant", f"label_values(shoal_scheduler_tasks_submitted_total{{{W}}}, tenant)", multi=True
+        ),
         textbox(
             "worker_job",
             "Worker job (regex)",
@@ -600,10 +814,10 @@ def variables():
             "Regex matching the Prometheus job(s) that scrape the workers' /metrics.",
         ),
         textbox(
-            "slots",
-            "Slots per worker",
-            "4",
-            "worker.slots of the workers (not exported as a metric yet; used for saturation).",
+            "scheduler_job",
+            "Scheduler job (regex)",
+            ".*shoal-scheduler.*",
+            "Regex matching the Prometheus job(s) that scrape the schedulers' /metrics.",
         ),
     ]
 
@@ -628,7 +842,8 @@ def dashboard():
                 }
             ]
         },
-        "description": "Shoal fleet: throughput, outcomes, queues, workers, LLM cost and errors, sandbox pool "
+        "description": "Shoal fleet: submissions, throughput, outcomes, workers, queues, LLM cost and errors, "
+        "agent loop and events, sandbox pool "
         "(docs/adr/0023-dashboard-and-alerts.md).",
         "editable": True,
         "fiscalYearStartMonth": 0,

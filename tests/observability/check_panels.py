@@ -11,8 +11,9 @@ values: every task finished, nothing running, the dead-lettered message in
 `check` resolves the dashboard's template variables the way Grafana does (the
 query variables' `label_values(...)` run against the same Prometheus, their
 `regex` applied; textboxes take their value; `namespace` must offer NS and is
-set to it; `model` and `template` must offer the run's `sim` and `default`
-and keep their default "All"; `slots` is set to SLOTS, 2), substitutes Grafana's interval macros, and runs
+set to it; `model`, `template` and `tenant` must offer the run's `sim`,
+`default` and `default` and keep their default "All"; textboxes keep their
+defaults), substitutes Grafana's interval macros, and runs
 every target's expression through /api/v1/query. A target fails on an error,
 an empty result, or a result that is only NaN; any failure fails the check and
 names the panel. Before that, a negative self-check feeds the same checker
@@ -44,9 +45,13 @@ MACROS = {
     "$__range": RATE_INTERVAL,
     "${__range}": RATE_INTERVAL,
 }
-OVERRIDES = {"namespace": NS, "slots": os.environ.get("SLOTS", "2")}
+OVERRIDES = {"namespace": NS}
 # Values the run produced, which the variables' queries must offer.
-MUST_OFFER = {"model": os.environ.get("MODEL", "sim"), "template": os.environ.get("TEMPLATE", "default")}
+MUST_OFFER = {
+    "model": os.environ.get("MODEL", "sim"),
+    "template": os.environ.get("TEMPLATE", "default"),
+    "tenant": os.environ.get("TENANT", "default"),
+}
 
 
 def api(path, params=None):
@@ -96,6 +101,7 @@ def wait_final():
         (f"sum(shoal_tasks_finished_total{{{sel}}})", lambda v: v is not None and v >= tasks, f">= {tasks} finished"),
         (f"sum(shoal_tasks_running{{{sel}}})", lambda v: v == 0, "0 running"),
         (f'count(up{{job="shoal-worker", {sel}}} == 1)', lambda v: v == 2, "2 workers up"),
+        (f'count(up{{job="shoal-scheduler", {sel}}} == 1)', lambda v: v == 1, "the scheduler up"),
         (f'sum(rabbitmq_detailed_queue_messages{{queue="{NS}.dead"}})', lambda v: v is not None and v >= dead, f">= {dead} dead-lettered"),
         ("count(rabbitmq_identity_info)", lambda v: v is not None and v >= 1, "RabbitMQ scraped"),
         # RabbitMQ refreshes queue metrics every collect_statistics_interval
@@ -158,6 +164,23 @@ def traffic():
         (f"sum(increase(shoal_llm_tokens_total{{{w}}}[{r}])) > 0", 1, "LLM tokens"),
         (f"sum(increase(shoal_pool_lease_seconds_count{{{w}}}[{r}])) > 0", 1, "sandbox leases"),
         (f"sum(increase(shoal_pool_create_seconds_count{{{w}}}[{r}])) > 0", 1, "sandbox creations"),
+        (f'sum by (priority) (increase(shoal_tasks_queue_wait_seconds_count{{{w}, priority=~"high|normal"}}[{r}])) > 0',
+         2, "queue waits of high and normal priority"),
+        (f'sum(increase(shoal_tasks_retries_total{{{w}, reason="leased_elsewhere"}}[{r}])) > 0', 1,
+         "a leased_elsewhere retry"),
+        (f'sum(increase(shoal_tasks_dead_letters_total{{{w}, reason="malformed"}}[{r}])) > 0', 1,
+         "a malformed dead letter"),
+        (f'sum(increase(shoal_llm_retries_total{{{w}, class="server"}}[{r}])) > 0', 1, "an LLM retry of class server"),
+        (f'sum by (tool) (increase(shoal_agent_tool_calls_total{{{w}, tool=~"terminal|finish", outcome="ok"}}[{r}])) > 0',
+         2, "terminal and finish tool calls"),
+        (f"sum(increase(shoal_agent_steps_total{{{w}}}[{r}])) > 0", 1, "agent steps"),
+        (f"sum(increase(shoal_events_published_total{{{w}}}[{r}])) > 0", 1, "events published"),
+        (f"sum by (kind, priority) (increase(shoal_scheduler_tasks_submitted_total{{{w}}}[{r}])) > 0", 3,
+         "submissions of exec normal, exec high and agent normal"),
+        (f'sum(increase(shoal_scheduler_submit_seconds_count{{{w}, outcome="accepted"}}[{r}])) > 0', 1,
+         "accepted submit requests"),
+        (f'sum(increase(shoal_scheduler_broker_confirm_seconds_count{{{w}, outcome="ok"}}[{r}])) > 0', 1,
+         "publisher-confirm rounds"),
     ]
     missing = []
     for expr, count, what in needs:
@@ -346,15 +369,15 @@ def check(path):
     return 0
 
 
-# Metrics the rules read that this run cannot produce: the blackbox exporter's
-# probe of the scheduler's /readyz is not part of it.
-NOT_IN_RUN = {"probe_success"}
+# Metrics the rules read that this run cannot produce (none today).
+NOT_IN_RUN = set()
 
 
 def check_rules_live(groups):
     """The rules against the run's real series: every metric a rule reads
     exists, every recording rule has a value (for this namespace where it has
-    the label), and the dead-letters the run caused fire ShoalDeadLetters."""
+    the label), and the dead-letters the run caused fire ShoalDeadLetters
+    (reason malformed)."""
     problems = []
     names = set()
     for grp in groups:
@@ -384,6 +407,7 @@ def check_rules_live(groups):
     firing = [
         a for a in api("/api/v1/alerts")["data"]["alerts"]
         if a["labels"].get("alertname") == "ShoalDeadLetters" and a["labels"].get("shoal_namespace") == NS
+        and a["labels"].get("reason") == "malformed"
     ]
     if not firing:
         problems.append(f"ShoalDeadLetters is not active for {NS} although the run dead-lettered messages")
@@ -394,7 +418,7 @@ def check_rules_live(groups):
 
 PROMQL_WORDS = {
     "sum", "min", "max", "avg", "count", "rate", "increase", "delta", "deriv", "irate", "vector", "scalar",
-    "label_replace", "min_over_time", "max_over_time", "histogram_quantile", "clamp_min", "and", "or",
+    "label_replace", "min_over_time", "max_over_time", "avg_over_time", "histogram_quantile", "clamp_min", "and", "or",
     "unless", "by", "on", "ignoring", "group_left", "group_right", "bool", "offset", "absent", "time",
 }
 

@@ -6,12 +6,14 @@
 #   2. `promtool check rules` and `promtool test rules` (unit tests of every alert);
 #   3. a real run: the local RabbitMQ/Redis, a real shoal-scheduler, two real
 #      shoal-worker processes (own ids and metrics ports), the LLM simulator as
-#      the agents' model, and a real Prometheus (scrape_interval 1s) scraping both
-#      workers and RabbitMQ's rabbitmq_prometheus plugin, with the rules loaded.
-#      Waves of exec tasks (succeeding, exiting 3, timing out), agent tasks
-#      (one meets a 500 from the LLM first) and a malformed message
-#      (dead-lettered) run to their expected terminal states, until every
-#      series the panels read has moved while Prometheus watched;
+#      the agents' model, and a real Prometheus (scrape_interval 1s) scraping the
+#      scheduler, both workers and RabbitMQ's rabbitmq_prometheus plugin, with
+#      the rules loaded. Waves of exec tasks (succeeding, exiting 3, timing out,
+#      one whose lease another holder has when a worker first takes it: a
+#      leased_elsewhere retry), agent tasks (two meet a 500 from the LLM first:
+#      an LLM retry of class server) and a malformed message (dead-lettered) run
+#      to their expected terminal states, until every series the panels read
+#      has moved while Prometheus watched;
 #   4. every panel target of the dashboard, with its template variables resolved
 #      the way Grafana resolves them (the variables' own label_values queries,
 #      run against the same Prometheus), is evaluated through /api/v1/query: an
@@ -19,9 +21,6 @@
 #      deliberately wrong expression must be reported as failing by the same
 #      checker (so the check cannot pass vacuously), and every loaded rule must
 #      evaluate without error.
-#
-# The scheduler has no /metrics yet (issue 10 item 1), so Prometheus does not
-# scrape it; the test talks to its API only.
 #
 # Needs: prometheus and promtool (Debian `prometheus`, installed by
 # `bash deploy/local/services.sh install`), python3, redis-cli, bwrap, and the built
@@ -262,6 +261,11 @@ global:
 rule_files:
   - $root/$rules
 scrape_configs:
+  - job_name: shoal-scheduler
+    static_configs:
+      - targets: ["127.0.0.1:$api_port"]
+        labels:
+          shoal_namespace: "$ns"
   - job_name: shoal-worker
     static_configs:
       - targets: ["127.0.0.1:$w1_port", "127.0.0.1:$w2_port"]
@@ -291,7 +295,11 @@ wait_for "Prometheus /-/ready" 60 http GET "$prom/-/ready"
 # $max_waves waves; usually two or three).
 export SHOAL_SERVER=$api PROM=$prom NS=$ns
 submit() { "$bin/shoal" submit "$@"; }
-state_of() { http GET "$api/v1/tasks/$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])'; }
+# (A task published past the scheduler has no record until a worker takes it.)
+state_of() {
+  http GET "$api/v1/tasks/$1" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])' ||
+    echo unknown
+}
 declare -A final expected
 all_ids=()
 wave=0
@@ -309,6 +317,24 @@ while :; do
   done
   ids+=("$(submit --model sim 'Say hello with echo.')") && expected[${ids[-1]}]=succeeded
   all_ids+=("${ids[@]}")
+  # A task whose lease another holder has (for 2.5 s) when a worker first takes
+  # it: the worker sends it to the 5 s retry tier (retries by reason:
+  # leased_elsewhere), and the retried copy succeeds. Published past the
+  # scheduler, as a TaskMessage (shared/src/message.rs), so that its id is
+  # known before any worker sees it.
+  rid=$(python3 -c 'import uuid; print(uuid.uuid4())')
+  redis-cli -u "$redis_url" SET "$ns:task:{$rid}:lease" "obs-elsewhere/1" PX 2500 | grep -qx OK ||
+    fail "could not hold the lease of $rid"
+  message=$(python3 -c '
+import datetime, json, sys
+print(json.dumps({"v": 1, "id": sys.argv[1], "tenant": "default",
+                  "spec": {"kind": {"type": "exec", "command": "echo retried"}, "priority": "normal"},
+                  "submitted_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}))' "$rid")
+  http POST "$SHOAL_RABBITMQ_MGMT_URL/api/exchanges/%2F/$ns.work/publish" \
+    "$(python3 -c 'import json,sys; print(json.dumps({"properties": {"delivery_mode": 2, "content_type": "application/json"}, "routing_key": "normal.retry", "payload": sys.argv[1], "payload_encoding": "string"}))' "$message")" |
+    grep -q '"routed":true' || fail "the task message $rid was not routed"
+  ids+=("$rid") && expected[$rid]=succeeded
+  all_ids+=("$rid")
   # A message that is not a task: a worker dead-letters it at once to $ns.dead.
   http POST "$SHOAL_RABBITMQ_MGMT_URL/api/exchanges/%2F/$ns.work/publish" \
     '{"properties":{},"routing_key":"normal.x","payload":"not a task","payload_encoding":"string"}' |
