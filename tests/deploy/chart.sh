@@ -222,6 +222,10 @@ worker_sel = [s for s in selectors if "worker" in s]
 dash_sel = [v["query"] for v in dashboard["templating"]["list"] if v["name"] == "worker_job"]
 if not worker_sel or not dash_sel:
     errors.append(f"no worker job selector found in the rules ({selectors}) or the dashboard ({dash_sel})")
+sched_sel = [s for s in selectors if "scheduler" in s]
+dash_sched_sel = [v["query"] for v in dashboard["templating"]["list"] if v["name"] == "scheduler_job"]
+if not sched_sel or not dash_sched_sel:
+    errors.append(f"no scheduler job selector found in the rules ({selectors}) or the dashboard ({dash_sched_sel})")
 
 def relabel(endpoint, label):
     vals = [r.get("replacement") for r in endpoint.get("relabelings", []) if r.get("targetLabel") == label]
@@ -238,6 +242,16 @@ for pm in (o for o in objects if o["kind"] == "PodMonitor"):
         if relabel(eps[0], "shoal_namespace") != ns:
             errors.append(f"PodMonitor {name}: shoal_namespace is not {ns!r}")
         said.append(f"worker job {job!r} matches {sorted(set(worker_sel + dash_sel))}, shoal_namespace={ns!r}")
+    elif comp == "scheduler":
+        job = relabel(eps[0], "job")
+        missed = [s for s in sched_sel + dash_sched_sel if not re.fullmatch(s, job or "")]
+        if missed:
+            errors.append(f"PodMonitor {name}: job {job!r} not selected by {missed}")
+        if eps[0].get("path") != "/metrics" or eps[0].get("port") != "http":
+            errors.append(f"PodMonitor {name}: needs /metrics on port http (the API port), has {eps}")
+        if relabel(eps[0], "shoal_namespace") != ns:
+            errors.append(f"PodMonitor {name}: shoal_namespace is not {ns!r}")
+        said.append(f"scheduler job {job!r} matches {sorted(set(sched_sel + dash_sched_sel))}, shoal_namespace={ns!r}")
     elif comp == "rabbitmq":
         paths = {e["path"]: e for e in eps}
         detailed = paths.get("/metrics/detailed")
@@ -575,14 +589,19 @@ pm = next(o for o in objects if o["kind"] == "PodMonitor" and o["metadata"]["nam
 pm["spec"]["podMetricsEndpoints"] = [e for e in pm["spec"]["podMetricsEndpoints"] if e["path"] == "/metrics"]
 rule = next(o for o in objects if o["kind"] == "PrometheusRule")
 rule["spec"]["groups"][0]["rules"].pop()
+sched = next(o for o in objects if o["kind"] == "PodMonitor" and o["metadata"]["name"].endswith("-scheduler"))
+for r in sched["spec"]["podMetricsEndpoints"][0]["relabelings"]:
+    if r["targetLabel"] == "job":
+        r["replacement"] = "api"
 json.dump(objects, open(sys.argv[2], "w"))
 PY
 if out="$(monitoring_wiring "$neg/no-detailed.json" "$WORK/bundled/shoal.toml" 2>&1)"; then
   fail "the monitoring check accepted RabbitMQ without /metrics/detailed: $out"
-elif grep -q '/metrics/detailed' <<<"$out" && grep -q 'spec.groups differ' <<<"$out"; then
-  pass "the monitoring check refuses a missing /metrics/detailed endpoint and a truncated PrometheusRule"
+elif grep -q '/metrics/detailed' <<<"$out" && grep -q 'spec.groups differ' <<<"$out" &&
+  grep -q "job 'api' not selected" <<<"$out"; then
+  pass "the monitoring check refuses a missing /metrics/detailed endpoint, a truncated PrometheusRule and a scheduler job the rules do not select"
 else
-  fail "the monitoring check failed without naming both faults: $out"
+  fail "the monitoring check failed without naming all three faults: $out"
 fi
 
 # The schema refuses a worker job name the rules would not select.
@@ -590,6 +609,11 @@ if render "$neg/job.yaml" --set monitoring.podMonitor.jobLabels.worker=workers 2
   fail "values.schema.json accepted monitoring.podMonitor.jobLabels.worker=workers"
 else
   pass "values.schema.json refuses a worker job without shoal-worker: $(grep -o "does not match pattern.*" "$neg/job.log" | head -1 || head -1 "$neg/job.log")"
+fi
+if render "$neg/job.yaml" --set monitoring.podMonitor.jobLabels.scheduler=api 2>"$neg/job.log"; then
+  fail "values.schema.json accepted monitoring.podMonitor.jobLabels.scheduler=api"
+else
+  pass "values.schema.json refuses a scheduler job without shoal-scheduler: $(grep -o "does not match pattern.*" "$neg/job.log" | head -1 || head -1 "$neg/job.log")"
 fi
 
 # The Daytona-only preset refuses a local template (it could not run there).

@@ -105,7 +105,8 @@ root=obj({
  "monitoring":obj({
    "podMonitor":obj({"enabled":b,"interval":s,"labels":strmap,
      "jobLabels":obj({"worker":{"type":"string","pattern":"shoal-worker","description":"must contain shoal-worker: the rules and the dashboard select up{job=~\".*shoal-worker.*\"}"},
-                      "rabbitmq":{"type":"string","minLength":1},"rabbitmqQueues":{"type":"string","minLength":1}},["worker","rabbitmq","rabbitmqQueues"])}),
+                      "scheduler":{"type":"string","pattern":"shoal-scheduler","description":"must contain shoal-scheduler: the rules and the dashboard select up{job=~\".*shoal-scheduler.*\"}"},
+                      "rabbitmq":{"type":"string","minLength":1},"rabbitmqQueues":{"type":"string","minLength":1}},["worker","scheduler","rabbitmq","rabbitmqQueues"])}),
    "dashboard":obj({"enabled":b,"label":{"type":"string","minLength":1},"labelValue":s,"namespace":s,"annotations":strmap}),
    "rules":obj({"enabled":b,"labels":strmap})}),
  "rabbitmq":obj({"enabled":b,"image":svcImage,"consumerTimeoutMarginSeconds":i(0),"persistence":persistence,"resources":anyobj}),
