@@ -13,7 +13,11 @@ use shoal_shared::task::{
 };
 
 #[derive(Parser)]
-#[command(name = "shoal", version, about = "Submit, inspect and manage Shoal tasks")]
+#[command(
+    name = "shoal",
+    version,
+    about = "Submit, inspect and manage Shoal tasks"
+)]
 struct Cli {
     /// Scheduler base URL.
     #[arg(
