@@ -5,11 +5,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use shoal_shared::broker::{
-    Broker, OutgoingMessage, PublishError, Publisher, Topology, HEADER_TASK_ID,
+    Broker, OutgoingMessage, PublishError, Publisher, Topology, HEADER_TASK_ID, HEADER_TRACEPARENT,
 };
 use shoal_shared::store::{Claim, Store, StoreError};
 use shoal_shared::task::{SpecError, SpecLimits, TaskId, TaskRecord, TaskSpec};
-use shoal_shared::TaskMessage;
+use shoal_shared::{telemetry, TaskMessage};
 use tracing::warn;
 
 use crate::metrics::SchedulerMetrics;
@@ -109,6 +109,9 @@ impl Submitter {
 
     /// Validates every spec (nothing is queued if one is invalid), then queues
     /// all of them with one round of publisher confirms and one Redis pipeline.
+    /// Traced as `submit`, with one `publish` child span per queued task whose
+    /// W3C `traceparent` the message carries to the worker (ADR 0025).
+    #[tracing::instrument(name = "submit", skip_all, fields(tenant = %tenant, tasks = specs.len()))]
     pub async fn submit(
         &self,
         specs: Vec<TaskSpec>,
@@ -195,14 +198,31 @@ impl Submitter {
 
         let mut messages: Vec<&TaskMessage> = Vec::new();
         let mut outgoing: Vec<OutgoingMessage> = Vec::new();
+        // One span per task, open until the broker confirmed it; its context
+        // is the parent of the worker's run (only built when traces are on).
+        let mut publish_spans: Vec<tracing::Span> = Vec::new();
         for (message, body) in slots.iter_mut().filter_map(|slot| slot.as_mut().ok()) {
+            // So a worker that cannot read the body still knows the task.
+            let mut headers = vec![(HEADER_TASK_ID.into(), message.id.to_string())];
+            if telemetry::traces_enabled() {
+                let span = tracing::info_span!(
+                    "publish",
+                    task_id = %message.id,
+                    otel.kind = "producer",
+                    trace_id = tracing::field::Empty,
+                );
+                telemetry::record_trace_id(&span);
+                if let Some(traceparent) = telemetry::traceparent_of(&span) {
+                    headers.push((HEADER_TRACEPARENT.into(), traceparent));
+                }
+                publish_spans.push(span);
+            }
             outgoing.push(OutgoingMessage {
                 exchange: self.topology.work_exchange(),
                 routing_key: message.spec.priority.as_str().to_owned(),
                 body: std::mem::take(body),
                 message_id: Some(message.id.to_string()),
-                // So a worker that cannot read the body still knows the task.
-                headers: vec![(HEADER_TASK_ID.into(), message.id.to_string())],
+                headers,
             });
             messages.push(message);
         }
@@ -216,6 +236,7 @@ impl Submitter {
                 self.release_keys(tenant, &claimed).await;
                 return Err(error.into());
             }
+            drop(publish_spans);
             self.publisher
                 .ring(&self.topology.doorbell_exchange())
                 .await;

@@ -194,7 +194,8 @@ impl TestEnv {
             ),
         )
         .expect("write worker config");
-        let child = tokio::process::Command::new(&binary)
+        let mut command = tokio::process::Command::new(&binary);
+        let child = die_with_test(&mut command)
             .arg("--config")
             .arg(&config)
             .env_remove(BROKER_ENV)
@@ -416,8 +417,24 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
     })
 }
 
+/// Makes `command`'s child die (SIGKILL) when the test that started it dies,
+/// even when the test is killed (a timeout) and `kill_on_drop` never runs: a
+/// fleet binary must not outlive its test and keep consuming from the
+/// broker. Spawn from the test's runtime threads: the signal follows the
+/// thread that forked.
+pub fn die_with_test(command: &mut tokio::process::Command) -> &mut tokio::process::Command {
+    // SAFETY: `set_pdeathsig` is one prctl(2) call, async-signal-safe, as
+    // required between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        })
+    }
+}
+
 /// Path of a workspace binary next to the test executable's `deps/` folder.
-fn binary_path(name: &str) -> PathBuf {
+pub fn binary_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe
         .parent()

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use shoal_tests::harness::binary_path;
+
 const BINARIES: [&str; 2] = ["shoal-worker", "shoal-scheduler"];
 
 /// A complete configuration: two templates (one Daytona), one extra model
@@ -42,22 +44,6 @@ provider = "openai"
 base_url = "http://127.0.0.1:1/v1"
 model = "mini"
 "#;
-
-/// Path of a workspace binary next to the test executable's `deps/` folder.
-fn binary_path(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binaries live in target/<profile>/deps");
-    let binary = dir.join(name);
-    assert!(
-        binary.exists(),
-        "{} is missing: build the binaries first (`cargo build --workspace --bins`; `make test` does)",
-        binary.display()
-    );
-    binary
-}
 
 /// Runs `binary --check-config [--config file]` with only `env` set (the
 /// test's own `SHOAL__*` variables must not leak in), waiting at most a minute.

@@ -19,14 +19,15 @@ use lapin::options::{BasicAckOptions, BasicGetOptions, BasicRejectOptions, Confi
 use lapin::Channel;
 use shoal_shared::broker::{
     publish_confirmed, Broker, OutgoingMessage, Topology, HEADER_ATTEMPTS, HEADER_LAST_ERROR,
-    HEADER_REASON, HEADER_TASK_ID, HEADER_WORKER,
+    HEADER_REASON, HEADER_TASK_ID, HEADER_TRACEPARENT, HEADER_WORKER,
 };
 use shoal_shared::store::{DeadEntry, Transition, TransitionOutcome};
 use shoal_shared::task::{Priority, TaskId, TaskState};
+use shoal_shared::telemetry;
 use shoal_shared::TaskMessage;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, warn, Instrument};
 
 use crate::run::{panic_error, Disposition, TaskRunner};
 
@@ -147,21 +148,40 @@ impl Slot {
                     since,
                     chrono::Utc::now(),
                 );
+                // The task's run span: `task_id` on every log line inside it,
+                // and (traces on) the child of the scheduler's publish span
+                // named by the message's `traceparent` (ADR 0025).
+                let span = tracing::info_span!(
+                    "task.run",
+                    task_id = %message.id,
+                    otel.kind = "consumer",
+                    trace_id = tracing::field::Empty,
+                );
+                if telemetry::traces_enabled() {
+                    let traceparent = header_text(&delivery, HEADER_TRACEPARENT);
+                    telemetry::set_remote_parent(&span, traceparent.as_deref());
+                    telemetry::record_trace_id(&span);
+                }
                 // The runner turns a panic in the run into a failed task; this
                 // catches one in its own bookkeeping, so the message is still
                 // settled and the slot goes on serving.
-                let disposition = match AssertUnwindSafe(self.runner.run(&message, abort))
-                    .catch_unwind()
-                    .await
-                {
-                    Ok(disposition) => disposition,
-                    Err(payload) => {
-                        let error = panic_error(&*payload);
-                        error!(slot = self.index, %error, "the runner panicked");
-                        self.runner.fail(&message, error).await
+                let disposition = async {
+                    match AssertUnwindSafe(self.runner.run(&message, abort))
+                        .catch_unwind()
+                        .await
+                    {
+                        Ok(disposition) => disposition,
+                        Err(payload) => {
+                            let error = panic_error(&*payload);
+                            error!(slot = self.index, %error, "the runner panicked");
+                            self.runner.fail(&message, error).await
+                        }
                     }
-                };
+                }
+                .instrument(span.clone())
+                .await;
                 self.settle(channel, &delivery, Some(&message), disposition)
+                    .instrument(span)
                     .await;
                 return;
             }
@@ -223,7 +243,7 @@ impl Slot {
         disposition: Disposition,
     ) {
         let worker = self.runner.settings.worker.id.to_string();
-        let plan = settle_plan(
+        let mut plan = settle_plan(
             &self.topology,
             &worker,
             &delivery.data,
@@ -231,6 +251,15 @@ impl Slot {
             &disposition,
             chrono::Utc::now(),
         );
+        // A retry or dead-letter copy stays in the task's trace: every
+        // attempt's run is a child of the same publish span.
+        if let SettlePlan::PublishThenAck(outgoing) = &mut plan {
+            if let Some(traceparent) = header_text(delivery, HEADER_TRACEPARENT) {
+                outgoing
+                    .headers
+                    .push((HEADER_TRACEPARENT.into(), traceparent));
+            }
+        }
         let result = match plan {
             SettlePlan::Ack => Ok(()),
             SettlePlan::Requeue => {
@@ -388,6 +417,16 @@ fn task_id_of(delivery: &Delivery) -> Option<TaskId> {
     serde_json::from_slice::<IdOnly>(&delivery.data)
         .ok()
         .map(|body| body.id)
+}
+
+/// A text header of `delivery` (AMQP long or short string).
+fn header_text(delivery: &Delivery, name: &str) -> Option<String> {
+    let headers = delivery.properties.headers().as_ref()?;
+    match headers.inner().get(name)? {
+        lapin::types::AMQPValue::LongString(s) => Some(s.to_string()),
+        lapin::types::AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
 }
 
 /// When a delivery that came back from a retry tier was back in its work

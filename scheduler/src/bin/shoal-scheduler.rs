@@ -32,7 +32,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         return Ok(check_config(&args));
     }
     let settings = Settings::load(args.config.as_deref())?;
-    telemetry::init(&settings.telemetry);
+    let _telemetry = telemetry::init(&settings.telemetry, "shoal-scheduler");
     let listener = tokio::net::TcpListener::bind(settings.scheduler.listen)
         .await
         .with_context(|| format!("binding {}", settings.scheduler.listen))?;

@@ -13,6 +13,7 @@ use prometheus_client::registry::Registry;
 use shoal_scheduler::client::Client;
 use shoal_shared::task::{TaskId, TaskKind, TaskSpec, TaskState};
 use shoal_tests::harness::metric_value;
+use shoal_tests::harness::{binary_path, die_with_test};
 use shoal_tests::{wait_until, TestEnv};
 use shoal_worker::kube::{PodTarget, Timing};
 use tokio::task::JoinHandle;
@@ -440,7 +441,8 @@ async fn the_worker_binary_finds_its_pod_in_the_environment() {
         ),
     )
     .expect("write the config");
-    let mut child = tokio::process::Command::new(binary("shoal-worker"))
+    let mut command = tokio::process::Command::new(binary_path("shoal-worker"));
+    let mut child = die_with_test(&mut command)
         .arg("--config")
         .arg(&config)
         .env("POD_NAME", POD)
@@ -474,20 +476,4 @@ async fn the_worker_binary_finds_its_pod_in_the_environment() {
     );
     let _ = std::fs::remove_file(&config);
     env.teardown().await;
-}
-
-/// A workspace binary, next to the test executable's `deps/` folder.
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let path = exe
-        .parent()
-        .and_then(std::path::Path::parent)
-        .expect("test binaries live in target/<profile>/deps")
-        .join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build the binaries first (`cargo build --workspace --bins`; `make test` does)",
-        path.display()
-    );
-    path
 }

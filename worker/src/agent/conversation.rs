@@ -12,6 +12,7 @@ use shoal_shared::event::Event;
 use shoal_shared::store::CostEntry;
 use shoal_shared::task::{AgentResult, TaskId};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::condenser;
 use super::llm::{ChatMessage, LlmClient, LlmErrorKind, LlmRequest, LlmResponse, ToolCall};
@@ -248,8 +249,27 @@ impl Conversation<'_> {
                 temperature: self.config.temperature,
                 response_format: None,
             };
+            // One span per step (the model's reply and the tools it called),
+            // open until the next step begins; children for the LLM call and
+            // each tool call. No prompt or reply text is recorded (ADR 0025).
+            let step_span = tracing::info_span!("agent.step", step = run.calls + 1);
+            let llm_span = tracing::info_span!(
+                parent: &step_span,
+                "llm.call",
+                otel.kind = "client",
+                model = tracing::field::Empty,
+                prompt_tokens = tracing::field::Empty,
+                completion_tokens = tracing::field::Empty,
+                cost_micros = tracing::field::Empty,
+                error = tracing::field::Empty,
+            );
             let response = match self
-                .race(deadline, self.llm.complete(&request, &self.cancel))
+                .race(
+                    deadline,
+                    self.llm
+                        .complete(&request, &self.cancel)
+                        .instrument(llm_span.clone()),
+                )
                 .await
             {
                 Err(Interrupted::Cancelled) => return Outcome::Cancelled,
@@ -264,9 +284,17 @@ impl Conversation<'_> {
                 Ok(Err(error)) if error.kind == LlmErrorKind::Cancelled => {
                     return Outcome::Cancelled
                 }
-                Ok(Err(error)) => return Outcome::Error(format!("LLM call failed: {error}")),
+                Ok(Err(error)) => {
+                    llm_span.record("error", tracing::field::debug(&error.kind));
+                    return Outcome::Error(format!("LLM call failed: {error}"));
+                }
                 Ok(Ok(response)) => response,
             };
+            llm_span.record("model", response.model.as_str());
+            llm_span.record("prompt_tokens", response.usage.prompt_tokens);
+            llm_span.record("completion_tokens", response.usage.completion_tokens);
+            llm_span.record("cost_micros", self.config.prices.cost(&response.usage).0);
+            drop(llm_span);
             self.account(run, &response).await;
             self.sink.step();
             // A reply cut off at the token limit is never an answer: the
@@ -315,7 +343,17 @@ impl Conversation<'_> {
                         continue;
                     }
                 }
-                match self.act(run, call, thought, deadline).await {
+                let tool_span = tracing::info_span!(
+                    parent: &step_span,
+                    "tool.call",
+                    tool = %call.name,
+                    outcome = tracing::field::Empty,
+                );
+                match self
+                    .act(run, call, thought, deadline)
+                    .instrument(tool_span)
+                    .await
+                {
                     Ok(None) => {}
                     Ok(Some(finish)) => {
                         run.final_message = Some(finish);

@@ -220,6 +220,8 @@ impl EventSink for RedisSink {
     }
 
     fn tool_call(&self, tool: &'static str, outcome: ToolOutcome) {
+        // The `tool.call` span the call runs in (a no-op outside one).
+        tracing::Span::current().record("outcome", outcome.as_str());
         if let Some(metrics) = &self.metrics {
             metrics.tool_call(tool, outcome);
         }

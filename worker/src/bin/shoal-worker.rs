@@ -33,7 +33,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         return Ok(check_config(&args));
     }
     let settings = Settings::load(args.config.as_deref())?;
-    telemetry::init(&settings.telemetry);
+    let _telemetry = telemetry::init(&settings.telemetry, "shoal-worker");
     let shutdown = CancellationToken::new();
     tokio::spawn(shoal_shared::signal::cancel_on_signal(shutdown.clone()));
     shoal_worker::run(settings, shutdown).await?;

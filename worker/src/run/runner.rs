@@ -12,7 +12,7 @@ use shoal_shared::store::{Lease, LeaseAttempt, Store, Transition, TransitionOutc
 use shoal_shared::task::{format_time, TaskKind, TaskRecord, TaskResult, TaskState};
 use shoal_shared::TaskMessage;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, instrument, warn};
+use tracing::{error, info, warn, Instrument};
 
 use super::context::{emit, RunContext};
 use super::end::{Cause, Disposition, RunEnd, RunError, StopReason};
@@ -47,7 +47,7 @@ impl TaskRunner {
     /// deadline passed: the run stops and the task goes back to the queue.
     /// A panic anywhere in the run fails the task (it is a bug of ours, not
     /// worth another attempt) instead of taking the slot down with it.
-    #[instrument(skip_all, fields(task_id = %message.id))]
+    /// (The consumer runs it inside the task's `task.run` span.)
     pub async fn run(&self, message: &TaskMessage, abort: &CancellationToken) -> Disposition {
         match fail_on_panic(self.try_run(message, abort)).await {
             Ok(disposition) => disposition,
@@ -259,6 +259,10 @@ impl TaskRunner {
         let lease = self
             .pool
             .lease(&message.spec.sandbox, &message.tenant)
+            .instrument(tracing::info_span!(
+                "sandbox.lease",
+                template = %message.spec.sandbox,
+            ))
             .await?;
         let sandbox = lease.sandbox();
         self.emit(EventEnvelope::now(
