@@ -114,6 +114,12 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DependencyLabels {
+    /// `broker` (RabbitMQ) or `redis`.
+    pub dependency: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
 }
@@ -138,6 +144,8 @@ pub struct SchedulerMetrics {
     pub streams_open: Gauge,
     pub streams_max: Gauge,
     pub streams_refused: Family<ReasonLabels, Counter>,
+    /// 1 when the last check reached the dependency, else 0.
+    pub dependency_up: Family<DependencyLabels, Gauge>,
 }
 
 impl SchedulerMetrics {
@@ -166,6 +174,7 @@ impl SchedulerMetrics {
             streams_open: Gauge::default(),
             streams_max: Gauge::default(),
             streams_refused: Family::default(),
+            dependency_up: Family::default(),
         };
         // Every series whose labels are known in advance exists from startup,
         // so `rate()` sees its first increment. The tenant-labelled ones are
@@ -194,6 +203,12 @@ impl SchedulerMetrics {
             let _ = metrics
                 .confirm_seconds
                 .get_or_create(&OutcomeLabels { outcome });
+        }
+        // Unknown until the first check: 0, not "up".
+        for dependency in ["broker", "redis"] {
+            let _ = metrics
+                .dependency_up
+                .get_or_create(&DependencyLabels { dependency });
         }
         let _ = metrics.streams_refused.get_or_create(&ReasonLabels {
             reason: "too_many_streams",
@@ -252,6 +267,11 @@ impl SchedulerMetrics {
             "event_streams_refused",
             "Server-Sent Event streams refused, by reason",
             metrics.streams_refused.clone(),
+        );
+        sub.register(
+            "dependency_up",
+            "1 when the scheduler reached the dependency (broker: RabbitMQ, redis: Redis) at its last check (every scrape and readiness probe), else 0",
+            metrics.dependency_up.clone(),
         );
         Self {
             registry,
@@ -313,6 +333,15 @@ impl SchedulerMetrics {
         }
     }
 
+    /// Records what a readiness check found.
+    pub fn dependencies_checked(&self, broker: bool, redis: bool) {
+        for (dependency, up) in [("broker", broker), ("redis", redis)] {
+            self.dependency_up
+                .get_or_create(&DependencyLabels { dependency })
+                .set(i64::from(up));
+        }
+    }
+
     /// The exposition, in the OpenMetrics text format.
     pub fn encode(&self) -> String {
         let mut text = String::new();
@@ -334,8 +363,8 @@ impl Drop for OpenStream {
     }
 }
 
-/// `GET /metrics`.
-pub async fn serve(State(metrics): State<Arc<SchedulerMetrics>>) -> Response {
+/// The exposition, as `/metrics` answers it.
+pub fn render(metrics: &SchedulerMetrics) -> Response {
     (
         [(
             header::CONTENT_TYPE,

@@ -712,3 +712,108 @@ async fn a_tenant_that_is_not_configured_is_never_a_label() {
     assert!(!text.contains("mallory"), "{text}");
     drain(env, &ids).await;
 }
+
+/// A Redis of this test's own (the real server, on a free port), so it can be
+/// stopped without disturbing other tests.
+struct PrivateRedis {
+    child: tokio::process::Child,
+}
+
+impl PrivateRedis {
+    async fn start(port: u16) -> Self {
+        let mut command = tokio::process::Command::new("redis-server");
+        let child = shoal_tests::harness::die_with_test(&mut command)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start redis-server (deploy/local/services.sh installs it)");
+        let url = format!("redis://127.0.0.1:{port}/");
+        wait_until(
+            "the private Redis to answer",
+            Duration::from_secs(30),
+            || {
+                let url = url.clone();
+                async move {
+                    let client = redis::Client::open(url).ok()?;
+                    let mut connection = client.get_multiplexed_async_connection().await.ok()?;
+                    redis::cmd("PING")
+                        .query_async::<String>(&mut connection)
+                        .await
+                        .ok()
+                }
+            },
+        )
+        .await;
+        Self { child }
+    }
+
+    async fn kill(mut self) {
+        self.child.kill().await.expect("kill redis-server");
+    }
+}
+
+fn dependency_up(samples: &Samples, dependency: &str) -> Option<f64> {
+    samples
+        .get(&k(
+            "shoal_scheduler_dependency_up",
+            &[("dependency", dependency)],
+        ))
+        .copied()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dependency_up_follows_redis_going_away_and_coming_back() {
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        probe.local_addr().expect("addr").port()
+    };
+    let redis = PrivateRedis::start(port).await;
+    let mut env = TestEnv::new("sched-metrics-deps", "").await;
+    // Only the scheduler uses the private Redis; the harness keeps the shared one.
+    env.settings.redis.url = format!("redis://127.0.0.1:{port}/");
+    let base = env.start_scheduler().await;
+    let scraper = Scraper::new(&base).await;
+    let client = reqwest::Client::new();
+    let ready = |client: &reqwest::Client| {
+        let request = client.get(format!("{base}/readyz")).send();
+        async move { request.await.expect("readyz").status() }
+    };
+
+    let up = scraper.scrape().await;
+    assert_eq!(dependency_up(&up, "redis"), Some(1.0));
+    assert_eq!(dependency_up(&up, "broker"), Some(1.0));
+
+    redis.kill().await;
+    wait_until(
+        "the scrape to report Redis down",
+        Duration::from_secs(60),
+        || {
+            let scrape = scraper.scrape();
+            async move { (dependency_up(&scrape.await, "redis") == Some(0.0)).then_some(()) }
+        },
+    )
+    .await;
+    let down = scraper.scrape().await;
+    assert_eq!(
+        dependency_up(&down, "broker"),
+        Some(1.0),
+        "only Redis went away"
+    );
+    assert_eq!(ready(&client).await, StatusCode::SERVICE_UNAVAILABLE);
+
+    let redis = PrivateRedis::start(port).await;
+    wait_until(
+        "the scrape to report Redis back",
+        Duration::from_secs(60),
+        || {
+            let scrape = scraper.scrape();
+            async move { (dependency_up(&scrape.await, "redis") == Some(1.0)).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(ready(&client).await, StatusCode::OK);
+    env.teardown().await;
+    redis.kill().await;
+}

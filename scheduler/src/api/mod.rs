@@ -64,7 +64,7 @@ pub fn router(state: AppState, settings: &Settings) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         // Unauthenticated, like the health probes: counts, never task data.
-        .route("/metrics", get(crate::metrics::serve).with_state(metrics))
+        .route("/metrics", get(health::metrics))
         .fallback(problem::not_found)
         .layer(DefaultBodyLimit::max(settings.scheduler.max_body_bytes))
         .with_state(state)
