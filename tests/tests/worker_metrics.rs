@@ -260,3 +260,114 @@ async fn an_agent_task_counts_its_tool_calls_steps_events_and_llm_retries() {
     }
     env.teardown().await;
 }
+
+/// The cost counter carries the task's tenant, bounded: a tenant listed in
+/// `worker.metric_tenants` by name, any other as `other`. Each tenant's
+/// series adds up to exactly what its calls wrote to the cost stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llm_cost_is_counted_by_model_and_bounded_tenant() {
+    let (sim_url, sim) = LlmSim::start(Script::turns([
+        Turn::tool_call("finish", json!({"message": "acme's"})),
+        Turn::tool_call("finish", json!({"message": "mallory's"})),
+    ]))
+    .await;
+    // Two tenants submit; the workers are told only of acme.
+    let mut env = TestEnv::new(
+        "wm-cost-tenant",
+        &format!(
+            "{}scheduler.tokens.tok-acme = \"acme\"\nscheduler.tokens.tok-mallory = \"mallory\"\n\
+             worker.metric_tenants = [\"acme\"]\n",
+            model_toml(&sim_url)
+        ),
+    )
+    .await;
+    let url = env.start_scheduler().await;
+    env.start_worker("w1", 1).await;
+    const COST: &str = "shoal_llm_cost_microdollars_total";
+    let before = env.worker_metrics("w1");
+    assert!(!before.contains(&format!("{COST}{{")), "{before}");
+
+    let mut runs = Vec::new();
+    for (token, tenant) in [("tok-acme", "acme"), ("tok-mallory", "mallory")] {
+        let client = Client::new(&url, Some(token.into()));
+        let mut spec: AgentSpec =
+            serde_json::from_value(json!({ "prompt": "just finish" })).expect("spec");
+        spec.model = "sim".into();
+        let record = client
+            .submit(&TaskSpec::new(TaskKind::Agent(spec)), None)
+            .await
+            .expect("submit");
+        assert_eq!(record.tenant, tenant);
+        // One at a time: the script's turns go in order.
+        let done = env.wait_terminal(&record.id, Duration::from_secs(90)).await;
+        assert_eq!(done.state, TaskState::Succeeded, "{:?}", done.last_error);
+        runs.push((record.id, tenant));
+    }
+    sim.assert_no_violations();
+
+    // What each task's calls cost, as the cost stream has it.
+    let store = env.store.clone();
+    let costs = shoal_tests::wait_until(
+        "both tasks' calls on the cost stream",
+        Duration::from_secs(10),
+        || {
+            let store = store.clone();
+            let runs = runs.clone();
+            async move {
+                let mut entries = Vec::new();
+                store
+                    .visit_costs(0, u64::MAX, |r| entries.push(r.entry))
+                    .await
+                    .ok()?;
+                let per_task: Vec<u64> = runs
+                    .iter()
+                    .map(|(id, _)| {
+                        entries
+                            .iter()
+                            .filter(|e| e.task_id == *id)
+                            .map(|e| e.cost_micros)
+                            .sum()
+                    })
+                    .collect();
+                (entries.len() == runs.len() && per_task.iter().all(|c| *c > 0))
+                    .then_some((entries, per_task))
+            }
+        },
+    )
+    .await;
+    let (entries, per_task) = costs;
+    assert!(
+        entries.iter().any(|e| e.tenant == "mallory"),
+        "the stream keeps the real tenant: {entries:?}"
+    );
+    let model = entries[0].model.as_str();
+    assert!(entries.iter().all(|e| e.model == model), "{entries:?}");
+
+    let text = env
+        .wait_worker_metric(
+            "w1",
+            COST,
+            &[("model", model), ("tenant", "acme")],
+            per_task[0] as f64,
+        )
+        .await;
+    let text = if metric_value(&text, COST, &[("tenant", "other")]) == Some(per_task[1] as f64) {
+        text
+    } else {
+        env.wait_worker_metric(
+            "w1",
+            COST,
+            &[("model", model), ("tenant", "other")],
+            per_task[1] as f64,
+        )
+        .await
+    };
+    // The unlisted tenant's name never becomes a label value; no other series.
+    assert!(!text.contains("mallory"), "{text}");
+    let series: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("{COST}{{")))
+        .collect();
+    assert_eq!(series.len(), 2, "{series:?}");
+    env.teardown().await;
+}

@@ -1,7 +1,13 @@
 //! A worker's task-level Prometheus metrics: what it ran, how each run ended
 //! and took, and what the agents' LLM calls used and cost. Served on
 //! `/metrics` next to the pool's (`shoal_pool_*`).
+//!
+//! Every label has a bounded set of values. The tenant label of the LLM cost
+//! only ever carries a tenant of `worker.metric_tenants` or `default`; any
+//! other tenant is counted as `other` (as the scheduler does with the
+//! tenants of its tokens map).
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -33,6 +39,16 @@ pub struct ModelLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CostLabels {
+    pub model: String,
+    /// A tenant of `worker.metric_tenants`, `default`, or `other`.
+    pub tenant: String,
+}
+
+/// The tenant label of a tenant that is not configured.
+pub const OTHER_TENANT: &str = "other";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AttemptLabels {
     pub model: String,
     /// `ok`, or the error class (`auth`, `rate_limit`, `server`, ...).
@@ -55,11 +71,13 @@ pub struct TaskMetrics {
     pub run_seconds: Family<FinishLabels, Histogram>,
     pub llm_calls: Family<ModelLabels, Counter>,
     pub llm_tokens: Family<TokenLabels, Counter>,
-    pub llm_cost_microdollars: Family<ModelLabels, Counter>,
+    pub llm_cost_microdollars: Family<CostLabels, Counter>,
     pub llm_call_seconds: Family<AttemptLabels, Histogram>,
     /// Runs in progress, all kinds together, for whoever must react when the
     /// number changes (the pod-deletion-cost updater); moves with `running`.
     busy: watch::Sender<usize>,
+    /// The tenants labelled as they are (`default` among them).
+    tenants: std::sync::Arc<BTreeSet<String>>,
     /// The rest: queue, slots, settling, agent loop, events, LLM retries.
     pub flow: FlowMetrics,
 }
@@ -79,7 +97,20 @@ impl Drop for Running {
 }
 
 impl TaskMetrics {
+    /// Metrics that label only `default` and `other` tenants.
     pub fn new(registry: &mut Registry) -> Self {
+        Self::with_tenants(registry, std::iter::empty::<&str>())
+    }
+
+    /// `tenants`: the tenants the tenant label names as they are
+    /// (`worker.metric_tenants`); `default` is always one of them.
+    pub fn with_tenants<T: AsRef<str>>(
+        registry: &mut Registry,
+        tenants: impl IntoIterator<Item = T>,
+    ) -> Self {
+        let mut tenants: BTreeSet<String> =
+            tenants.into_iter().map(|t| t.as_ref().to_owned()).collect();
+        tenants.insert("default".to_owned());
         let metrics = Self {
             started: Family::default(),
             finished: Family::default(),
@@ -96,6 +127,7 @@ impl TaskMetrics {
                 Histogram::new(exponential_buckets(0.01, 2.0, 15))
             }),
             busy: watch::Sender::new(0),
+            tenants: std::sync::Arc::new(tenants),
             flow: FlowMetrics::new(registry),
         };
         let tasks = registry.sub_registry_with_prefix("shoal_tasks");
@@ -128,7 +160,7 @@ impl TaskMetrics {
         );
         llm.register(
             "cost_microdollars",
-            "What LLM calls cost, in millionths of a dollar (from the configured prices)",
+            "What LLM calls cost, in millionths of a dollar (from the configured prices), by model and tenant (a tenant of worker.metric_tenants, default, or other)",
             metrics.llm_cost_microdollars.clone(),
         );
         llm.register(
@@ -172,14 +204,28 @@ impl TaskMetrics {
         }
     }
 
-    /// One LLM call, as it goes to the cost stream.
+    /// The tenant as a label value: configured ones (and `default`) as they
+    /// are, any other `other`.
+    pub fn tenant_label(&self, tenant: &str) -> String {
+        if self.tenants.contains(tenant) {
+            tenant.to_owned()
+        } else {
+            OTHER_TENANT.to_owned()
+        }
+    }
+
+    /// One LLM call, as it goes to the cost stream (which names the task's
+    /// tenant).
     pub fn llm_call(&self, entry: &CostEntry) {
         let model = ModelLabels {
             model: entry.model.clone(),
         };
         self.llm_calls.get_or_create(&model).inc();
         self.llm_cost_microdollars
-            .get_or_create(&model)
+            .get_or_create(&CostLabels {
+                model: entry.model.clone(),
+                tenant: self.tenant_label(&entry.tenant),
+            })
             .inc_by(entry.cost_micros);
         let usage = entry.usage;
         for (kind, tokens) in [
@@ -730,5 +776,82 @@ pub struct SlotBusy {
 impl Drop for SlotBusy {
     fn drop(&mut self) {
         self.free.inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::encoding::text::encode;
+    use prometheus_client::registry::Registry;
+    use shoal_shared::cost::Usage;
+    use shoal_shared::store::CostEntry;
+    use shoal_shared::task::TaskId;
+
+    use super::TaskMetrics;
+
+    fn call(tenant: &str, model: &str, cost_micros: u64) -> CostEntry {
+        CostEntry {
+            task_id: TaskId::new(),
+            tenant: tenant.into(),
+            model: model.into(),
+            usage: Usage {
+                prompt_tokens: 10,
+                ..Usage::default()
+            },
+            cost_micros,
+            latency_ms: 5,
+            ts: chrono::Utc::now(),
+        }
+    }
+
+    #[test]
+    fn configured_tenants_and_default_are_labelled_as_they_are_others_are_other() {
+        let mut registry = Registry::default();
+        let metrics = TaskMetrics::with_tenants(&mut registry, ["acme", "team-b"]);
+        assert_eq!(metrics.tenant_label("acme"), "acme");
+        assert_eq!(metrics.tenant_label("team-b"), "team-b");
+        assert_eq!(metrics.tenant_label("default"), "default");
+        assert_eq!(metrics.tenant_label("mallory"), "other");
+        assert_eq!(metrics.tenant_label("Acme"), "other");
+        assert_eq!(metrics.tenant_label(""), "other");
+
+        let mut registry = Registry::default();
+        let none = TaskMetrics::new(&mut registry);
+        assert_eq!(none.tenant_label("default"), "default");
+        assert_eq!(none.tenant_label("acme"), "other");
+    }
+
+    #[test]
+    fn the_cost_counter_is_labelled_by_model_and_bounded_tenant() {
+        let mut registry = Registry::default();
+        let metrics = TaskMetrics::with_tenants(&mut registry, ["acme"]);
+        metrics.llm_call(&call("acme", "m1", 300));
+        metrics.llm_call(&call("acme", "m1", 200));
+        metrics.llm_call(&call("default", "m1", 7));
+        // Two unconfigured tenants share one series.
+        metrics.llm_call(&call("mallory", "m2", 11));
+        metrics.llm_call(&call("eve", "m2", 4));
+        let mut text = String::new();
+        encode(&mut text, &registry).expect("encode");
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("shoal_llm_cost_microdollars_total{"))
+            .collect();
+        assert_eq!(series.len(), 3, "{text}");
+        for (model, tenant, value) in [
+            ("m1", "acme", 500),
+            ("m1", "default", 7),
+            ("m2", "other", 15),
+        ] {
+            let line = format!(
+                "shoal_llm_cost_microdollars_total{{model=\"{model}\",tenant=\"{tenant}\"}} {value}"
+            );
+            assert!(series.contains(&line.as_str()), "{line} not in {series:?}");
+        }
+        // The call count stays by model alone.
+        assert!(
+            text.contains("shoal_llm_calls_total{model=\"m2\"} 2"),
+            "{text}"
+        );
     }
 }

@@ -60,7 +60,8 @@ impl Worker {
     pub async fn connect(settings: Settings) -> anyhow::Result<Self> {
         let mut registry = Registry::default();
         let pool_metrics = PoolMetrics::new(&mut registry);
-        let task_metrics = TaskMetrics::new(&mut registry);
+        let task_metrics =
+            TaskMetrics::with_tenants(&mut registry, &settings.worker.metric_tenants);
         let kube_metrics = KubeMetrics::new(&mut registry);
         let registry = Arc::new(registry);
         let phase = watch::Sender::new(Phase::Starting);

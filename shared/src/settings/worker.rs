@@ -1,4 +1,5 @@
-//! `[worker]`: slots, leases, draining and the metrics address.
+//! `[worker]`: slots, leases, draining, the metrics address and the tenants
+//! its metrics name.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -28,6 +29,12 @@ pub struct WorkerSettings {
     /// removes idle pods first. Acts only inside a pod (`POD_NAME` and
     /// `POD_NAMESPACE` set); see docs/adr/0022.
     pub pod_deletion_cost: bool,
+    /// The tenants the worker's tenant-labelled metrics name as they are
+    /// (`shoal_llm_cost_microdollars_total{tenant}`); `default` is always
+    /// named, any other tenant is counted as `other`, so the label stays
+    /// bounded. Set it to the tenants of the scheduler's tokens map (the
+    /// worker does not read the tokens). Empty by default.
+    pub metric_tenants: Vec<Name>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -41,6 +48,7 @@ pub(super) struct RawWorker {
     idle_poll_max_ms: u64,
     metrics_listen: String,
     pod_deletion_cost: bool,
+    metric_tenants: Vec<String>,
 }
 
 impl Default for RawWorker {
@@ -56,6 +64,7 @@ impl Default for RawWorker {
             // a pod that is scraped sets `worker.metrics_listen = "0.0.0.0:9464"`.
             metrics_listen: "127.0.0.1:9464".into(),
             pod_deletion_cost: true,
+            metric_tenants: Vec::new(),
         }
     }
 }
@@ -88,6 +97,18 @@ impl RawWorker {
                 .map_err(|e| invalid("worker.id", format!("must be {}", e.rule())))?,
             None => default_worker_id(),
         };
+        let metric_tenants = self
+            .metric_tenants
+            .into_iter()
+            .map(|tenant| {
+                Name::parse(tenant.clone()).map_err(|e| {
+                    invalid(
+                        "worker.metric_tenants",
+                        format!("bad tenant name {tenant:?}: must be {}", e.rule()),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(WorkerSettings {
             id,
             slots: self.slots,
@@ -97,6 +118,7 @@ impl RawWorker {
             idle_poll_max: Duration::from_millis(self.idle_poll_max_ms),
             metrics_listen,
             pod_deletion_cost: self.pod_deletion_cost,
+            metric_tenants,
         })
     }
 }
@@ -140,6 +162,35 @@ mod tests {
         assert!(!off.worker.pod_deletion_cost);
         let err = Settings::from_toml("worker.pod_deletion_cost = \"maybe\"\n").unwrap_err();
         assert!(err.to_string().contains("pod_deletion_cost"), "{err}");
+    }
+
+    #[test]
+    fn metric_tenants_are_empty_by_default_and_must_be_names() {
+        let none = Settings::from_toml("").expect("defaults");
+        assert!(none.worker.metric_tenants.is_empty());
+        let some = Settings::from_toml("worker.metric_tenants = [\"acme\", \"team-b\"]\n")
+            .expect("two tenants");
+        assert_eq!(some.worker.metric_tenants, ["acme", "team-b"]);
+        for bad in [
+            "[\"bad tenant\"]",
+            "[\"\"]",
+            format!("[\"{}\"]", "t".repeat(65)).as_str(),
+        ] {
+            let err = Settings::from_toml(&format!("worker.metric_tenants = {bad}\n")).unwrap_err();
+            assert!(
+                err.to_string().contains("worker.metric_tenants"),
+                "{bad}: {err}"
+            );
+        }
+        // A list, not a string.
+        let err = Settings::from_toml("worker.metric_tenants = \"acme\"\n").unwrap_err();
+        assert!(err.to_string().contains("metric_tenants"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_worker_key_is_refused() {
+        let err = Settings::from_toml("worker.metrics_tenants = [\"acme\"]\n").unwrap_err();
+        assert!(err.to_string().contains("metrics_tenants"), "{err}");
     }
 
     /// `lease_renew_s * 2` overflowed (a panic in debug builds) before it
