@@ -234,10 +234,11 @@ def build():
     g.add(
         stat(
             "LLM cost per hour",
-            "What the agents' LLM calls cost at the current rate (configured prices), all selected models.",
+            "What the agents' LLM calls cost at the current rate (configured prices), all selected models "
+            "and tenants.",
             targets(
                 (
-                    f'sum(rate(shoal_llm_cost_microdollars_total{{{W}, model=~"$model"}}[{RI}])) * 3600 / 1e6',
+                    f'sum(rate(shoal_llm_cost_microdollars_total{{{W}, model=~"$model", tenant=~"$tenant"}}[{RI}])) * 3600 / 1e6',
                     "USD/h",
                 )
             ),
@@ -524,20 +525,40 @@ def build():
 
     # ---- LLM
     g.row("LLM")
+    cost = f'{W}, model=~"$model", tenant=~"$tenant"'
     g.add(
         timeseries(
             "Cost per hour, by model",
-            "shoal_llm_cost_microdollars_total at the current rate, in USD per hour (configured prices).",
+            "shoal_llm_cost_microdollars_total at the current rate, in USD per hour (configured prices), "
+            "of the selected tenants.",
             targets(
                 (
-                    f'sum by (model) (rate(shoal_llm_cost_microdollars_total{{{W}, model=~"$model"}}[{RI}])) * 3600 / 1e6',
+                    f"sum by (model) (rate(shoal_llm_cost_microdollars_total{{{cost}}}[{RI}])) * 3600 / 1e6",
                     "{{model}}",
                 )
             ),
             unit="currencyUSD",
             stack=True,
         ),
-        12,
+        8,
+        8,
+    )
+    g.add(
+        timeseries(
+            "LLM cost per hour by tenant",
+            "shoal_llm_cost_microdollars_total by tenant, in USD per hour (configured prices), of the selected "
+            "models. The tenant is one of the worker's worker.metric_tenants (set it to the tenants of the "
+            "scheduler's tokens), `default`, or `other` for every tenant not listed there.",
+            targets(
+                (
+                    f"sum by (tenant) (rate(shoal_llm_cost_microdollars_total{{{cost}}}[{RI}])) * 3600 / 1e6",
+                    "{{tenant}}",
+                )
+            ),
+            unit="currencyUSD",
+            stack=True,
+        ),
+        8,
         8,
     )
     g.add(
@@ -552,7 +573,7 @@ def build():
             ),
             stack=True,
         ),
-        12,
+        8,
         8,
     )
     g.add(
