@@ -10,10 +10,12 @@ pub mod metrics;
 pub mod submit;
 pub mod watch;
 
+use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::Extension;
 use shoal_shared::broker::{connect_and_declare, Publisher};
 use shoal_shared::settings::Settings;
 use shoal_shared::store::Store;
@@ -22,21 +24,55 @@ use tokio_util::sync::CancellationToken;
 
 use crate::submit::Submitter;
 
+/// Longest wait for the broker connection to close once the HTTP side is done.
+const BROKER_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Cancelled when the scheduler starts shutting down; in every request's
+/// extensions. Open event streams end on it (with a `going_away` event) and
+/// new ones are refused (ADR 0026).
+#[derive(Clone)]
+pub(crate) struct Draining(pub(crate) CancellationToken);
+
 /// Connects to Redis and RabbitMQ, declares the topology, and serves the API
-/// on `listener` until `shutdown`.
+/// on `listener` until `shutdown`. Then it drains: the listener closes, open
+/// event streams end at once, in-flight requests get
+/// `scheduler.drain_timeout_s` to finish; connections still open past that
+/// are abandoned (they close when the process exits) so a stuck client cannot
+/// hold the scheduler up (ADR 0026).
 pub async fn run(
     settings: Settings,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let state = connect(&settings).await?;
-    let app = api::router(state.clone(), &settings);
+    let submitter = state.submitter.clone();
+    let app = api::router(state, &settings).layer(Extension(Draining(shutdown.clone())));
     tracing::info!(addr = %listener.local_addr()?, namespace = %settings.namespace, "scheduler listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
+    let drain_timeout = settings.scheduler.drain_timeout;
+    let server = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .into_future();
+    let deadline = async {
+        shutdown.cancelled().await;
+        tracing::info!(
+            drain_timeout_s = drain_timeout.as_secs(),
+            "draining: no new connections, event streams ending, in-flight requests finishing"
+        );
+        tokio::time::sleep(drain_timeout).await;
+    };
+    tokio::select! {
+        served = server => served.context("serving http")?,
+        () = deadline => tracing::warn!(
+            drain_timeout_s = drain_timeout.as_secs(),
+            "connections still open at the drain deadline; abandoning them"
+        ),
+    }
+    if tokio::time::timeout(BROKER_CLOSE_TIMEOUT, submitter.close())
         .await
-        .context("serving http")?;
-    state.submitter.close().await;
+        .is_err()
+    {
+        tracing::warn!("the broker connection did not close in time; exiting anyway");
+    }
     tracing::info!("scheduler stopped");
     Ok(())
 }

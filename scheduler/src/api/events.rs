@@ -1,6 +1,12 @@
 //! `GET /v1/tasks/{id}/events`: the task's event log. As Server-Sent Events
 //! (`Accept: text/event-stream`) it follows the log live and resumes after
 //! `Last-Event-ID`; otherwise it answers JSON pages (`?after=<id>`).
+//!
+//! When the scheduler shuts down, every open stream ends at once with a
+//! `going_away` event (no `id`, so the client's Last-Event-ID stays the last
+//! task event it got) and a stream asked for while it drains is refused 503
+//! `shutting-down`: the client reconnects, to another replica, with
+//! `Last-Event-ID` (ADR 0026).
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -9,6 +15,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use futures::stream::{self, Stream};
 use serde::{Deserialize, Serialize};
@@ -17,6 +24,7 @@ use shoal_shared::event::{Event, EventEnvelope};
 use shoal_shared::store::Store;
 use shoal_shared::task::{TaskId, TaskState};
 use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
 
 use super::auth::Tenant;
 use super::{AppState, Problem};
@@ -28,6 +36,11 @@ const PAGE: usize = 500;
 const POLL: Duration = Duration::from_millis(150);
 /// What a client refused for too many open streams is told to wait, in seconds.
 const STREAMS_FULL_RETRY_S: u32 = 5;
+/// What a client refused by a draining scheduler is told to wait, in seconds
+/// (another replica, or this one's replacement, takes the reconnection).
+const DRAINING_RETRY_S: u32 = 1;
+/// The SSE event that ends a stream because the scheduler is shutting down.
+pub const GOING_AWAY: &str = "going_away";
 
 #[derive(Debug, Deserialize)]
 pub struct EventsQuery {
@@ -86,6 +99,7 @@ fn is_final(envelope: &EventEnvelope) -> bool {
 
 pub async fn events(
     State(state): State<AppState>,
+    draining: Option<Extension<crate::Draining>>,
     tenant: Tenant,
     Path(id): Path<String>,
     Query(query): Query<EventsQuery>,
@@ -127,6 +141,25 @@ pub async fn events(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
     if wants_sse {
+        // Absent only when the router is served without `crate::run`.
+        let shutdown = draining.map_or_else(CancellationToken::new, |Extension(d)| d.0);
+        if shutdown.is_cancelled() {
+            state
+                .metrics
+                .streams_refused
+                .get_or_create(&ReasonLabels {
+                    reason: "shutting_down",
+                })
+                .inc();
+            return Err(Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting-down",
+                "Scheduler shutting down",
+                "this scheduler is shutting down and opens no new event streams; \
+                 reconnect (to another replica) with Last-Event-ID",
+            )
+            .with_retry_after(DRAINING_RETRY_S));
+        }
         // Held by the stream, so released when the client goes away.
         let permit = state.streams.clone().try_acquire_owned().map_err(|_| {
             Problem::new(
@@ -152,11 +185,15 @@ pub async fn events(
             }
         };
         let open = state.metrics.stream_opened();
-        return Ok(
-            Sse::new(live(state.store.clone(), id, resume, (permit, open)))
-                .keep_alive(KeepAlive::default())
-                .into_response(),
-        );
+        return Ok(Sse::new(live(
+            state.store.clone(),
+            id,
+            resume,
+            shutdown,
+            (permit, open),
+        ))
+        .keep_alive(KeepAlive::default())
+        .into_response());
     }
     let limit = query.limit.unwrap_or(PAGE).clamp(1, PAGE);
     let page = state
@@ -173,32 +210,105 @@ pub async fn events(
     .into_response())
 }
 
+/// The event that ends a stream because the scheduler shuts down: no `id`
+/// (an SSE client's Last-Event-ID stays at `after`, the last task event sent),
+/// a reconnection delay, and JSON saying where to resume.
+fn going_away(after: Option<&str>) -> SseEvent {
+    let data = serde_json::json!({
+        "type": GOING_AWAY,
+        "message": "this scheduler is shutting down; reconnect (to another replica) \
+                    with Last-Event-ID to resume",
+        "last_event_id": after,
+    });
+    SseEvent::default()
+        .event(GOING_AWAY)
+        .retry(Duration::from_secs(u64::from(DRAINING_RETRY_S)))
+        .data(data.to_string())
+}
+
+/// Where a live stream is: what was sent, what is fetched but not yet sent.
+struct Cursor {
+    store: Store,
+    id: TaskId,
+    after: Option<String>,
+    pending: std::collections::VecDeque<(String, EventEnvelope)>,
+    /// The task's final event is queued (or sent): end after it.
+    finished: bool,
+    /// Cancelled when the scheduler shuts down.
+    shutdown: CancellationToken,
+    /// The `going_away` event was sent: end now.
+    gone: bool,
+    _permit: (OwnedSemaphorePermit, OpenStream),
+}
+
+impl Cursor {
+    /// One look at the log: `false` when nothing more will ever come.
+    async fn fetch(&mut self) -> bool {
+        match self
+            .store
+            .events_after(&self.id, self.after.as_deref(), PAGE)
+            .await
+        {
+            Ok(page) if !page.is_empty() => self.pending.extend(page),
+            Ok(_) => match self.store.get(&self.id).await {
+                // Nothing new and the task is over: its final event was
+                // delivered before (a resume past it), or has expired.
+                // The state and its event are written in one step, so a
+                // second look after seeing the state cannot miss it.
+                Ok(Some(record)) if record.state.is_terminal() => {
+                    match self
+                        .store
+                        .events_after(&self.id, self.after.as_deref(), PAGE)
+                        .await
+                    {
+                        Ok(page) if !page.is_empty() => self.pending.extend(page),
+                        Ok(_) => return false,
+                        Err(_) => tokio::time::sleep(POLL * 4).await,
+                    }
+                }
+                // The record is gone (retention or deletion): nothing more will come.
+                Ok(None) => return false,
+                Ok(Some(_)) => tokio::time::sleep(POLL).await,
+                Err(_) => tokio::time::sleep(POLL * 4).await,
+            },
+            Err(_) => tokio::time::sleep(POLL * 4).await,
+        }
+        true
+    }
+}
+
 /// Polls the stream and yields events until the task's final event, or,
-/// when resumed past it, until the task is terminal and nothing is left.
+/// when resumed past it, until the task is terminal and nothing is left; or,
+/// when `shutdown` is cancelled, at once with a [`going_away`] event.
 fn live(
     store: Store,
     id: TaskId,
     after: Option<String>,
+    shutdown: CancellationToken,
     permit: (OwnedSemaphorePermit, OpenStream),
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-    struct Cursor {
-        store: Store,
-        id: TaskId,
-        after: Option<String>,
-        pending: std::collections::VecDeque<(String, EventEnvelope)>,
-        finished: bool,
-        _permit: (OwnedSemaphorePermit, OpenStream),
-    }
     let cursor = Cursor {
         store,
         id,
         after,
         pending: Default::default(),
         finished: false,
+        shutdown,
+        gone: false,
         _permit: permit,
     };
     stream::unfold(cursor, |mut cursor| async move {
         loop {
+            if cursor.gone {
+                return None;
+            }
+            // Before anything fetched and not yet sent: the client resumes
+            // after the last event it got, from whichever replica it reaches.
+            if cursor.shutdown.is_cancelled() {
+                cursor.gone = true;
+                let event = going_away(cursor.after.as_deref());
+                return Some((Ok(event), cursor));
+            }
             if let Some((sid, envelope)) = cursor.pending.pop_front() {
                 cursor.after = Some(sid.clone());
                 if is_final(&envelope) {
@@ -214,34 +324,13 @@ fn live(
             if cursor.finished {
                 return None;
             }
-            match cursor
-                .store
-                .events_after(&cursor.id, cursor.after.as_deref(), PAGE)
-                .await
-            {
-                Ok(page) if !page.is_empty() => cursor.pending.extend(page),
-                Ok(_) => match cursor.store.get(&cursor.id).await {
-                    // Nothing new and the task is over: its final event was
-                    // delivered before (a resume past it), or has expired.
-                    // The state and its event are written in one step, so a
-                    // second look after seeing the state cannot miss it.
-                    Ok(Some(record)) if record.state.is_terminal() => {
-                        match cursor
-                            .store
-                            .events_after(&cursor.id, cursor.after.as_deref(), PAGE)
-                            .await
-                        {
-                            Ok(page) if !page.is_empty() => cursor.pending.extend(page),
-                            Ok(_) => return None,
-                            Err(_) => tokio::time::sleep(POLL * 4).await,
-                        }
-                    }
-                    // The record is gone (retention or deletion): nothing more will come.
-                    Ok(None) => return None,
-                    Ok(Some(_)) => tokio::time::sleep(POLL).await,
-                    Err(_) => tokio::time::sleep(POLL * 4).await,
+            let shutdown = cursor.shutdown.clone();
+            tokio::select! {
+                // Checked at the top of the loop.
+                () = shutdown.cancelled() => {}
+                more = cursor.fetch() => if !more {
+                    return None;
                 },
-                Err(_) => tokio::time::sleep(POLL * 4).await,
             }
         }
     })

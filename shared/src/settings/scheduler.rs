@@ -1,8 +1,10 @@
-//! `[scheduler]`: the HTTP API's address, body and batch limits, and tokens.
+//! `[scheduler]`: the HTTP API's address, body and batch limits, tokens,
+//! and how long a stopping scheduler drains.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -21,7 +23,14 @@ pub struct SchedulerSettings {
     pub tokens_file: Option<PathBuf>,
     /// Most Server-Sent Event streams open at once; more are answered 503.
     pub max_streams: usize,
+    /// After SIGTERM: how long in-flight requests may take to finish (open
+    /// event streams end at once) before the scheduler closes every
+    /// connection and exits anyway (`scheduler.drain_timeout_s`, ADR 0026).
+    pub drain_timeout: Duration,
 }
+
+/// Longest `scheduler.drain_timeout_s` taken: an hour.
+const MAX_DRAIN_TIMEOUT_S: u64 = 3600;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -32,6 +41,7 @@ pub(super) struct RawScheduler {
     tokens: BTreeMap<String, String>,
     tokens_file: Option<PathBuf>,
     max_streams: usize,
+    drain_timeout_s: u64,
 }
 
 impl Default for RawScheduler {
@@ -43,6 +53,9 @@ impl Default for RawScheduler {
             tokens: BTreeMap::new(),
             tokens_file: None,
             max_streams: 1024,
+            // Below the chart's 30 s terminationGracePeriodSeconds less its
+            // 5 s preStop sleep, so the kubelet's SIGKILL never cuts it short.
+            drain_timeout_s: 20,
         }
     }
 }
@@ -59,6 +72,12 @@ impl RawScheduler {
         if self.max_streams == 0 {
             return Err(invalid("scheduler.max_streams", "must be at least 1"));
         }
+        if !(1..=MAX_DRAIN_TIMEOUT_S).contains(&self.drain_timeout_s) {
+            return Err(invalid(
+                "scheduler.drain_timeout_s",
+                format!("must be between 1 and {MAX_DRAIN_TIMEOUT_S} seconds"),
+            ));
+        }
         let tokens = self
             .tokens
             .into_iter()
@@ -74,6 +93,32 @@ impl RawScheduler {
             tokens,
             tokens_file: self.tokens_file,
             max_streams: self.max_streams,
+            drain_timeout: Duration::from_secs(self.drain_timeout_s),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::super::Settings;
+
+    #[test]
+    fn the_drain_timeout_defaults_to_20_s_and_is_bounded() {
+        let default = Settings::from_toml("").expect("defaults");
+        assert_eq!(default.scheduler.drain_timeout, Duration::from_secs(20));
+        let set = Settings::from_toml("scheduler.drain_timeout_s = 3\n").expect("3 s");
+        assert_eq!(set.scheduler.drain_timeout, Duration::from_secs(3));
+        for bad in ["0", "3601", &i64::MAX.to_string()] {
+            let err =
+                Settings::from_toml(&format!("scheduler.drain_timeout_s = {bad}\n")).unwrap_err();
+            assert!(
+                err.to_string().contains("scheduler.drain_timeout_s"),
+                "{bad}: {err}"
+            );
+        }
+        let err = Settings::from_toml("scheduler.drain_timeout_s = -1\n").unwrap_err();
+        assert!(err.to_string().contains("drain_timeout_s"), "{err}");
     }
 }
