@@ -38,6 +38,11 @@ pub struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // The subscriber the binaries install (default filter `info`, text lines
+    // on stderr; traces only with an OTLP endpoint): spans are measured as
+    // they cost in the real processes, not as no-ops.
+    let defaults = shoal_shared::settings::Settings::from_toml("")?;
+    let _telemetry = shoal_shared::telemetry::init(&defaults.telemetry, "shoal-bench");
     let wanted = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
     let mut report = String::new();
     writeln!(report, "# Benchmarks\n")?;
