@@ -1,5 +1,9 @@
 //! A small HTTP client for the scheduler API, used by the `shoal` CLI.
 
+use std::time::Duration;
+
+use eventsource_stream::Eventsource;
+use futures::stream::{Stream, StreamExt};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use shoal_shared::task::{TaskId, TaskRecord, TaskRef, TaskSpec};
@@ -9,14 +13,62 @@ use crate::cost::CostSummary;
 /// A call to the scheduler failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the scheduler at {url}: {source}")]
-    Transport {
-        url: String,
-        #[source]
-        source: reqwest::Error,
-    },
-    #[error("{status}: {detail}")]
+    /// The cause is part of the message (not a `source`), so that what to
+    /// do comes last when the CLI prints the error.
+    #[error(
+        "cannot reach the scheduler at {url}: {cause} (is it running there? \
+         name another with --server or SHOAL_SERVER)",
+        cause = transport_cause(error)
+    )]
+    Transport { url: String, error: reqwest::Error },
+    #[error("{}", api_message(*status, detail))]
     Api { status: u16, detail: String },
+}
+
+/// What went wrong under a transport error: its causes (reqwest's own
+/// message only says which request failed, naming the URL again).
+pub(crate) fn transport_cause(error: &reqwest::Error) -> String {
+    let mut causes = Vec::new();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        causes.push(cause.to_string());
+        source = cause.source();
+    }
+    if causes.is_empty() {
+        error.to_string()
+    } else {
+        causes.join(": ")
+    }
+}
+
+/// An API error as the scheduler worded it, with what to do about the usual ones.
+fn api_message(status: u16, detail: &str) -> String {
+    match status {
+        404 if detail.starts_with("no task ") => {
+            format!("{detail} (check the id, or the token's tenant)")
+        }
+        401 => format!("{status}: {detail} (give a token with --token or SHOAL_TOKEN)"),
+        403 => format!("{status}: {detail} (the token may not do this)"),
+        _ => format!("{status}: {detail}"),
+    }
+}
+
+/// One event of a task's live stream: its stream id and the event (a JSON
+/// object with an `id` and a `type`).
+#[derive(Debug, Clone)]
+pub struct StreamedEvent {
+    pub id: String,
+    pub event: serde_json::Value,
+}
+
+/// The live stream broke: the connection dropped, or it carried something
+/// that was not an event.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("the event stream broke: {0}")]
+    Transport(String),
+    #[error("the event stream carried a malformed event: {0}")]
+    Malformed(String),
 }
 
 /// A page of events (JSON objects with an `id` and a `type`).
@@ -68,8 +120,13 @@ pub struct Client {
 
 impl Client {
     pub fn new(base: &str, token: Option<String>) -> Self {
+        let http = reqwest::Client::builder()
+            // A scheduler that does not answer the connect is as good as down.
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
         Self {
-            http: reqwest::Client::new(),
+            http,
             base: base.trim_end_matches('/').to_owned(),
             token,
         }
@@ -127,6 +184,55 @@ impl Client {
         self.send(self.http.get(self.url(&url))).await
     }
 
+    /// Opens the task's live event stream (Server-Sent Events), resuming after
+    /// stream id `last_event_id` when given. The stream ends when the
+    /// scheduler closes it: after the task's final event, or when it goes away.
+    pub async fn event_stream(
+        &self,
+        id: &TaskId,
+        last_event_id: Option<&str>,
+    ) -> Result<impl Stream<Item = Result<StreamedEvent, StreamError>> + use<>, ClientError> {
+        let mut request = self
+            .http
+            .get(self.url(&format!("/v1/tasks/{id}/events")))
+            .header(reqwest::header::ACCEPT, "text/event-stream");
+        if let Some(last) = last_event_id {
+            request = request.header("Last-Event-ID", last);
+        }
+        let response = self.response(request).await?;
+        Ok(response.bytes_stream().eventsource().map(|item| {
+            let event = item.map_err(|e| match e {
+                eventsource_stream::EventStreamError::Transport(e) => {
+                    StreamError::Transport(transport_cause(&e))
+                }
+                other => StreamError::Malformed(other.to_string()),
+            })?;
+            let value: serde_json::Value = serde_json::from_str(&event.data)
+                .map_err(|e| StreamError::Malformed(format!("{e}: {:?}", event.data)))?;
+            let id = if event.id.is_empty() {
+                value
+                    .get("id")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned()
+            } else {
+                event.id
+            };
+            if id.is_empty() {
+                return Err(StreamError::Malformed(format!(
+                    "an event without an id: {:?}",
+                    event.data
+                )));
+            }
+            Ok(StreamedEvent { id, event: value })
+        }))
+    }
+
+    /// The base URL this client talks to.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     /// A cost summary (`GET /v1/cost`); unset fields are left to the
     /// scheduler's defaults.
     pub async fn cost(&self, query: &CostQuery) -> Result<CostSummary, ClientError> {
@@ -156,30 +262,45 @@ impl Client {
         format!("{}{path}", self.base)
     }
 
-    async fn send<T: DeserializeOwned>(
+    fn transport(&self, source: reqwest::Error) -> ClientError {
+        ClientError::Transport {
+            url: self.base.clone(),
+            error: source,
+        }
+    }
+
+    /// Sends `request` with the token; a response that is not a success
+    /// becomes [`ClientError::Api`] with the problem's detail.
+    async fn response(
         &self,
         mut request: reqwest::RequestBuilder,
-    ) -> Result<T, ClientError> {
+    ) -> Result<reqwest::Response, ClientError> {
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
-        let transport = |source| ClientError::Transport {
-            url: self.base.clone(),
-            source,
-        };
-        let response = request.send().await.map_err(transport)?;
+        let response = request.send().await.map_err(|e| self.transport(e))?;
         let status = response.status();
-        let bytes = response.bytes().await.map_err(transport)?;
-        if !status.is_success() {
-            let detail = serde_json::from_slice::<ProblemBody>(&bytes)
-                .ok()
-                .and_then(|p| p.detail.or(p.title))
-                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).chars().take(500).collect());
-            return Err(ClientError::Api {
-                status: status.as_u16(),
-                detail,
-            });
+        if status.is_success() {
+            return Ok(response);
         }
+        let bytes = response.bytes().await.map_err(|e| self.transport(e))?;
+        let detail = serde_json::from_slice::<ProblemBody>(&bytes)
+            .ok()
+            .and_then(|p| p.detail.or(p.title))
+            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).chars().take(500).collect());
+        Err(ClientError::Api {
+            status: status.as_u16(),
+            detail,
+        })
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
+        let response = self.response(request).await?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(|e| self.transport(e))?;
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Api {
             status: status.as_u16(),
             detail: format!("unexpected response: {e}"),

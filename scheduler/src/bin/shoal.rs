@@ -50,8 +50,19 @@ enum Command {
     /// Submit a task: an agent prompt, a command (--exec), code (--code), or a
     /// JSON-lines file of task specs (-f).
     Submit(Box<SubmitArgs>),
-    /// Follow a task's events live until it finishes.
+    /// Follow a task's events live until it finishes (Server-Sent Events,
+    /// reconnecting where it left off); exits 2 unless it succeeded.
+    /// `-o json`: one event per line.
     Watch {
+        /// The task id.
+        id: TaskId,
+        /// Give up when a lost stream cannot be reopened for this long.
+        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+        give_up_after: u64,
+    },
+    /// Print a task's event log as it stands, finished or not, without
+    /// following it. `-o json`: one event per line.
+    Logs {
         /// The task id.
         id: TaskId,
     },
@@ -175,14 +186,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::new(&cli.server, cli.token.clone());
     match cli.command {
         Command::Submit(args) => submit(&client, cli.output, *args).await,
-        Command::Watch { id } => {
-            let record = watch(&client, cli.output, &id).await?;
+        Command::Watch { id, give_up_after } => {
+            let give_up_after = Duration::from_secs(give_up_after);
+            let record = watch(&client, cli.output, &id, give_up_after).await?;
             if cli.output == Output::Text {
                 println!();
                 print_record(Output::Text, &record)?;
             }
             if record.state != shoal_shared::TaskState::Succeeded {
                 std::process::exit(2);
+            }
+            Ok(())
+        }
+        Command::Logs { id } => {
+            let state =
+                shoal_scheduler::watch::log(&client, &id, |event| print_event(cli.output, event))
+                    .await?;
+            if !state.is_terminal() {
+                eprintln!("(task {id} is {state}: `shoal watch {id}` follows it)");
             }
             Ok(())
         }
@@ -341,34 +362,38 @@ async fn submit_file(
 
 /// Prints events as they come (text: readable lines; json: one event per
 /// line) and returns the final record.
-async fn watch(client: &Client, output: Output, id: &TaskId) -> anyhow::Result<TaskRecord> {
-    let mut after: Option<String> = None;
-    let mut idle = Duration::from_millis(100);
-    loop {
-        let page = client.events(id, after.as_deref()).await?;
-        for event in &page.events {
-            if let Some(event_id) = event.get("id").and_then(|v| v.as_str()) {
-                after = Some(event_id.to_owned());
+async fn watch(
+    client: &Client,
+    output: Output,
+    id: &TaskId,
+    give_up_after: Duration,
+) -> anyhow::Result<TaskRecord> {
+    // Names an unknown task or an unreachable scheduler before following.
+    client.get(id).await?;
+    shoal_scheduler::watch::follow(
+        client,
+        id,
+        give_up_after,
+        |streamed| print_event(output, &streamed.event),
+        |notice| eprintln!("shoal watch: {notice}"),
+    )
+    .await?;
+    Ok(client.get(id).await?)
+}
+
+/// One event: a readable line (none for some), or one line of JSON.
+fn print_event(output: Output, event: &serde_json::Value) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match output {
+        Output::Json => writeln!(stdout, "{event}")?,
+        Output::Text => {
+            if let Some(line) = shoal_scheduler::watch::render(event) {
+                writeln!(stdout, "{line}")?;
             }
-            match output {
-                Output::Json => println!("{event}"),
-                Output::Text => {
-                    if let Some(line) = shoal_scheduler::watch::render(event) {
-                        println!("{line}");
-                    }
-                }
-            }
-        }
-        if page.done {
-            return Ok(client.get(id).await?);
-        }
-        if page.events.is_empty() {
-            tokio::time::sleep(idle).await;
-            idle = (idle * 2).min(Duration::from_millis(500));
-        } else {
-            idle = Duration::from_millis(100);
         }
     }
+    stdout.flush()?;
+    Ok(())
 }
 
 async fn wait_for(client: &Client, id: &TaskId) -> anyhow::Result<TaskRecord> {
