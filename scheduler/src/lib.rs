@@ -27,11 +27,12 @@ use crate::submit::Submitter;
 /// Longest wait for the broker connection to close once the HTTP side is done.
 const BROKER_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Cancelled when the scheduler starts shutting down; in every request's
-/// extensions. Open event streams end on it (with a `going_away` event) and
-/// new ones are refused (ADR 0026).
+/// Cancelled when the scheduler starts shutting down; [`run`] puts it in
+/// every request's extensions (`.layer(Extension(Draining(token)))`; do the
+/// same when serving [`api::router`] yourself). Open event streams end on it
+/// (with a `going_away` event) and new ones are refused (ADR 0026).
 #[derive(Clone)]
-pub(crate) struct Draining(pub(crate) CancellationToken);
+pub struct Draining(pub CancellationToken);
 
 /// Connects to Redis and RabbitMQ, declares the topology, and serves the API
 /// on `listener` until `shutdown`. Then it drains: the listener closes, open

@@ -5,6 +5,7 @@
 //! finishes its request (ADR 0026). The real `shoal-scheduler` binary, real
 //! RabbitMQ and Redis.
 
+use std::future::IntoFuture;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -429,5 +430,115 @@ async fn a_draining_scheduler_finishes_submits_refuses_streams_and_exits_at_its_
     assert!(log.contains("abandoning"), "{log}");
     assert!(log.contains("scheduler stopped"), "{log}");
     queued_then_purge(&env, 2).await;
+    env.teardown().await;
+}
+
+/// The handler's own refusal, which the binary's closed listener hides: the
+/// router served here keeps accepting after its drain token is cancelled, as
+/// a connection opened before the drain does.
+#[tokio::test]
+async fn a_stream_asked_for_while_draining_is_refused_503_and_counted() {
+    let env = TestEnv::new("scheduler_shutdown_refused", "").await;
+    let state = shoal_scheduler::connect(&env.settings)
+        .await
+        .expect("connect");
+    let draining = tokio_util::sync::CancellationToken::new();
+    let app = shoal_scheduler::api::router(state, &env.settings)
+        .layer(axum::Extension(shoal_scheduler::Draining(draining.clone())));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop.clone().cancelled_owned())
+            .into_future(),
+    );
+    let client = reqwest::Client::new();
+    let response = client
+        .post(format!("{url}/v1/tasks"))
+        .json(&json!({"kind": {"type": "exec", "command": "true"}}))
+        .send()
+        .await
+        .expect("submit");
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let submitted: Value = response.json().await.expect("body");
+    let id = submitted["id"].as_str().expect("id").to_owned();
+    let events = format!("{url}/v1/tasks/{id}/events");
+
+    // Open before the drain: it ends with going_away when the drain starts.
+    let open = client
+        .get(&events)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .expect("open a stream");
+    assert_eq!(open.status(), StatusCode::OK);
+    let reader = tokio::spawn(read_to_end(open));
+    draining.cancel();
+    match tokio::time::timeout(Duration::from_secs(30), reader)
+        .await
+        .expect("the open stream ended")
+        .expect("reader")
+    {
+        Ending::Clean(body) => assert!(going_away(&body).is_some(), "{body:?}"),
+        Ending::Broken(body, error) => panic!("the stream broke: {error}; got {body:?}"),
+    }
+
+    // Asked for while draining: refused, with a retry hint, and counted.
+    let refused = client
+        .get(&events)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .expect("ask for a stream");
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        refused
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let problem: Value = refused.json().await.expect("problem body");
+    assert!(
+        problem["type"]
+            .as_str()
+            .is_some_and(|t| t.ends_with("shutting-down")),
+        "{problem}"
+    );
+    // JSON pages are still answered: they end by themselves.
+    let page = client.get(&events).send().await.expect("a JSON page");
+    assert_eq!(page.status(), StatusCode::OK);
+    let metrics = client
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "shoal_scheduler_event_streams_refused_total",
+            &[("reason", "shutting_down")]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_value(&metrics, "shoal_scheduler_event_streams_open", &[]),
+        Some(0.0)
+    );
+
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(30), server)
+        .await
+        .expect("the server stopped")
+        .expect("server task")
+        .expect("serve");
+    queued_then_purge(&env, 1).await;
     env.teardown().await;
 }
