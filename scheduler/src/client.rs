@@ -69,7 +69,14 @@ pub enum StreamError {
     Transport(String),
     #[error("the event stream carried a malformed event: {0}")]
     Malformed(String),
+    /// The scheduler ended the stream because it is shutting down (its
+    /// `going_away` event): reconnect, with `Last-Event-ID`.
+    #[error("the scheduler is going away: {0}")]
+    GoingAway(String),
 }
+
+/// The SSE event a scheduler ends a stream with when it shuts down (ADR 0026).
+const GOING_AWAY: &str = "going_away";
 
 /// A page of events (JSON objects with an `id` and a `type`).
 #[derive(Debug, Deserialize)]
@@ -207,6 +214,16 @@ impl Client {
                 }
                 other => StreamError::Malformed(other.to_string()),
             })?;
+            if event.event == GOING_AWAY {
+                let value = serde_json::from_str::<serde_json::Value>(&event.data).ok();
+                let message = value
+                    .as_ref()
+                    .and_then(|v| v.get("message"))
+                    .and_then(serde_json::Value::as_str);
+                return Err(StreamError::GoingAway(
+                    message.unwrap_or("it is shutting down").to_owned(),
+                ));
+            }
             let value: serde_json::Value = serde_json::from_str(&event.data)
                 .map_err(|e| StreamError::Malformed(format!("{e}: {:?}", event.data)))?;
             let id = if event.id.is_empty() {

@@ -13,7 +13,7 @@ use shoal_scheduler::client::Client;
 use shoal_shared::task::{TaskId, TaskSpec, TaskState};
 use shoal_tests::harness::{binary_path, die_with_test};
 use shoal_tests::TestEnv;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Runs `shoal --server <server> <args>` to its end.
@@ -199,6 +199,150 @@ impl Drop for CuttingProxy {
     fn drop(&mut self) {
         self.accept.abort();
     }
+}
+
+/// A proxy to scheduler `primary` while it accepts connections, else to
+/// `fallback`: a load balancer in front of a scheduler and its replacement.
+struct FailoverProxy {
+    url: String,
+    /// What clients sent, per connection, lowercased.
+    requests: Arc<Mutex<Vec<String>>>,
+    /// The upstream each connection went to.
+    upstreams: Arc<Mutex<Vec<String>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl FailoverProxy {
+    async fn start(primary: &str, fallback: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let url = format!("http://{}", listener.local_addr().expect("proxy addr"));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let upstreams = Arc::new(Mutex::new(Vec::new()));
+        let targets = [primary, fallback].map(|u| u.trim_start_matches("http://").to_owned());
+        let accept = {
+            let (requests, upstreams) = (requests.clone(), upstreams.clone());
+            tokio::spawn(async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let (requests, upstreams) = (requests.clone(), upstreams.clone());
+                    let targets = targets.clone();
+                    tokio::spawn(async move {
+                        for target in targets {
+                            let Ok(server) = TcpStream::connect(&target).await else {
+                                continue;
+                            };
+                            let index = {
+                                let mut requests = requests.lock().unwrap();
+                                requests.push(String::new());
+                                upstreams.lock().unwrap().push(target);
+                                requests.len() - 1
+                            };
+                            let never = Arc::new(AtomicBool::new(true));
+                            pipe(client, server, never, requests, index).await;
+                            return;
+                        }
+                    });
+                }
+            })
+        };
+        Self {
+            url,
+            requests,
+            upstreams,
+            accept,
+        }
+    }
+
+    /// The `Last-Event-ID`s sent to `upstream`.
+    fn resumed_at(&self, upstream: &str) -> Vec<String> {
+        let upstream = upstream.trim_start_matches("http://");
+        let requests = self.requests.lock().unwrap();
+        let upstreams = self.upstreams.lock().unwrap();
+        requests
+            .iter()
+            .zip(upstreams.iter())
+            .filter(|(_, target)| *target == upstream)
+            .flat_map(|(sent, _)| {
+                sent.split("last-event-id: ")
+                    .skip(1)
+                    .filter_map(|rest| rest.lines().next().map(|id| id.trim().to_owned()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+}
+
+impl Drop for FailoverProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// A `shoal-scheduler` process on `env`'s namespace (so SIGTERM reaches a
+/// real scheduler's drain), and its URL.
+async fn scheduler_process(env: &TestEnv) -> (tokio::process::Child, String) {
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        probe.local_addr().expect("addr").port()
+    };
+    let config = format!(
+        "namespace = \"{namespace}\"\n\
+         broker.url = \"{broker}\"\n\
+         redis.url = \"{redis}\"\n\
+         sandbox.root = \"{root}\"\n\
+         worker.metrics_listen = \"127.0.0.1:0\"\n\
+         scheduler.listen = \"127.0.0.1:{port}\"\n",
+        namespace = env.settings.namespace,
+        broker = env.settings.broker.url,
+        redis = env.settings.redis.url,
+        root = env.settings.sandbox.root.display(),
+    );
+    let path = env.settings.sandbox.root.join("scheduler.toml");
+    std::fs::write(&path, config).expect("write the config");
+    let mut command = tokio::process::Command::new(binary_path("shoal-scheduler"));
+    die_with_test(&mut command)
+        .arg("--config")
+        .arg(&path)
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let child = command.spawn().expect("start shoal-scheduler");
+    let url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    shoal_tests::wait_until(
+        "the scheduler to be ready",
+        Duration::from_secs(120),
+        || {
+            let request = http.get(format!("{url}/readyz")).send();
+            async move { request.await.ok().filter(|r| r.status().is_success()) }
+        },
+    )
+    .await;
+    (child, url)
+}
+
+/// The host folder sandbox `id` sees as /workspace.
+fn workspace_of(root: &std::path::Path, id: &str) -> std::path::PathBuf {
+    fn find(dir: &std::path::Path, id: &str, depth: usize) -> Option<std::path::PathBuf> {
+        for entry in std::fs::read_dir(dir).ok()?.flatten() {
+            let path = entry.path();
+            if !path.is_dir() {
+                continue;
+            }
+            if entry.file_name() == id {
+                return Some(path.join("fs").join("workspace"));
+            }
+            if depth > 0 {
+                if let Some(found) = find(&path, id, depth - 1) {
+                    return Some(found);
+                }
+            }
+        }
+        None
+    }
+    find(root, id, 4)
+        .unwrap_or_else(|| panic!("no folder of sandbox {id} under {}", root.display()))
 }
 
 /// Where the first complete SSE event that has data ends in `seen`
@@ -508,5 +652,108 @@ async fn unknown_tasks_and_unreachable_schedulers_are_named_with_what_to_do() {
             );
         }
     }
+    env.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_survives_its_scheduler_shutting_down_and_resumes_at_the_next() {
+    let mut env = TestEnv::new("cli-watch-shutdown", "").await;
+    let (mut first, first_url) = scheduler_process(&env).await;
+    let second = env.start_scheduler().await;
+    let proxy = FailoverProxy::start(&first_url, &second).await;
+    env.start_worker("w1", 1).await;
+    // Runs until the test lets it finish, so the stream is open mid-task
+    // when the scheduler goes.
+    let task = Client::new(&second, None)
+        .submit(
+            &TaskSpec::exec("while [ ! -e /workspace/go ]; do sleep 0.05; done; echo released"),
+            None,
+        )
+        .await
+        .expect("submit");
+    let id = task.id.to_string();
+
+    let mut command = tokio::process::Command::new(binary_path("shoal"));
+    command
+        .args(["--server", &proxy.url, "watch", &id, "-o", "json"])
+        .env_remove("SHOAL_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    die_with_test(&mut command);
+    let mut cli = command.spawn().expect("start shoal watch");
+    let mut lines = BufReader::new(cli.stdout.take().expect("stdout")).lines();
+    let mut printed = Vec::new();
+    let mut sandbox = None;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.expect("read") {
+            let event: Value = serde_json::from_str(&line).expect("a JSON line");
+            printed.push(event.clone());
+            if event["type"] == "sandbox_leased" {
+                sandbox = event["sandbox_id"].as_str().map(str::to_owned);
+            }
+            if event["type"] == "exec_started" {
+                return;
+            }
+        }
+        panic!("watch ended before the command started: {printed:#?}");
+    })
+    .await
+    .expect("the command starts");
+    let sandbox = sandbox.expect("a sandbox_leased event before exec_started");
+
+    // The first scheduler goes; the CLI resumes at the second.
+    let pid = first.id().expect("running").to_string();
+    let killed = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .expect("kill");
+    assert!(killed.success());
+    let exited = tokio::time::timeout(Duration::from_secs(60), first.wait())
+        .await
+        .expect("the scheduler exits after SIGTERM")
+        .expect("wait");
+    assert!(exited.success(), "{exited}");
+    std::fs::write(
+        workspace_of(&env.settings.sandbox.root, &sandbox).join("go"),
+        "",
+    )
+    .expect("let the command finish");
+
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.expect("read") {
+            printed.push(serde_json::from_str(&line).expect("a JSON line"));
+        }
+    })
+    .await
+    .expect("watch ends");
+    let status = tokio::time::timeout(Duration::from_secs(30), cli.wait())
+        .await
+        .expect("watch exits")
+        .expect("wait");
+    let mut stderr = String::new();
+    cli.stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .await
+        .expect("stderr");
+    assert!(status.success(), "watch exited {status}: {stderr}");
+    assert!(stderr.contains("going away"), "{stderr}");
+
+    let log = event_log(&second, &task.id).await;
+    assert_log_is_whole(&log);
+    assert_eq!(ids(&printed), ids(&log), "watch repeated or skipped events");
+    assert_eq!(printed, log);
+    // It resumed at the second scheduler from an event it had, not the end.
+    let resumed = proxy.resumed_at(&second);
+    let log_ids = ids(&log);
+    assert!(
+        resumed
+            .iter()
+            .any(|id| log_ids[..log_ids.len() - 1].contains(id)),
+        "no stream resumed at the second scheduler from a task event: {resumed:?}"
+    );
     env.teardown().await;
 }
