@@ -337,6 +337,18 @@ def build():
         8,
     )
 
+    g.add(
+        timeseries(
+            "Scheduler dependencies reachable",
+            "shoal_scheduler_dependency_up: 1 when every scheduler reached RabbitMQ (broker) and Redis at "
+            "its last check (each scrape), 0 when any did not; the alert ShoalSchedulerDependencyDown "
+            "fires after 2 minutes at 0.",
+            targets((f"min by (dependency) (shoal_scheduler_dependency_up{{{W}}})", "{{dependency}}")),
+        ),
+        8,
+        8,
+    )
+
     # ---- throughput and outcomes
     g.row("Throughput and outcomes")
     g.add(
