@@ -341,7 +341,11 @@ async fn an_exec_task_is_one_trace_across_scheduler_and_worker() {
 
     fleet.stop().await;
     // The worker's JSON log lines inside the run carry the task and trace ids.
-    let trace_hex: String = publish.trace_id.iter().map(|b| format!("{b:02x}")).collect();
+    let trace_hex: String = publish
+        .trace_id
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     let log = Fleet::log(&env, "shoal-worker");
     let finished = log
         .lines()
