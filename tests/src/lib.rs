@@ -10,6 +10,7 @@ pub mod daytona_fake;
 pub mod harness;
 pub mod llm_sim;
 pub mod local_fixture;
+pub mod process;
 pub mod scripted_llm;
 pub mod wait;
 

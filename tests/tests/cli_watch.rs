@@ -12,6 +12,7 @@ use serde_json::Value;
 use shoal_scheduler::client::Client;
 use shoal_shared::task::{TaskId, TaskSpec, TaskState};
 use shoal_tests::harness::{binary_path, die_with_test};
+use shoal_tests::process::{free_port, wait_ready, write_config, ChildProcess, Launch};
 use shoal_tests::TestEnv;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -279,46 +280,16 @@ impl Drop for FailoverProxy {
 
 /// A `shoal-scheduler` process on `env`'s namespace (so SIGTERM reaches a
 /// real scheduler's drain), and its URL.
-async fn scheduler_process(env: &TestEnv) -> (tokio::process::Child, String) {
-    let port = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-        probe.local_addr().expect("addr").port()
-    };
-    let config = format!(
-        "namespace = \"{namespace}\"\n\
-         broker.url = \"{broker}\"\n\
-         redis.url = \"{redis}\"\n\
-         sandbox.root = \"{root}\"\n\
-         worker.metrics_listen = \"127.0.0.1:0\"\n\
-         scheduler.listen = \"127.0.0.1:{port}\"\n",
-        namespace = env.settings.namespace,
-        broker = env.settings.broker.url,
-        redis = env.settings.redis.url,
-        root = env.settings.sandbox.root.display(),
+async fn scheduler_process(env: &TestEnv) -> (ChildProcess, String) {
+    let port = free_port();
+    let config = write_config(
+        env,
+        "scheduler.toml",
+        &format!("scheduler.listen = \"127.0.0.1:{port}\""),
     );
-    let path = env.settings.sandbox.root.join("scheduler.toml");
-    std::fs::write(&path, config).expect("write the config");
-    let mut command = tokio::process::Command::new(binary_path("shoal-scheduler"));
-    die_with_test(&mut command)
-        .arg("--config")
-        .arg(&path)
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true);
-    let child = command.spawn().expect("start shoal-scheduler");
+    let child = Launch::new("shoal-scheduler", &config).quiet().spawn();
     let url = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
-    shoal_tests::wait_until(
-        "the scheduler to be ready",
-        Duration::from_secs(120),
-        || {
-            let request = http.get(format!("{url}/readyz")).send();
-            async move { request.await.ok().filter(|r| r.status().is_success()) }
-        },
-    )
-    .await;
+    wait_ready(&url).await;
     (child, url)
 }
 
@@ -703,17 +674,11 @@ async fn watch_survives_its_scheduler_shutting_down_and_resumes_at_the_next() {
     let sandbox = sandbox.expect("a sandbox_leased event before exec_started");
 
     // The first scheduler goes; the CLI resumes at the second.
-    let pid = first.id().expect("running").to_string();
-    let killed = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
+    first.sigterm();
+    let exited = first
+        .wait_exit(Duration::from_secs(60))
         .await
-        .expect("kill");
-    assert!(killed.success());
-    let exited = tokio::time::timeout(Duration::from_secs(60), first.wait())
-        .await
-        .expect("the scheduler exits after SIGTERM")
-        .expect("wait");
+        .expect("the scheduler exits after SIGTERM");
     assert!(exited.success(), "{exited}");
     std::fs::write(
         workspace_of(&env.settings.sandbox.root, &sandbox).join("go"),

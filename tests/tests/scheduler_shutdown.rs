@@ -6,14 +6,14 @@
 //! RabbitMQ and Redis.
 
 use std::future::IntoFuture;
-use std::process::Stdio;
 use std::time::Duration;
 
 use lapin::options::QueuePurgeOptions;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use shoal_shared::task::{TaskId, TaskState};
-use shoal_tests::harness::{binary_path, die_with_test, metric_value};
+use shoal_tests::harness::metric_value;
+use shoal_tests::process::{free_port, wait_ready, write_config, ChildProcess, Launch};
 use shoal_tests::wait::wait_until;
 use shoal_tests::TestEnv;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -40,7 +40,7 @@ const STREAMS: usize = 50;
 struct Scheduler {
     url: String,
     addr: String,
-    child: tokio::process::Child,
+    child: ChildProcess,
     log: std::path::PathBuf,
 }
 
@@ -48,51 +48,19 @@ impl Scheduler {
     /// Starts the binary on `env`'s namespace with `extra` appended to the
     /// configuration; its stderr goes to a log file (see [`Scheduler::log`]).
     async fn start(env: &TestEnv, extra: &str) -> Self {
-        let port = {
-            let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-            probe.local_addr().expect("addr").port()
-        };
-        let config = format!(
-            "namespace = \"{namespace}\"\n\
-             broker.url = \"{broker}\"\n\
-             redis.url = \"{redis}\"\n\
-             sandbox.root = \"{root}\"\n\
-             worker.metrics_listen = \"127.0.0.1:0\"\n\
-             scheduler.listen = \"127.0.0.1:{port}\"\n{extra}\n",
-            namespace = env.settings.namespace,
-            broker = env.settings.broker.url,
-            redis = env.settings.redis.url,
-            root = env.settings.sandbox.root.display(),
+        let port = free_port();
+        let config = write_config(
+            env,
+            "scheduler.toml",
+            &format!("scheduler.listen = \"127.0.0.1:{port}\"\n{extra}"),
         );
-        std::fs::create_dir_all(&env.settings.sandbox.root).expect("the sandbox root");
-        let path = env.settings.sandbox.root.join("scheduler.toml");
-        std::fs::write(&path, config).expect("write the config");
         let log = env.settings.sandbox.root.join("shoal-scheduler.log");
-        let mut command = tokio::process::Command::new(binary_path("shoal-scheduler"));
-        die_with_test(&mut command)
-            .arg("--config")
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(&log).expect("create the log file"),
-            ))
-            .kill_on_drop(true);
-        let child = command.spawn().expect("start shoal-scheduler");
+        let child = Launch::new("shoal-scheduler", &config)
+            .stderr_to(&log)
+            .spawn();
         let addr = format!("127.0.0.1:{port}");
         let url = format!("http://{addr}");
-        let client = reqwest::Client::new();
-        wait_until(
-            "the scheduler to be ready",
-            Duration::from_secs(120),
-            || {
-                let request = client.get(format!("{url}/readyz")).send();
-                async move { request.await.ok().filter(|r| r.status().is_success()) }
-            },
-        )
-        .await;
+        wait_ready(&url).await;
         Self {
             url,
             addr,
@@ -105,25 +73,13 @@ impl Scheduler {
         std::fs::read_to_string(&self.log).expect("the scheduler's log file")
     }
 
-    /// SIGTERM (via `kill`, to stay free of unsafe code).
-    async fn terminate(&self) {
-        let pid = self.child.id().expect("running").to_string();
-        let status = tokio::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .await
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM {pid} failed");
-    }
-
     /// Waits at most `limit` for the process to exit; asserts it exited 0.
     async fn exits_ok_within(&mut self, limit: Duration, what: &str) {
-        let status = match tokio::time::timeout(limit, self.child.wait()).await {
-            Ok(status) => status.expect("wait for the scheduler"),
-            Err(_) => panic!(
+        let Some(status) = self.child.wait_exit(limit).await else {
+            panic!(
                 "the scheduler did not exit within {limit:?} of SIGTERM ({what}); its log:\n{}",
                 self.log()
-            ),
+            )
         };
         assert!(
             status.success(),
@@ -251,7 +207,7 @@ async fn sigterm_ends_50_open_event_streams_and_exits_long_before_the_drain_dead
     )
     .await;
 
-    scheduler.terminate().await;
+    scheduler.child.sigterm();
     scheduler
         .exits_ok_within(
             Duration::from_secs(60),
@@ -333,7 +289,7 @@ async fn a_draining_scheduler_finishes_submits_refuses_streams_and_exits_at_its_
     let mut finishing = start_submit(&scheduler.addr, body.len()).await;
     let _stuck = start_submit(&scheduler.addr, body.len()).await;
 
-    scheduler.terminate().await;
+    scheduler.child.sigterm();
     // The stream ends at once although the drain goes on.
     let ending = tokio::time::timeout(Duration::from_secs(30), reader)
         .await
@@ -379,7 +335,7 @@ async fn a_draining_scheduler_finishes_submits_refuses_streams_and_exits_at_its_
     // The stuck request holds the drain open, so the scheduler is still
     // there: what was refused above was a draining scheduler.
     assert!(
-        scheduler.child.try_wait().expect("try_wait").is_none(),
+        scheduler.child.is_running(),
         "the scheduler exited before its drain deadline although a request was in flight; its log:\n{}",
         scheduler.log()
     );

@@ -4,7 +4,7 @@
 //! which decodes the real wire format (`opentelemetry-proto`'s prost types).
 
 use std::collections::HashMap;
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,8 +19,8 @@ use serde_json::json;
 use shoal_scheduler::client::Client;
 use shoal_shared::store::LeaseAttempt;
 use shoal_shared::task::{AgentSpec, TaskId, TaskKind, TaskSpec, TaskState};
-use shoal_tests::harness::{binary_path, die_with_test};
 use shoal_tests::llm_sim::{LlmSim, Script, Turn};
+use shoal_tests::process::{free_port, wait_ready, write_config, ChildProcess, Launch};
 use shoal_tests::wait::wait_until;
 use shoal_tests::TestEnv;
 
@@ -151,7 +151,7 @@ impl Receiver {
 /// The scheduler and a worker as child processes of this test.
 struct Fleet {
     url: String,
-    children: Vec<tokio::process::Child>,
+    children: Vec<ChildProcess>,
 }
 
 impl Fleet {
@@ -172,96 +172,56 @@ impl Fleet {
         vars: &[(&str, &str)],
         log_to_files: bool,
     ) -> Self {
-        let port = {
-            let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-            probe.local_addr().expect("addr").port()
-        };
-        let config = format!(
-            "namespace = \"{namespace}\"\n\
-             broker.url = \"{broker}\"\n\
-             redis.url = \"{redis}\"\n\
-             sandbox.root = \"{root}\"\n\
-             worker.idle_poll_max_ms = 50\n\
-             worker.id = \"traced\"\n\
-             worker.slots = 1\n\
-             worker.metrics_listen = \"127.0.0.1:0\"\n\
-             scheduler.listen = \"127.0.0.1:{port}\"\n{extra}\n",
-            namespace = env.settings.namespace,
-            broker = env.settings.broker.url,
-            redis = env.settings.redis.url,
-            root = env.settings.sandbox.root.display(),
+        let port = free_port();
+        let config = write_config(
+            env,
+            "traced.toml",
+            &format!(
+                "worker.idle_poll_max_ms = 50\n\
+                 worker.id = \"traced\"\n\
+                 worker.slots = 1\n\
+                 scheduler.listen = \"127.0.0.1:{port}\"\n{extra}"
+            ),
         );
-        let path = env.settings.sandbox.root.join("traced.toml");
-        std::fs::write(&path, config).expect("write the config");
         let mut children = Vec::new();
         for binary in ["shoal-scheduler", "shoal-worker"] {
-            let mut command = tokio::process::Command::new(binary_path(binary));
-            die_with_test(&mut command)
-                .arg("--config")
-                .arg(&path)
-                .env("RUST_LOG", "info")
-                .stdout(Stdio::null())
-                .stderr(if log_to_files {
-                    let log = env.settings.sandbox.root.join(format!("{binary}.log"));
-                    Stdio::from(std::fs::File::create(log).expect("create the log file"))
-                } else {
-                    Stdio::inherit()
-                })
-                .kill_on_drop(true);
-            for var in [
-                "OTEL_EXPORTER_OTLP_ENDPOINT",
-                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-                "OTEL_SERVICE_NAME",
-                "OTEL_RESOURCE_ATTRIBUTES",
-                "OTEL_TRACES_SAMPLER",
-                "OTEL_TRACES_SAMPLER_ARG",
-            ] {
-                command.env_remove(var);
+            let mut launch = Launch::new(binary, &config).env("OTEL_BSP_SCHEDULE_DELAY", "200");
+            if log_to_files {
+                launch = launch.stderr_to(&Self::log_path(env, binary));
             }
-            command.env("OTEL_BSP_SCHEDULE_DELAY", "200");
             if let Some(endpoint) = endpoint {
-                command.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint);
+                launch = launch.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint);
             }
-            command.envs(vars.iter().copied());
-            children.push(command.spawn().expect("start a shoal binary"));
+            for (key, value) in vars {
+                launch = launch.env(key, value);
+            }
+            children.push(launch.spawn());
         }
         let url = format!("http://127.0.0.1:{port}");
-        let client = reqwest::Client::new();
-        wait_until(
-            "the scheduler to be ready",
-            Duration::from_secs(120),
-            || {
-                let request = client.get(format!("{url}/readyz")).send();
-                async move { request.await.ok().filter(|r| r.status().is_success()) }
-            },
-        )
-        .await;
+        wait_ready(&url).await;
         Self { url, children }
+    }
+
+    fn log_path(env: &TestEnv, binary: &str) -> PathBuf {
+        env.settings.sandbox.root.join(format!("{binary}.log"))
     }
 
     /// What `binary` wrote to its log file (started with `log_to_files`).
     fn log(env: &TestEnv, binary: &str) -> String {
-        std::fs::read_to_string(env.settings.sandbox.root.join(format!("{binary}.log")))
-            .expect("the binary's log file")
+        std::fs::read_to_string(Self::log_path(env, binary)).expect("the binary's log file")
     }
 
     /// SIGTERM to both, then waits for them to exit (the trace guard flushes).
     async fn stop(mut self) {
         for child in &self.children {
-            let pid = child.id().expect("running").to_string();
-            let status = tokio::process::Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .await
-                .expect("run kill");
-            assert!(status.success(), "kill -TERM {pid} failed");
+            child.sigterm();
         }
         for child in &mut self.children {
-            let status = tokio::time::timeout(Duration::from_secs(90), child.wait())
+            let status = child
+                .wait_exit(Duration::from_secs(90))
                 .await
-                .expect("a shoal binary did not exit within 90 s")
-                .expect("wait");
-            assert!(status.success(), "a shoal binary exited with {status}");
+                .unwrap_or_else(|| panic!("{} did not exit within 90 s", child.name()));
+            assert!(status.success(), "{} exited with {status}", child.name());
         }
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::Value;
 use shoal_scheduler::client::Client;
 use shoal_shared::task::{TaskKind, TaskSpec, TaskState};
+use shoal_tests::process::free_port;
 use shoal_tests::{wait_until, TestEnv};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -175,13 +176,4 @@ fn long_task() -> TaskSpec {
         exec.timeout_s = 1800;
     }
     spec
-}
-
-/// A port that was free a moment ago.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
 }

@@ -13,7 +13,7 @@ use prometheus_client::registry::Registry;
 use shoal_scheduler::client::Client;
 use shoal_shared::task::{TaskId, TaskKind, TaskSpec, TaskState};
 use shoal_tests::harness::metric_value;
-use shoal_tests::harness::{binary_path, die_with_test};
+use shoal_tests::process::{write_config, Launch};
 use shoal_tests::{wait_until, TestEnv};
 use shoal_worker::kube::{PodTarget, Timing};
 use tokio::task::JoinHandle;
@@ -424,56 +424,30 @@ async fn the_worker_binary_finds_its_pod_in_the_environment() {
     let env = TestEnv::new("kube-process", "").await;
     let token = TokenFile::new("sa-token");
     let fake = FakeKube::start("sa-token", &[(NAMESPACE, POD)]).await;
-    let config = std::env::temp_dir().join(format!(
-        "shoal-kube-worker-{}.toml",
-        uuid::Uuid::now_v7().simple()
-    ));
-    let settings = &env.settings;
-    std::fs::write(
-        &config,
-        format!(
-            "namespace = \"{}\"\nbroker.url = \"{}\"\nredis.url = \"{}\"\nsandbox.root = \"{}\"\n\
-             worker.id = \"kube-process\"\nworker.slots = 1\nworker.metrics_listen = \"127.0.0.1:0\"\n",
-            settings.namespace,
-            settings.broker.url,
-            settings.redis.url,
-            settings.sandbox.root.display(),
-        ),
-    )
-    .expect("write the config");
-    let mut command = tokio::process::Command::new(binary_path("shoal-worker"));
-    let mut child = die_with_test(&mut command)
-        .arg("--config")
-        .arg(&config)
+    let config = write_config(
+        &env,
+        "kube-process.toml",
+        "worker.id = \"kube-process\"\nworker.slots = 1",
+    );
+    let mut child = Launch::new("shoal-worker", &config)
         .env("POD_NAME", POD)
         .env("POD_NAMESPACE", NAMESPACE)
         .env("SHOAL_KUBE_API_URL", &fake.url)
         .env("SHOAL_KUBE_TOKEN_FILE", token.path())
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start shoal-worker");
+        .spawn();
     wait_cost(&fake, POD, "0").await;
     let before = fake.seen().len();
 
-    let pid = child.id().expect("running").to_string();
-    let killed = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
+    child.sigterm();
+    let exit = child
+        .wait_exit(Duration::from_secs(60))
         .await
-        .expect("kill");
-    assert!(killed.success());
-    let exit = tokio::time::timeout(Duration::from_secs(60), child.wait())
-        .await
-        .expect("the worker exits")
-        .expect("wait");
+        .expect("the worker exits");
     assert_eq!(exit.code(), Some(0));
     let seen = fake.seen();
     assert!(
         seen.len() > before && seen[before..].iter().any(|s| s.status == 200),
         "the drain PATCHes: {seen:?}"
     );
-    let _ = std::fs::remove_file(&config);
     env.teardown().await;
 }
