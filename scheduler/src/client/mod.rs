@@ -99,7 +99,7 @@ pub struct CostQuery {
 }
 
 /// A query-string value: unreserved characters as they are, the rest as `%XX`.
-fn percent_encode(value: &str) -> String {
+pub(crate) fn percent_encode(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
     for byte in value.bytes() {
         if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
@@ -120,7 +120,7 @@ struct ProblemBody {
 /// Talks to one scheduler.
 #[derive(Clone)]
 pub struct Client {
-    http: reqwest::Client,
+    pub(crate) http: reqwest::Client,
     base: String,
     token: Option<String>,
 }
@@ -275,7 +275,7 @@ impl Client {
         self.send(self.http.get(self.url(&url))).await
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 
@@ -288,7 +288,7 @@ impl Client {
 
     /// Sends `request` with the token; a response that is not a success
     /// becomes [`ClientError::Api`] with the problem's detail.
-    async fn response(
+    pub(crate) async fn response(
         &self,
         mut request: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, ClientError> {
@@ -311,7 +311,7 @@ impl Client {
         })
     }
 
-    async fn send<T: DeserializeOwned>(
+    pub(crate) async fn send<T: DeserializeOwned>(
         &self,
         request: reqwest::RequestBuilder,
     ) -> Result<T, ClientError> {
