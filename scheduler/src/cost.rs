@@ -65,9 +65,19 @@ pub fn parse_time(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, Strin
     if let Ok(time) = DateTime::parse_from_rfc3339(text) {
         return Ok(time.with_timezone(&Utc));
     }
-    let bad = || {
+    let delta = parse_duration(text).map_err(|_| {
         format!("{text:?} is neither a duration (a number and s, m, h, d or w: 24h, 7d) nor an RFC 3339 time")
-    };
+    })?;
+    now.checked_sub_signed(delta)
+        .filter(|time| time.timestamp() >= 0)
+        .ok_or_else(|| format!("{text:?} reaches back before 1970"))
+}
+
+/// A duration: a whole number followed by `s`, `m`, `h`, `d` or `w`
+/// (`90s`, `5m`, `2h`, `7d`).
+pub fn parse_duration(text: &str) -> Result<chrono::TimeDelta, String> {
+    let text = text.trim();
+    let bad = || format!("{text:?} is not a duration (a number and s, m, h, d or w: 90s, 5m, 2h)");
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .filter(|&i| i > 0)
@@ -85,9 +95,7 @@ pub fn parse_time(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, Strin
     number
         .checked_mul(seconds_per)
         .and_then(chrono::TimeDelta::try_seconds)
-        .and_then(|delta| now.checked_sub_signed(delta))
-        .filter(|time| time.timestamp() >= 0)
-        .ok_or_else(|| format!("{text:?} reaches back before 1970"))
+        .ok_or_else(|| format!("{text:?} is too long a duration"))
 }
 
 /// A time as the API prints it.
@@ -101,7 +109,7 @@ pub fn usd(micros: u64) -> String {
 }
 
 /// Sums over a set of cost entries.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Totals {
     /// LLM calls (cost entries).
     pub calls: u64,
@@ -142,7 +150,7 @@ impl Totals {
 }
 
 /// One group's key (the fields it is grouped by) and sums.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CostGroup {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
@@ -169,7 +177,7 @@ impl CostGroup {
 }
 
 /// What `GET /v1/cost` answers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CostSummary {
     /// The range summed: entries recorded at or after `since` (absent: the
     /// oldest entry kept) and before `until`.

@@ -11,7 +11,7 @@ use crate::task::{TaskId, TaskState};
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// One event with its metadata, as stored in `{ns}:task:{id}:events`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EventEnvelope {
     /// Schema version of this envelope and its event.
     pub v: u32,
@@ -43,7 +43,7 @@ impl EventEnvelope {
 }
 
 /// What happened. Tagged by `type` on the wire.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
     /// The task moved from one state to another. `from` is filled in by the store

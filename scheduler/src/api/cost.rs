@@ -13,17 +13,28 @@ use shoal_shared::store::StoreError;
 use shoal_shared::task::TaskId;
 
 use super::auth::Tenant;
+use super::openapi::PROBLEM;
 use super::{AppState, Problem};
 use crate::cost::{self, CostSummary, Filter, Summer, DEFAULT_BY};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct CostQuery {
+    /// Entries recorded at or after this: an RFC 3339 time or a duration
+    /// before now (`90m`, `24h`, `7d`; units s, m, h, d, w). Default: the
+    /// oldest entry kept.
     since: Option<String>,
+    /// Entries recorded before this (same forms as `since`). Default: now.
     until: Option<String>,
+    /// Only this tenant's costs (a token sees its own tenant's only).
     tenant: Option<String>,
+    /// Only this model profile's costs.
     model: Option<String>,
+    /// Only this task's costs (a task id).
     task: Option<String>,
+    /// Grouping keys, comma-separated, in order: `tenant`, `model`, `day`,
+    /// `task`; empty for the total only. Default `tenant,model,day`.
     by: Option<String>,
 }
 
@@ -31,6 +42,23 @@ fn bad(field: &str, detail: String) -> Problem {
     Problem::bad_request(format!("{field}: {detail}")).with_field(field)
 }
 
+/// `GET /v1/cost`: the cost stream summed by the `by` keys.
+#[utoipa::path(
+    get,
+    path = "/v1/cost",
+    tag = "cost",
+    operation_id = "cost_summary",
+    security(("bearer" = [])),
+    params(CostQuery),
+    responses(
+        (status = 200, description = "The summary", body = CostSummary),
+        (status = 400, description = "A bad parameter (`field` names it) or an unknown one", body = Problem, content_type = PROBLEM),
+        (status = 401, description = "Missing or unknown token (tokens configured)", body = Problem, content_type = PROBLEM),
+        (status = 403, description = "The token may not read another tenant's costs", body = Problem, content_type = PROBLEM),
+        (status = 500, description = "Stored data is damaged", body = Problem, content_type = PROBLEM),
+        (status = 503, description = "Redis is unavailable", body = Problem, content_type = PROBLEM),
+    )
+)]
 pub async fn summary(
     State(state): State<AppState>,
     tenant: Tenant,

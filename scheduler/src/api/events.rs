@@ -11,6 +11,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -27,6 +28,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::Tenant;
+use super::openapi::PROBLEM;
 use super::{AppState, Problem};
 use crate::metrics::{OpenStream, ReasonLabels};
 
@@ -48,8 +50,10 @@ pub struct EventsQuery {
     limit: Option<usize>,
 }
 
-#[derive(Debug, Serialize)]
+/// A page of the event log.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct EventsPage {
+    #[schema(value_type = Vec<StoredEvent<'static>>)]
     events: Vec<Value>,
     /// The task's state when the page was read.
     state: TaskState,
@@ -84,12 +88,36 @@ fn valid_stream_id(id: &str) -> bool {
     matches!((ms, seq), (Some(ms), Some(seq)) if (ms, seq) != (u64::MAX, u64::MAX))
 }
 
+/// An event as the API returns it: the envelope and its position in the log
+/// (`id`: pass it as `after` or `Last-Event-ID` to resume after it). On the
+/// SSE stream it is the `data` of an event whose `event` is its `type` and
+/// whose `id` is this `id`.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct StoredEvent<'a> {
+    /// The event's id in the log, `<ms>-<seq>`.
+    id: &'a str,
+    #[serde(flatten)]
+    envelope: &'a EventEnvelope,
+}
+
+/// The `data` of the SSE event `going_away` that ends every open stream when
+/// the scheduler shuts down (it has no SSE `id`).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct GoingAway {
+    /// Always `going_away`.
+    #[serde(rename = "type")]
+    kind: String,
+    message: String,
+    /// The id of the last event sent, to resume after (`Last-Event-ID`).
+    last_event_id: Option<String>,
+}
+
 fn with_id(stream_id: &str, envelope: &EventEnvelope) -> Value {
-    let mut value = serde_json::to_value(envelope).unwrap_or(Value::Null);
-    if let Value::Object(map) = &mut value {
-        map.insert("id".into(), Value::String(stream_id.to_owned()));
-    }
-    value
+    serde_json::to_value(StoredEvent {
+        id: stream_id,
+        envelope,
+    })
+    .unwrap_or(Value::Null)
 }
 
 /// An event that ends the log: the task reached a terminal state.
@@ -97,14 +125,52 @@ fn is_final(envelope: &EventEnvelope) -> bool {
     matches!(&envelope.event, Event::StateChanged { to, .. } if to.is_terminal())
 }
 
+/// `GET /v1/tasks/{id}/events`: JSON pages, or a live SSE stream.
+#[utoipa::path(
+    get,
+    path = "/v1/tasks/{id}/events",
+    tag = "events",
+    operation_id = "task_events",
+    security(("bearer" = [])),
+    params(
+        ("id" = String, Path, description = "The task id (a UUID)"),
+        ("after" = Option<String>, Query,
+         description = "Return events after this event id (`<ms>-<seq>`); `Last-Event-ID` wins over it"),
+        ("limit" = Option<u32>, Query, minimum = 0,
+         description = "Most events in one JSON page, 1-500 (default and cap 500; 0 counts as 1)"),
+        ("Last-Event-ID" = Option<String>, Header,
+         description = "Resume after this event id (SSE reconnection)"),
+        ("Accept" = Option<String>, Header,
+         description = "`text/event-stream` follows the log live as Server-Sent Events; anything else answers a JSON page"),
+    ),
+    responses(
+        (status = 200,
+         description = "With `Accept: text/event-stream`: Server-Sent Events, each with `id` (the event id), \
+                        `event` (its `type`) and `data` (a `StoredEvent` as JSON), ending after the task's final \
+                        event; on scheduler shutdown it ends with an `event: going_away` whose `data` is a \
+                        `GoingAway` (no `id`: reconnect with Last-Event-ID). Otherwise a JSON page.",
+         content(
+             (EventsPage = "application/json"),
+             (String = "text/event-stream"),
+         )),
+        (status = 400, description = "`id` is not a UUID, or `after`/`Last-Event-ID` is not an event id, or a bad query", body = Problem, content_type = PROBLEM),
+        (status = 401, description = "Missing or unknown token (tokens configured)", body = Problem, content_type = PROBLEM),
+        (status = 404, description = "No such task (or another tenant's)", body = Problem, content_type = PROBLEM),
+        (status = 503, description = "Redis is unavailable; or, for a stream, too many streams are open \
+                                      (`too-many-streams`) or the scheduler is shutting down (`shutting-down`)",
+         body = Problem, content_type = PROBLEM,
+         headers(("Retry-After" = Option<u32>, description = "Seconds to wait (stream refusals)"))),
+    )
+)]
 pub async fn events(
     State(state): State<AppState>,
     draining: Option<Extension<crate::Draining>>,
     tenant: Tenant,
     Path(id): Path<String>,
-    Query(query): Query<EventsQuery>,
+    query: Result<Query<EventsQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
+    let Query(query) = query.map_err(|e| Problem::bad_request(e.body_text()))?;
     let id: TaskId = id
         .parse()
         .map_err(|e: shoal_shared::task::ParseTaskIdError| Problem::bad_request(e.to_string()))?;
@@ -214,16 +280,17 @@ pub async fn events(
 /// (an SSE client's Last-Event-ID stays at `after`, the last task event sent),
 /// a reconnection delay, and JSON saying where to resume.
 fn going_away(after: Option<&str>) -> SseEvent {
-    let data = serde_json::json!({
-        "type": GOING_AWAY,
-        "message": "this scheduler is shutting down; reconnect (to another replica) \
-                    with Last-Event-ID to resume",
-        "last_event_id": after,
-    });
+    let data = GoingAway {
+        kind: GOING_AWAY.to_owned(),
+        message: "this scheduler is shutting down; reconnect (to another replica) \
+                  with Last-Event-ID to resume"
+            .to_owned(),
+        last_event_id: after.map(str::to_owned),
+    };
     SseEvent::default()
         .event(GOING_AWAY)
         .retry(Duration::from_secs(u64::from(DRAINING_RETRY_S)))
-        .data(data.to_string())
+        .data(serde_json::to_string(&data).unwrap_or_default())
 }
 
 /// Where a live stream is: what was sent, what is fetched but not yet sent.

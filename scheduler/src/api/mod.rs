@@ -5,6 +5,7 @@ mod body;
 mod cost;
 mod events;
 mod health;
+mod openapi;
 mod problem;
 mod tasks;
 
@@ -65,6 +66,8 @@ pub fn router(state: AppState, settings: &Settings) -> Router {
         .route("/readyz", get(health::readyz))
         // Unauthenticated, like the health probes: counts, never task data.
         .route("/metrics", get(health::metrics))
+        // Unauthenticated: the API's OpenAPI 3.1 document (api/openapi.rs).
+        .route("/openapi.json", get(openapi::document))
         .fallback(problem::not_found)
         .layer(DefaultBodyLimit::max(settings.scheduler.max_body_bytes))
         .with_state(state)

@@ -6,13 +6,18 @@ use serde::Serialize;
 
 use crate::metrics::RefusalReason;
 
-/// An HTTP error with a machine-readable type and a human-readable detail.
-#[derive(Debug, Clone, Serialize)]
+/// An HTTP error with a machine-readable type and a human-readable detail
+/// (RFC 9457 problem details, `application/problem+json`).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Problem {
+    /// `urn:shoal:problem:<name>`, e.g. `urn:shoal:problem:task-not-found`.
     #[serde(rename = "type")]
     pub kind: String,
+    /// A short summary of the problem type.
     pub title: &'static str,
+    /// The HTTP status code.
     pub status: u16,
+    /// What went wrong, for a person.
     pub detail: String,
     /// For validation problems: the JSON path of the offending field.
     #[serde(skip_serializing_if = "Option::is_none")]

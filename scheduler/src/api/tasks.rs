@@ -10,6 +10,7 @@ use shoal_shared::task::{TaskId, TaskRecord, TaskRef, TaskSpec};
 
 use super::auth::Tenant;
 use super::body::JsonBody;
+use super::openapi::PROBLEM;
 use super::problem::Cause;
 use super::{AppState, Problem};
 use crate::metrics::Endpoint;
@@ -20,6 +21,33 @@ const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 /// `POST /v1/tasks`: 201 with the queued task; 200 with the existing one on an
 /// idempotent replay.
+#[utoipa::path(
+    post,
+    path = "/v1/tasks",
+    tag = "tasks",
+    operation_id = "submit_task",
+    security(("bearer" = [])),
+    params(
+        ("Idempotency-Key" = Option<String>, Header,
+         description = "Makes the submission idempotent per tenant (1-256 visible ASCII bytes); overrides the spec's `idempotency_key`"),
+    ),
+    request_body(content = TaskSpec, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Queued", body = TaskRecord,
+         headers(("Location" = String, description = "The task's URL"))),
+        (status = 200, description = "An idempotent replay: the task first submitted with this key", body = TaskRecord,
+         headers(("Location" = String, description = "The task's URL"))),
+        (status = 400, description = "Malformed JSON or header", body = Problem, content_type = PROBLEM),
+        (status = 401, description = "Missing or unknown token (tokens configured)", body = Problem, content_type = PROBLEM),
+        (status = 403, description = "The token may not submit for the tenant named", body = Problem, content_type = PROBLEM),
+        (status = 409, description = "Idempotency key reused with a different body, or its first submission still in progress", body = Problem, content_type = PROBLEM),
+        (status = 413, description = "Body or task too large", body = Problem, content_type = PROBLEM),
+        (status = 415, description = "Not a JSON content type", body = Problem, content_type = PROBLEM),
+        (status = 422, description = "Not a valid task; `field` names where", body = Problem, content_type = PROBLEM),
+        (status = 500, description = "Stored data is damaged", body = Problem, content_type = PROBLEM),
+        (status = 503, description = "The broker or Redis is unavailable", body = Problem, content_type = PROBLEM),
+    )
+)]
 pub async fn submit(
     State(state): State<AppState>,
     tenant: Tenant,
@@ -50,13 +78,13 @@ pub async fn submit(
     Ok((status, [(header::LOCATION, location)], Json(record)).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest {
     tasks: Vec<TaskSpec>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct BatchResponse {
     tasks: Vec<TaskRef>,
 }
@@ -64,6 +92,26 @@ pub struct BatchResponse {
 /// `POST /v1/tasks/batch`: all or nothing, answered with `{id, state,
 /// created}` per task in submission order (fetch a record for more). Every spec is validated before any
 /// is queued; a 422 names the index and field of the first invalid one.
+#[utoipa::path(
+    post,
+    path = "/v1/tasks/batch",
+    tag = "tasks",
+    operation_id = "submit_batch",
+    security(("bearer" = [])),
+    request_body(content = BatchRequest, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Every task queued (or replayed), in submission order", body = BatchResponse),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = PROBLEM),
+        (status = 401, description = "Missing or unknown token (tokens configured)", body = Problem, content_type = PROBLEM),
+        (status = 403, description = "The token may not submit for the tenant named", body = Problem, content_type = PROBLEM),
+        (status = 409, description = "Idempotency key reused with a different body, or in progress; `index` names the task", body = Problem, content_type = PROBLEM),
+        (status = 413, description = "Body, batch or one task too large", body = Problem, content_type = PROBLEM),
+        (status = 415, description = "Not a JSON content type", body = Problem, content_type = PROBLEM),
+        (status = 422, description = "A task is invalid (`index` and `field` name it), the batch is empty, or mixes tenants", body = Problem, content_type = PROBLEM),
+        (status = 500, description = "Stored data is damaged", body = Problem, content_type = PROBLEM),
+        (status = 503, description = "The broker or Redis is unavailable", body = Problem, content_type = PROBLEM),
+    )
+)]
 pub async fn submit_batch(
     State(state): State<AppState>,
     tenant: Tenant,
@@ -130,6 +178,21 @@ pub async fn submit_batch(
 }
 
 /// `GET /v1/tasks/{id}`.
+#[utoipa::path(
+    get,
+    path = "/v1/tasks/{id}",
+    tag = "tasks",
+    operation_id = "get_task",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "The task id (a UUID)")),
+    responses(
+        (status = 200, description = "The task's record", body = TaskRecord),
+        (status = 400, description = "`id` is not a UUID", body = Problem, content_type = PROBLEM),
+        (status = 401, description = "Missing or unknown token (tokens configured)", body = Problem, content_type = PROBLEM),
+        (status = 404, description = "No such task (or another tenant's)", body = Problem, content_type = PROBLEM),
+        (status = 503, description = "Redis is unavailable", body = Problem, content_type = PROBLEM),
+    )
+)]
 pub async fn get(
     State(state): State<AppState>,
     tenant: Tenant,
@@ -143,6 +206,23 @@ pub async fn get(
 /// started (it is `cancelled` now); 202 when a worker holds it (it stops
 /// within about a second; poll the task or follow its events); 409 when it
 /// had already finished.
+#[utoipa::path(
+    post,
+    path = "/v1/tasks/{id}/cancel",
+    tag = "tasks",
+    operation_id = "cancel_task",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "The task id (a UUID)")),
+    responses(
+        (status = 200, description = "Cancelled before it started", body = TaskRecord),
+        (status = 202, description = "A worker holds it and stops it within about a second", body = TaskRecord),
+        (status = 400, description = "`id` is not a UUID", body = Problem, content_type = PROBLEM),
+        (status = 401, description = "Missing or unknown token (tokens configured)", body = Problem, content_type = PROBLEM),
+        (status = 404, description = "No such task (or another tenant's)", body = Problem, content_type = PROBLEM),
+        (status = 409, description = "The task already finished", body = Problem, content_type = PROBLEM),
+        (status = 503, description = "Redis is unavailable", body = Problem, content_type = PROBLEM),
+    )
+)]
 pub async fn cancel(
     State(state): State<AppState>,
     tenant: Tenant,

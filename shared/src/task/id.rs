@@ -6,7 +6,19 @@ use uuid::Uuid;
 
 /// A task's identity: a UUIDv7, so ids sort by creation time and carry no
 /// coordination between schedulers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(transparent)]
 pub struct TaskId(Uuid);
 

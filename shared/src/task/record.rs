@@ -7,7 +7,7 @@ use super::{Priority, TaskId, TaskSpec, TaskState};
 
 /// What Shoal knows about a task: its state and history in brief. Stored as the
 /// Redis hash `{ns}:task:{id}`; this is also the API's view of a task.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TaskRecord {
     pub id: TaskId,
     pub state: TaskState,
@@ -38,7 +38,7 @@ pub struct TaskRecord {
 }
 
 /// A task in brief, as a batch submission answers it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TaskRef {
     pub id: TaskId,
     pub state: TaskState,
@@ -47,7 +47,7 @@ pub struct TaskRef {
 }
 
 /// The outcome data of a finished task.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum TaskResult {
     Exec(ExecResult),
@@ -55,7 +55,7 @@ pub enum TaskResult {
 }
 
 /// What an `agent` task produced.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AgentResult {
     /// How the conversation ended (see `Event::ConversationFinished`).
     pub outcome: String,
@@ -73,7 +73,7 @@ pub struct AgentResult {
 }
 
 /// What an `exec` task produced.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ExecResult {
     /// `None` when the process was killed by a signal (or timed out).
     pub exit_code: Option<i32>,

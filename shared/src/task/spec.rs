@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 /// What a user asks Shoal to run. Secrets are named, never carried: the worker
 /// resolves the names.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaskSpec {
     /// The work itself.
@@ -50,7 +50,7 @@ fn default_sandbox() -> String {
 }
 
 /// The two kinds of work.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum TaskKind {
     /// An agent conversation on a prompt (and optionally a repository).
@@ -78,7 +78,7 @@ impl TaskKind {
 }
 
 /// An agent conversation.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentSpec {
     pub prompt: String,
@@ -99,7 +99,7 @@ fn default_model() -> String {
 }
 
 /// A repository to clone into the sandbox before the conversation starts.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RepoSpec {
     pub url: String,
@@ -108,7 +108,7 @@ pub struct RepoSpec {
 }
 
 /// Where an agent conversation must stop.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentLimits {
     #[serde(default = "default_max_iterations")]
@@ -138,7 +138,7 @@ impl Default for AgentLimits {
 }
 
 /// A command or a piece of code to run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecSpec {
     /// A shell command line (run by `sh -c`).
@@ -174,7 +174,7 @@ impl ExecSpec {
 }
 
 /// Languages `exec` can run code in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Language {
     Python,
@@ -196,7 +196,7 @@ impl Language {
 }
 
 /// A file placed in the workspace.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FileSpec {
     /// Relative to the workspace; no `..`, no absolute paths.
@@ -205,7 +205,9 @@ pub struct FileSpec {
 }
 
 /// How urgent a task is. Under a backlog, `high` starts before `normal` before `low`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
     High,

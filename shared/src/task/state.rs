@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 /// leased | running -> queued   (requeued by a draining worker)
 /// ```
 /// Terminal states never change again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskState {
     Queued,
