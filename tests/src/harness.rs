@@ -297,6 +297,25 @@ impl TestEnv {
         declared.message_count()
     }
 
+    /// Empties the work queues, for tests that queue tasks with no worker to
+    /// run them (teardown checks the queues are empty). Returns how many
+    /// messages were dropped.
+    pub async fn purge_work_queues(&self) -> u32 {
+        let channel = self.broker.channel().await.expect("channel");
+        let mut purged = 0;
+        for priority in shoal_shared::Priority::ALL {
+            purged += channel
+                .queue_purge(
+                    self.topology.work_queue(priority).as_str().into(),
+                    lapin::options::QueuePurgeOptions::default(),
+                )
+                .await
+                .expect("purge");
+        }
+        let _ = channel.close(200, "done".into()).await;
+        purged
+    }
+
     /// Stops every Shoal process this env started and checks nothing was left
     /// behind, then deletes the namespace's queues and keys.
     pub async fn teardown(mut self) {

@@ -28,6 +28,13 @@ impl TaskId {
         Self(Uuid::now_v7())
     }
 
+    /// The smallest UUIDv7 id of millisecond `time`: every id created at or
+    /// after `time` sorts after it, as text too (ids are fixed-width hex).
+    pub fn earliest_at(time: chrono::DateTime<chrono::Utc>) -> Self {
+        let ms = u128::from(time.timestamp_millis().max(0) as u64) & ((1 << 48) - 1);
+        Self(Uuid::from_u128((ms << 80) | (0x7 << 76)))
+    }
+
     /// The underlying UUID.
     pub fn as_uuid(&self) -> &Uuid {
         &self.0
@@ -72,5 +79,23 @@ mod tests {
         assert!(first < second);
         assert_eq!(first.to_string().parse::<TaskId>().unwrap(), first);
         assert!("not-a-uuid".parse::<TaskId>().is_err());
+    }
+}
+
+#[cfg(test)]
+mod earliest_tests {
+    use super::*;
+
+    #[test]
+    fn ids_sort_around_the_earliest_id_of_their_millisecond_as_text() {
+        let now = chrono::Utc::now();
+        let before = TaskId::earliest_at(now - chrono::Duration::milliseconds(2));
+        let cutoff = TaskId::earliest_at(now);
+        let after = TaskId::new();
+        assert!(before.to_string() < cutoff.to_string(), "{before} {cutoff}");
+        assert!(cutoff.to_string() <= after.to_string(), "{cutoff} {after}");
+        // The cutoff is a well-formed v7 id.
+        assert_eq!(cutoff.to_string().as_bytes()[14], b'7');
+        assert_eq!(cutoff.as_uuid().get_version_num(), 7);
     }
 }
