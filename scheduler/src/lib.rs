@@ -6,6 +6,7 @@
 pub mod api;
 pub mod client;
 pub mod cost;
+pub mod dead_queue;
 pub mod metrics;
 pub mod submit;
 pub mod watch;
@@ -47,6 +48,16 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let state = connect(&settings).await?;
     let submitter = state.submitter.clone();
+    // The broker's dead-letter queue stays bounded (ADR 0027).
+    tokio::spawn(dead_queue::run(
+        shoal_shared::broker::Broker::new(&settings.broker.url, "shoal-scheduler dead-queue"),
+        shoal_shared::broker::Topology::new(
+            &settings.namespace,
+            settings.broker.delivery_limit,
+            settings.broker.retry_tiers.clone(),
+        ),
+        shutdown.child_token(),
+    ));
     let app = api::router(state, &settings).layer(Extension(Draining(shutdown.clone())));
     tracing::info!(addr = %listener.local_addr()?, namespace = %settings.namespace, "scheduler listening");
     let drain_timeout = settings.scheduler.drain_timeout;

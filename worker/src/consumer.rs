@@ -296,6 +296,7 @@ impl Slot {
                             &delivery.data[..delivery.data.len().min(1024)],
                         )
                         .into_owned(),
+                        message: message.cloned(),
                     };
                     if let Err(store_error) = self.runner.store.record_dead(&entry).await {
                         warn!(%store_error, "dead letter not recorded in redis");

@@ -3,6 +3,7 @@
 mod auth;
 mod body;
 mod cost;
+mod dead;
 mod events;
 mod health;
 mod openapi;
@@ -55,6 +56,11 @@ pub fn router(state: AppState, settings: &Settings) -> Router {
         .route("/v1/tasks/{id}", get(tasks::get))
         .route("/v1/tasks/{id}/events", get(events::events))
         .route("/v1/cost", get(cost::summary))
+        .route("/v1/dead", get(dead::list))
+        .route("/v1/dead/replay", post(dead::replay_bulk))
+        .route("/v1/dead/purge", post(dead::purge_bulk))
+        .route("/v1/dead/{id}", get(dead::get).delete(dead::purge))
+        .route("/v1/dead/{id}/replay", post(dead::replay))
         .route(
             "/v1/tasks/{id}/cancel",
             post(tasks::cancel).layer(from_fn_with_state(

@@ -28,7 +28,7 @@ use serde_json::{Map, Value};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{cost, events, health, problem, tasks};
+use super::{cost, dead, events, health, problem, tasks};
 
 /// The media type of every error body (RFC 9457).
 pub const PROBLEM: &str = "application/problem+json";
@@ -49,6 +49,12 @@ pub const PROBLEM: &str = "application/problem+json";
         tasks::cancel,
         events::events,
         cost::summary,
+        dead::list,
+        dead::get,
+        dead::replay,
+        dead::purge,
+        dead::replay_bulk,
+        dead::purge_bulk,
         health::healthz,
         health::readyz,
         health::metrics,
@@ -60,6 +66,7 @@ pub const PROBLEM: &str = "application/problem+json";
         (name = "tasks", description = "Submit, read and cancel tasks"),
         (name = "events", description = "A task's event log: JSON pages or a live Server-Sent Events stream"),
         (name = "cost", description = "LLM cost summaries"),
+        (name = "dead", description = "Dead letters: list, read, replay as a new task, purge"),
         (name = "operations", description = "Probes, metrics and this document"),
     )
 )]

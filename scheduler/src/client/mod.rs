@@ -10,6 +10,10 @@ use shoal_shared::task::{TaskId, TaskRecord, TaskRef, TaskSpec};
 
 use crate::cost::CostSummary;
 
+mod dead;
+
+pub use dead::{BulkPurged, BulkReplayed, DeadQuery, Replayed, Skipped};
+
 /// A call to the scheduler failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

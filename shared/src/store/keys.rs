@@ -49,6 +49,11 @@ impl Keys {
         format!("{}:dead", self.namespace)
     }
 
+    /// A task's dead letter: the log entry's id and the message (hash).
+    pub fn dead_letter(&self, id: &TaskId) -> String {
+        format!("{}:dead:task:{id}", self.namespace)
+    }
+
     /// A pattern matching every key of the namespace (for teardown).
     pub fn pattern(&self) -> String {
         format!("{}:*", self.namespace)

@@ -6,6 +6,7 @@
 //! task's stream and the firehose, all atomically.
 
 mod costs;
+pub mod dead_letters;
 mod keys;
 mod lease;
 mod scripts;

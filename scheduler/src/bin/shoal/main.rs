@@ -1,5 +1,7 @@
 //! `shoal`: the command line for Shoal. Talks to the scheduler over HTTP.
 
+mod dead;
+
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -82,6 +84,11 @@ enum Command {
     },
     /// Sum LLM costs by tenant, model and day (or task) from the cost stream.
     Cost(CostArgs),
+    /// Dead letters: tasks that ran out of attempts and messages no worker
+    /// could read. ls | show ID | replay ID | replay --all --reason X |
+    /// purge ID | purge --all --reason X.
+    #[command(subcommand)]
+    Dead(dead::DeadCommand),
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
 }
@@ -239,6 +246,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Dead(command) => dead::dead(&client, cli.output, command).await,
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "shoal", &mut std::io::stdout());
             Ok(())
