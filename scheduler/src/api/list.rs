@@ -10,6 +10,7 @@ use shoal_shared::store::{TaskFilter, TaskPage};
 use shoal_shared::task::{TaskId, TaskState};
 
 use super::auth::Tenant;
+use super::openapi::PROBLEM;
 use super::tasks::{parse_id, unavailable};
 use super::{AppState, Problem};
 
@@ -22,6 +23,33 @@ pub const MAX_LIMIT: usize = 1000;
 /// task records (without results), newest first; `next_cursor` continues.
 /// `state` takes a comma-separated list, `label` repeats (all must match).
 /// Under tokens a caller lists its own tenant only; another tenant is 404.
+#[utoipa::path(
+    get,
+    path = "/v1/tasks",
+    tag = "tasks",
+    operation_id = "list_tasks",
+    security(("bearer" = [])),
+    params(
+        ("state" = Option<String>, Query,
+         description = "Only tasks in these states, comma-separated (`queued,running`); the parameter may repeat"),
+        ("tenant" = Option<String>, Query,
+         description = "Only this tenant's tasks; under tokens, the caller's own tenant (another is 404)"),
+        ("kind" = Option<String>, Query, description = "Only `exec` or only `agent` tasks"),
+        ("label" = Option<Vec<String>>, Query, explode = true,
+         description = "`key=value`; repeat for several, all must match"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000,
+         description = "Tasks per page (default 50, at most 1000)"),
+        ("cursor" = Option<String>, Query,
+         description = "A page's `next_cursor`: continue after it (only older tasks)"),
+    ),
+    responses(
+        (status = 200, description = "A page of tasks, newest first, without results; `next_cursor` when more may match", body = TaskPage),
+        (status = 400, description = "A bad or unknown parameter (`field` names it)", body = Problem, content_type = PROBLEM),
+        (status = 401, description = "Missing or unknown token (tokens configured)", body = Problem, content_type = PROBLEM),
+        (status = 404, description = "Another tenant than the token's", body = Problem, content_type = PROBLEM),
+        (status = 503, description = "Redis is unavailable", body = Problem, content_type = PROBLEM),
+    )
+)]
 pub async fn list(
     State(state): State<AppState>,
     tenant: Tenant,

@@ -28,7 +28,7 @@ use serde_json::{Map, Value};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{cost, dead, events, health, problem, tasks};
+use super::{cost, dead, events, health, list, problem, tasks, workers};
 
 /// The media type of every error body (RFC 9457).
 pub const PROBLEM: &str = "application/problem+json";
@@ -45,6 +45,7 @@ pub const PROBLEM: &str = "application/problem+json";
     paths(
         tasks::submit,
         tasks::submit_batch,
+        list::list,
         tasks::get,
         tasks::cancel,
         events::events,
@@ -55,6 +56,8 @@ pub const PROBLEM: &str = "application/problem+json";
         dead::purge,
         dead::replay_bulk,
         dead::purge_bulk,
+        workers::list,
+        workers::fleet,
         health::healthz,
         health::readyz,
         health::metrics,
@@ -67,6 +70,7 @@ pub const PROBLEM: &str = "application/problem+json";
         (name = "events", description = "A task's event log: JSON pages or a live Server-Sent Events stream"),
         (name = "cost", description = "LLM cost summaries"),
         (name = "dead", description = "Dead letters: list, read, replay as a new task, purge"),
+        (name = "fleet", description = "Live workers (from their heartbeats) and the fleet summary"),
         (name = "operations", description = "Probes, metrics and this document"),
     )
 )]

@@ -43,7 +43,7 @@ impl TaskFilter {
 
 /// One page of a listing, newest first. Results are left out: fetch the task
 /// for its result.
-#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TaskPage {
     pub tasks: Vec<TaskRecord>,
     /// Pass as `cursor` for the next page; absent when the listing is done.
@@ -126,7 +126,7 @@ impl Store {
     }
 
     /// A page of records that `filter` keeps, newest first, older than
-    /// `cursor`. Reads at most [`LIST_SCAN`] index entries per call; when it
+    /// `cursor`; damaged records are skipped. Reads at most [`LIST_SCAN`] index entries per call; when it
     /// stops there, `next_cursor` is set even if the page is short. Ids whose
     /// record has expired are dropped from the index on the way.
     pub async fn list(
@@ -183,8 +183,15 @@ impl Store {
                     any_expired = true;
                     continue;
                 }
-                let record = TaskRecord::from_fields(&fields)
-                    .map_err(|e| StoreError::Corrupt(format!("task {id}: {e}")))?;
+                // A damaged record must not block every listing behind it:
+                // it is skipped and logged (`GET /v1/tasks/{id}` names it).
+                let record = match TaskRecord::from_fields(&fields) {
+                    Ok(record) => record,
+                    Err(error) => {
+                        tracing::warn!(task = %id, %error, "the listing skips a damaged task record");
+                        continue;
+                    }
+                };
                 if filter.keeps(&record) {
                     page.tasks.push(record);
                     if page.tasks.len() == limit {
