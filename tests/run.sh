@@ -46,6 +46,9 @@ else
   # cargo test runs test binaries one after another, so chaos runs alone.
   suite "rust tests" cargo test --workspace --no-fail-fast
 fi
+# Schemathesis against a real scheduler's /openapi.json (open, then under a
+# token): no 5xx, every answer matches the document (ADR 0030).
+suite "api fuzzing" bash tests/fuzz-api.sh
 # The deployment: the Helm chart (lint, render, Kubernetes and CRD schemas,
 # its ConfigMap loaded by the real binaries) and the Dockerfiles (hadolint).
 suite "helm chart" bash tests/deploy/chart.sh

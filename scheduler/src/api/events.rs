@@ -133,7 +133,7 @@ fn is_final(envelope: &EventEnvelope) -> bool {
     operation_id = "task_events",
     security(("bearer" = [])),
     params(
-        ("id" = String, Path, description = "The task id (a UUID)"),
+        ("id" = String, Path, format = Uuid, description = "The task id (a UUID)"),
         ("after" = Option<String>, Query,
          description = "Return events after this event id (`<ms>-<seq>`); `Last-Event-ID` wins over it"),
         ("limit" = Option<u32>, Query, minimum = 0,

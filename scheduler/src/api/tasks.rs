@@ -184,7 +184,7 @@ pub async fn submit_batch(
     tag = "tasks",
     operation_id = "get_task",
     security(("bearer" = [])),
-    params(("id" = String, Path, description = "The task id (a UUID)")),
+    params(("id" = String, Path, format = Uuid, description = "The task id (a UUID)")),
     responses(
         (status = 200, description = "The task's record", body = TaskRecord),
         (status = 400, description = "`id` is not a UUID", body = Problem, content_type = PROBLEM),
@@ -212,7 +212,7 @@ pub async fn get(
     tag = "tasks",
     operation_id = "cancel_task",
     security(("bearer" = [])),
-    params(("id" = String, Path, description = "The task id (a UUID)")),
+    params(("id" = String, Path, format = Uuid, description = "The task id (a UUID)")),
     responses(
         (status = 200, description = "Cancelled before it started", body = TaskRecord),
         (status = 202, description = "A worker holds it and stops it within about a second", body = TaskRecord),
