@@ -6,6 +6,7 @@
 pub mod api;
 pub mod client;
 pub mod cost;
+pub mod fleet;
 pub mod dead_queue;
 pub mod metrics;
 pub mod submit;

@@ -107,6 +107,12 @@ impl Submitter {
         self.broker.close().await;
     }
 
+    /// The broker connection and the queues' names, for reading queue depths
+    /// (`GET /v1/fleet`).
+    pub fn broker(&self) -> (&Broker, &Topology) {
+        (&self.broker, &self.topology)
+    }
+
     /// Validates every spec (nothing is queued if one is invalid), then queues
     /// all of them with one round of publisher confirms and one Redis pipeline.
     /// Traced as `submit`, with one `publish` child span per queued task whose

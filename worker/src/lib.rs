@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod consumer;
 pub mod health;
+pub mod heartbeat;
 pub mod http_response;
 pub mod kube;
 pub mod metrics;

@@ -17,6 +17,7 @@ use tracing::{info, warn};
 
 use crate::consumer::Slot;
 use crate::health::{Dependencies, HealthServer, Phase};
+use crate::heartbeat::Heartbeat;
 use crate::kube::{run_updater, CostSink, PodPatcher, PodTarget, TargetError, Timing};
 use crate::pool::{Pool, PoolMetrics};
 use crate::run::TaskRunner;
@@ -210,6 +211,28 @@ impl Worker {
                 updater_stop.clone(),
             ))
         });
+        // The fleet view (`shoal workers`): beats until the drain is over,
+        // then deletes itself.
+        let heartbeat_stop = CancellationToken::new();
+        let heartbeat = tokio::spawn(
+            Heartbeat::new(
+                self.runner.store.clone(),
+                self.settings.worker.id.to_string(),
+                slots,
+                self.settings.worker.heartbeat_interval,
+                self.runner.activity.clone(),
+                self.runner.metrics.clone(),
+                self.pool.clone(),
+                self.settings
+                    .sandbox
+                    .templates
+                    .keys()
+                    .map(|name| name.to_string())
+                    .collect(),
+                self.phase.subscribe(),
+            )
+            .run(heartbeat_stop.clone()),
+        );
         let doorbell = Arc::new(Notify::new());
         let tracker = TaskTracker::new();
         for index in 0..slots {
@@ -249,6 +272,13 @@ impl Worker {
             let _ = updater.await;
         }
         self.pool.drain(POOL_DRAIN).await;
+        heartbeat_stop.cancel();
+        if tokio::time::timeout(HEARTBEAT_DELETE, heartbeat)
+            .await
+            .is_err()
+        {
+            warn!("the worker heartbeat was not deleted in time; it expires by itself");
+        }
         // `/healthz` answers to the end of the drain, so a liveness probe
         // never kills a draining worker.
         drop(self.http);
@@ -257,6 +287,9 @@ impl Worker {
         Ok(())
     }
 }
+
+/// How long the heartbeat gets to be deleted at the end of a drain.
+const HEARTBEAT_DELETE: Duration = Duration::from_secs(15);
 
 /// How long sandboxes get to be destroyed after the tasks are settled.
 /// Part of the grace a pod needs beyond `worker.drain_timeout_s`

@@ -9,6 +9,7 @@ mod health;
 mod openapi;
 mod problem;
 mod tasks;
+mod workers;
 
 use std::sync::Arc;
 
@@ -56,6 +57,8 @@ pub fn router(state: AppState, settings: &Settings) -> Router {
         .route("/v1/tasks/{id}", get(tasks::get))
         .route("/v1/tasks/{id}/events", get(events::events))
         .route("/v1/cost", get(cost::summary))
+        .route("/v1/workers", get(workers::list))
+        .route("/v1/fleet", get(workers::fleet))
         .route("/v1/dead", get(dead::list))
         .route("/v1/dead/replay", post(dead::replay_bulk))
         .route("/v1/dead/purge", post(dead::purge_bulk))

@@ -11,6 +11,7 @@ use shoal_shared::task::{TaskId, TaskRecord, TaskRef, TaskSpec};
 use crate::cost::CostSummary;
 
 mod dead;
+mod workers;
 
 pub use dead::{BulkPurged, BulkReplayed, DeadQuery, Replayed, Skipped};
 

@@ -35,6 +35,9 @@ pub struct WorkerSettings {
     /// bounded. Set it to the tenants of the scheduler's tokens map (the
     /// worker does not read the tokens). Empty by default.
     pub metric_tenants: Vec<Name>,
+    /// How often the worker writes its heartbeat to Redis (`shoal workers`,
+    /// `shoal top`); it counts as gone after three missed beats.
+    pub heartbeat_interval: Duration,
 }
 
 #[derive(Debug, Deserialize)]
@@ -49,6 +52,7 @@ pub(super) struct RawWorker {
     metrics_listen: String,
     pod_deletion_cost: bool,
     metric_tenants: Vec<String>,
+    heartbeat_interval_ms: u64,
 }
 
 impl Default for RawWorker {
@@ -65,6 +69,7 @@ impl Default for RawWorker {
             metrics_listen: "127.0.0.1:9464".into(),
             pod_deletion_cost: true,
             metric_tenants: Vec::new(),
+            heartbeat_interval_ms: 5000,
         }
     }
 }
@@ -78,6 +83,12 @@ impl RawWorker {
             return Err(invalid(
                 "worker.lease_renew_s",
                 "must be positive and at most half of worker.lease_ttl_s",
+            ));
+        }
+        if !(100..=300_000).contains(&self.heartbeat_interval_ms) {
+            return Err(invalid(
+                "worker.heartbeat_interval_ms",
+                "must be between 100 and 300000 (5 minutes)",
             ));
         }
         if self.idle_poll_max_ms == 0 {
@@ -119,6 +130,7 @@ impl RawWorker {
             metrics_listen,
             pod_deletion_cost: self.pod_deletion_cost,
             metric_tenants,
+            heartbeat_interval: Duration::from_millis(self.heartbeat_interval_ms),
         })
     }
 }
@@ -185,6 +197,28 @@ mod tests {
         // A list, not a string.
         let err = Settings::from_toml("worker.metric_tenants = \"acme\"\n").unwrap_err();
         assert!(err.to_string().contains("metric_tenants"), "{err}");
+    }
+
+    #[test]
+    fn the_heartbeat_interval_defaults_to_5_s_and_is_bounded() {
+        let default = Settings::from_toml("").expect("defaults");
+        assert_eq!(
+            default.worker.heartbeat_interval,
+            std::time::Duration::from_secs(5)
+        );
+        let short = Settings::from_toml("worker.heartbeat_interval_ms = 200\n").expect("200 ms");
+        assert_eq!(
+            short.worker.heartbeat_interval,
+            std::time::Duration::from_millis(200)
+        );
+        for bad in ["0", "99", "300001"] {
+            let err = Settings::from_toml(&format!("worker.heartbeat_interval_ms = {bad}\n"))
+                .unwrap_err();
+            assert!(
+                err.to_string().contains("worker.heartbeat_interval_ms"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -54,6 +54,16 @@ impl Keys {
         format!("{}:dead:task:{id}", self.namespace)
     }
 
+    /// A live worker's heartbeat (JSON, expiring).
+    pub fn worker(&self, id: &str) -> String {
+        format!("{}:worker:{id}", self.namespace)
+    }
+
+    /// Live workers' ids, scored by when their heartbeat expires (ms).
+    pub fn workers(&self) -> String {
+        format!("{}:workers", self.namespace)
+    }
+
     /// A pattern matching every key of the namespace (for teardown).
     pub fn pattern(&self) -> String {
         format!("{}:*", self.namespace)

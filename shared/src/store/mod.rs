@@ -11,11 +11,13 @@ mod keys;
 mod lease;
 mod scripts;
 mod tasks;
+mod workers;
 
 pub use costs::CostRecord;
 pub use keys::Keys;
 pub use lease::{Lease, LeaseAttempt};
 pub use tasks::{CancelOutcome, Claim, CostEntry, DeadEntry, Store, Transition, TransitionOutcome};
+pub use workers::{RunningTask, WorkerInfo, MAX_LISTED_WORKERS, MAX_RUNNING_LISTED};
 
 /// A Redis operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -29,6 +29,8 @@ pub struct TaskRunner {
     pub metrics: TaskMetrics,
     /// `worker:<id>`, the source of this worker's events.
     pub source: String,
+    /// The tasks running now, for the worker's heartbeat.
+    pub activity: crate::heartbeat::Activity,
 }
 
 impl TaskRunner {
@@ -40,6 +42,7 @@ impl TaskRunner {
             settings,
             metrics,
             source,
+            activity: crate::heartbeat::Activity::default(),
         }
     }
 
@@ -193,8 +196,10 @@ impl TaskRunner {
         let done_guard = done.clone().drop_guard();
         let kind = kind_of(&message.spec.kind);
         let running = self.metrics.start(kind);
+        let entered = self.activity.enter(message);
         let started = std::time::Instant::now();
         let end = fail_on_panic(self.run_sandboxed(message, &lease, &stop)).await;
+        drop(entered);
         drop(running);
         drop(done_guard);
         let _ = renewer.await;

@@ -1,6 +1,7 @@
 //! `shoal`: the command line for Shoal. Talks to the scheduler over HTTP.
 
 mod dead;
+mod fleet;
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -89,6 +90,13 @@ enum Command {
     /// purge ID | purge --all --reason X.
     #[command(subcommand)]
     Dead(dead::DeadCommand),
+    /// List the live workers: slots busy/total, running tasks, version, last
+    /// heartbeat. `-o json`: the API's answer.
+    Workers,
+    /// A refreshing fleet summary: workers, slots, queue depths, finished
+    /// tasks and LLM spend per minute. q or Ctrl-C quits; `--once` prints one
+    /// frame; `-o json`: one JSON object per refresh.
+    Top(fleet::TopArgs),
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
 }
@@ -247,6 +255,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Dead(command) => dead::dead(&client, cli.output, command).await,
+        Command::Workers => fleet::workers(&client, cli.output).await,
+        Command::Top(args) => fleet::top(&client, cli.output, args).await,
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "shoal", &mut std::io::stdout());
             Ok(())
