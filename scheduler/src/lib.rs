@@ -8,6 +8,7 @@ pub mod client;
 pub mod cost;
 pub mod fleet;
 pub mod dead_queue;
+pub mod delayed;
 pub mod metrics;
 pub mod submit;
 pub mod watch;
@@ -49,6 +50,15 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let state = connect(&settings).await?;
     let submitter = state.submitter.clone();
+    // Scheduled tasks are published by this loop (ADR 0028); it stops with
+    // the listener, and a round in progress finishes first.
+    let promoter = delayed::Promoter::new(
+        state.store.clone(),
+        submitter.clone(),
+        delayed::PromoterConfig::default(),
+    )
+    .with_metrics(state.metrics.clone());
+    let promoter = tokio::spawn(promoter.run(shutdown.child_token()));
     // The broker's dead-letter queue stays bounded (ADR 0027).
     tokio::spawn(dead_queue::run(
         shoal_shared::broker::Broker::new(&settings.broker.url, "shoal-scheduler dead-queue"),
@@ -79,6 +89,12 @@ pub async fn run(
             drain_timeout_s = drain_timeout.as_secs(),
             "connections still open at the drain deadline; abandoning them"
         ),
+    }
+    if tokio::time::timeout(BROKER_CLOSE_TIMEOUT, promoter)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the promotion loop did not stop in time; exiting anyway");
     }
     if tokio::time::timeout(BROKER_CLOSE_TIMEOUT, submitter.close())
         .await

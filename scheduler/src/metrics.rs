@@ -146,6 +146,10 @@ pub struct SchedulerMetrics {
     pub streams_refused: Family<ReasonLabels, Counter>,
     /// 1 when the last check reached the dependency, else 0.
     pub dependency_up: Family<DependencyLabels, Gauge>,
+    /// Scheduled tasks this scheduler published when they were due.
+    pub promoted: Counter,
+    /// From a scheduled task's `not_before` to its promotion.
+    pub promotion_lag_seconds: Histogram,
 }
 
 impl SchedulerMetrics {
@@ -175,6 +179,9 @@ impl SchedulerMetrics {
             streams_max: Gauge::default(),
             streams_refused: Family::default(),
             dependency_up: Family::default(),
+            promoted: Counter::default(),
+            // 10 ms .. ~80 s.
+            promotion_lag_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
         };
         // Every series whose labels are known in advance exists from startup,
         // so `rate()` sees its first increment. The tenant-labelled ones are
@@ -273,6 +280,16 @@ impl SchedulerMetrics {
             "1 when the scheduler reached the dependency (broker: RabbitMQ, redis: Redis) at its last check (every scrape and readiness probe), else 0",
             metrics.dependency_up.clone(),
         );
+        sub.register(
+            "tasks_promoted",
+            "Scheduled tasks (not_before) this scheduler published when they were due",
+            metrics.promoted.clone(),
+        );
+        sub.register(
+            "promotion_lag_seconds",
+            "Time from a scheduled task's not_before to its publication",
+            metrics.promotion_lag_seconds.clone(),
+        );
         Self {
             registry,
             ..metrics
@@ -286,6 +303,12 @@ impl SchedulerMetrics {
         } else {
             OTHER_TENANT.to_owned()
         }
+    }
+
+    /// A scheduled task was published `lag` after its due time.
+    pub fn promoted(&self, lag: Duration) {
+        self.promoted.inc();
+        self.promotion_lag_seconds.observe(lag.as_secs_f64());
     }
 
     /// A task was queued.

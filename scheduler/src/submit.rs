@@ -2,7 +2,9 @@
 //! then record. A task is reported `queued` only after the broker confirmed it.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
 
 use shoal_shared::broker::{
     Broker, OutgoingMessage, PublishError, Publisher, Topology, HEADER_TASK_ID, HEADER_TRACEPARENT,
@@ -114,7 +116,8 @@ impl Submitter {
     }
 
     /// Validates every spec (nothing is queued if one is invalid), then queues
-    /// all of them with one round of publisher confirms and one Redis pipeline.
+    /// all of them with one round of publisher confirms and one Redis pipeline;
+    /// a task whose `not_before` is later is `scheduled` instead (ADR 0028).
     /// Traced as `submit`, with one `publish` child span per queued task whose
     /// W3C `traceparent` the message carries to the worker (ADR 0025).
     #[tracing::instrument(name = "submit", skip_all, fields(tenant = %tenant, tasks = specs.len()))]
@@ -202,60 +205,71 @@ impl Submitter {
             slots.push(Ok((message, body)));
         }
 
-        let mut messages: Vec<&TaskMessage> = Vec::new();
-        let mut outgoing: Vec<OutgoingMessage> = Vec::new();
-        // One span per task, open until the broker confirmed it; its context
-        // is the parent of the worker's run (only built when traces are on).
-        let mut publish_spans: Vec<tracing::Span> = Vec::new();
+        // A task due later waits in Redis (ADR 0028); the rest are published
+        // now. Scheduled first: if publishing then fails, they are taken back.
+        let now = Utc::now();
+        let mut later: Vec<(&TaskMessage, Vec<u8>)> = Vec::new();
+        let mut due: Vec<(&TaskMessage, Vec<u8>)> = Vec::new();
         for (message, body) in slots.iter_mut().filter_map(|slot| slot.as_mut().ok()) {
-            // So a worker that cannot read the body still knows the task.
-            let mut headers = vec![(HEADER_TASK_ID.into(), message.id.to_string())];
-            if telemetry::traces_enabled() {
-                let span = tracing::info_span!(
-                    "publish",
-                    task_id = %message.id,
-                    otel.kind = "producer",
-                    trace_id = tracing::field::Empty,
-                );
-                telemetry::record_trace_id(&span);
-                if let Some(traceparent) = telemetry::traceparent_of(&span) {
-                    headers.push((HEADER_TRACEPARENT.into(), traceparent));
-                }
-                publish_spans.push(span);
+            let body = std::mem::take(body);
+            if is_due(message.spec.not_before, now) {
+                due.push((message, body));
+            } else {
+                later.push((message, body));
             }
-            outgoing.push(OutgoingMessage {
-                exchange: self.topology.work_exchange(),
-                routing_key: message.spec.priority.as_str().to_owned(),
-                body: std::mem::take(body),
-                message_id: Some(message.id.to_string()),
-                headers,
-            });
-            messages.push(message);
         }
-        if !outgoing.is_empty() {
-            let started = Instant::now();
-            let published = self.publisher.publish_all(&outgoing).await;
-            if let Some(metrics) = &self.metrics {
-                metrics.confirmed(published.is_ok(), started.elapsed());
-            }
-            if let Err(error) = published {
+        let scheduled: Vec<TaskRecord> = later
+            .iter()
+            .map(|(message, _)| {
+                TaskRecord::scheduled(message.id, &message.spec, tenant, message.submitted_at)
+            })
+            .collect();
+        if !scheduled.is_empty() {
+            let waiting: Vec<(&TaskRecord, &[u8])> = scheduled
+                .iter()
+                .zip(&later)
+                .map(|(record, (_, body))| (record, body.as_slice()))
+                .collect();
+            if let Err(error) = self.store.schedule_many(&waiting).await {
                 self.release_keys(tenant, &claimed).await;
                 return Err(error.into());
             }
-            drop(publish_spans);
-            self.publisher
-                .ring(&self.topology.doorbell_exchange())
-                .await;
         }
-
-        // Confirmed: now record. If Redis fails here the tasks are still queued
-        // and the worker creates the records from the messages.
-        let created: Vec<TaskRecord> = messages
+        let queued: Vec<TaskRecord> = due
             .iter()
-            .map(|message| {
+            .map(|(message, _)| {
                 TaskRecord::queued(message.id, &message.spec, tenant, message.submitted_at)
             })
             .collect();
+        if let Err(error) = self.publish(due).await {
+            for record in &scheduled {
+                if let Err(store_error) = self.store.unschedule(&record.id).await {
+                    warn!(%store_error, task_id = %record.id,
+                        "a scheduled task of a failed submission was not taken back; it will run");
+                }
+            }
+            self.release_keys(tenant, &claimed).await;
+            return Err(error.into());
+        }
+
+        // Confirmed (or scheduled): now record. If Redis fails here the
+        // tasks are still queued (or due) and the worker creates the records
+        // from the messages.
+        let created: Vec<TaskRecord> = if scheduled.is_empty() {
+            queued
+        } else {
+            // Back in submission order, which the answer follows.
+            let mut by_id: std::collections::HashMap<TaskId, TaskRecord> = queued
+                .into_iter()
+                .chain(scheduled)
+                .map(|record| (record.id, record))
+                .collect();
+            slots
+                .iter()
+                .filter_map(|slot| slot.as_ref().ok())
+                .filter_map(|(message, _)| by_id.remove(&message.id))
+                .collect()
+        };
         if let Err(error) = self.store.create_many(&created).await {
             warn!(%error, tasks = created.len(), "confirmed tasks not recorded; workers will record them");
         }
@@ -275,6 +289,58 @@ impl Submitter {
             .collect())
     }
 
+    /// Publishes task messages with publisher confirms (the one publish
+    /// path: submissions and the promotion of scheduled tasks), then rings
+    /// the doorbell. Traced with one `publish` span per message whose W3C
+    /// `traceparent` the message carries to the worker (ADR 0025).
+    pub async fn publish(
+        &self,
+        messages: Vec<(&TaskMessage, Vec<u8>)>,
+    ) -> Result<(), PublishError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let mut outgoing: Vec<OutgoingMessage> = Vec::with_capacity(messages.len());
+        // One span per task, open until the broker confirmed it; its context
+        // is the parent of the worker's run (only built when traces are on).
+        let mut publish_spans: Vec<tracing::Span> = Vec::new();
+        for (message, body) in messages {
+            // So a worker that cannot read the body still knows the task.
+            let mut headers = vec![(HEADER_TASK_ID.into(), message.id.to_string())];
+            if telemetry::traces_enabled() {
+                let span = tracing::info_span!(
+                    "publish",
+                    task_id = %message.id,
+                    otel.kind = "producer",
+                    trace_id = tracing::field::Empty,
+                );
+                telemetry::record_trace_id(&span);
+                if let Some(traceparent) = telemetry::traceparent_of(&span) {
+                    headers.push((HEADER_TRACEPARENT.into(), traceparent));
+                }
+                publish_spans.push(span);
+            }
+            outgoing.push(OutgoingMessage {
+                exchange: self.topology.work_exchange(),
+                routing_key: message.spec.priority.as_str().to_owned(),
+                body,
+                message_id: Some(message.id.to_string()),
+                headers,
+            });
+        }
+        let started = Instant::now();
+        let published = self.publisher.publish_all(&outgoing).await;
+        if let Some(metrics) = &self.metrics {
+            metrics.confirmed(published.is_ok(), started.elapsed());
+        }
+        published?;
+        drop(publish_spans);
+        self.publisher
+            .ring(&self.topology.doorbell_exchange())
+            .await;
+        Ok(())
+    }
+
     async fn release_keys(&self, tenant: &str, keys: &[String]) {
         for key in keys {
             if let Err(error) = self.store.release_idempotency(tenant, key).await {
@@ -282,6 +348,17 @@ impl Submitter {
             }
         }
     }
+}
+
+/// Within this much of now, a `not_before` is now: the task is published at
+/// once rather than scheduled (ADR 0028).
+pub const DUE_TOLERANCE: Duration = Duration::from_secs(1);
+
+/// Whether a task with this `not_before` runs at once (no time, a time in
+/// the past, or within [`DUE_TOLERANCE`] of `now`).
+pub fn is_due(not_before: Option<DateTime<Utc>>, now: DateTime<Utc>) -> bool {
+    let tolerance = chrono::TimeDelta::from_std(DUE_TOLERANCE).unwrap_or_default();
+    not_before.is_none_or(|at| at <= now + tolerance)
 }
 
 /// A hash of the canonical body (the parsed spec, defaults filled in and

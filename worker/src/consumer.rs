@@ -210,7 +210,9 @@ impl Slot {
         let mut dead = Transition::to(*id, TaskState::Dead, self.runner.source.clone())
             .field("last_error", format!("{reason}: {error}"))
             .reason(format!("{reason}: {error}"));
-        dead.from = vec![TaskState::Queued, TaskState::Retrying];
+        // `scheduled` too: a promoted task's message can arrive before the
+        // promotion recorded `queued`.
+        dead.from = vec![TaskState::Scheduled, TaskState::Queued, TaskState::Retrying];
         // The scheduler records a task just after the broker confirmed its
         // message, so the message can come first: give the record a moment.
         let mut wait = Duration::from_millis(100);

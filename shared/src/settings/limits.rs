@@ -9,6 +9,9 @@ use crate::task::SpecLimits;
 /// rest of the task (id, tenant, labels, other fields).
 pub const MESSAGE_ENVELOPE_BYTES: usize = 64 << 10;
 
+/// The largest `limits.max_delay_s` taken: ten years.
+const MAX_DELAY_S: u64 = 10 * 366 * 86_400;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawLimits {
@@ -17,6 +20,8 @@ pub(super) struct RawLimits {
     max_command_bytes: usize,
     max_file_bytes: usize,
     max_prompt_bytes: usize,
+    /// How far ahead a task's `not_before` may be (ADR 0028).
+    max_delay_s: u64,
 }
 
 impl Default for RawLimits {
@@ -28,6 +33,7 @@ impl Default for RawLimits {
             max_command_bytes: limits.max_command_bytes,
             max_file_bytes: limits.max_file_bytes,
             max_prompt_bytes: limits.max_prompt_bytes,
+            max_delay_s: limits.max_delay_s,
         }
     }
 }
@@ -59,6 +65,17 @@ impl RawLimits {
         if self.max_timeout_s == 0 {
             return Err(invalid("limits.max_timeout_s", "must be positive"));
         }
+        if self.max_delay_s == 0 {
+            return Err(invalid("limits.max_delay_s", "must be positive"));
+        }
+        // Far past any real schedule, and small enough that `now + delay`
+        // never overflows a time.
+        if self.max_delay_s > MAX_DELAY_S {
+            return Err(invalid(
+                "limits.max_delay_s",
+                format!("at most {MAX_DELAY_S} (10 years)"),
+            ));
+        }
         if self.max_attempts == 0 {
             return Err(invalid("limits.max_attempts", "must be positive"));
         }
@@ -68,6 +85,7 @@ impl RawLimits {
             max_command_bytes: self.max_command_bytes,
             max_file_bytes: self.max_file_bytes,
             max_prompt_bytes: self.max_prompt_bytes,
+            max_delay_s: self.max_delay_s,
             ..SpecLimits::default()
         })
     }

@@ -29,6 +29,16 @@ impl Keys {
         format!("{}:task:{{{id}}}:lease", self.namespace)
     }
 
+    /// A scheduled task's message, waiting for its due time (ADR 0028).
+    pub fn scheduled_message(&self, id: &TaskId) -> String {
+        format!("{}:task:{{{id}}}:message", self.namespace)
+    }
+
+    /// Scheduled task ids, scored by due time in ms (ADR 0028).
+    pub fn scheduled(&self) -> String {
+        format!("{}:scheduled", self.namespace)
+    }
+
     /// The fleet-wide firehose: one small entry per event.
     pub fn firehose(&self) -> String {
         format!("{}:events", self.namespace)

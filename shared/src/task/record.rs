@@ -23,6 +23,9 @@ pub struct TaskRecord {
     pub sandbox_id: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The spec's `not_before`: a `scheduled` task is published then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -119,11 +122,20 @@ impl TaskRecord {
             sandbox_id: None,
             created_at: now,
             updated_at: now,
+            not_before: spec.not_before,
             started_at: None,
             finished_at: None,
             result: None,
             last_error: None,
             cancel_requested_at: None,
+        }
+    }
+
+    /// A record for a task waiting for its `not_before` time (ADR 0028).
+    pub fn scheduled(id: TaskId, spec: &TaskSpec, tenant: &str, now: DateTime<Utc>) -> Self {
+        Self {
+            state: TaskState::Scheduled,
+            ..Self::queued(id, spec, tenant, now)
         }
     }
 
@@ -140,6 +152,9 @@ impl TaskRecord {
             ("created_at", format_time(self.created_at)),
             ("updated_at", format_time(self.updated_at)),
         ];
+        if let Some(not_before) = self.not_before {
+            fields.push(("not_before", format_time(not_before)));
+        }
         if let Some(result) = &self.result {
             fields.push(("result", serde_json::to_string(result).unwrap_or_default()));
         }
@@ -215,6 +230,7 @@ impl TaskRecord {
                     field: "created_at",
                 })?,
             },
+            not_before: time(fields, "not_before")?,
             started_at: time(fields, "started_at")?,
             finished_at: time(fields, "finished_at")?,
             result,
@@ -232,6 +248,7 @@ mod tests {
     fn record_round_trips_through_hash_fields() {
         let spec = TaskSpec::exec("echo hi");
         let mut record = TaskRecord::queued(TaskId::new(), &spec, "acme", Utc::now());
+        record.not_before = Some(Utc::now());
         record.result = Some(TaskResult::Exec(ExecResult {
             exit_code: Some(0),
             stdout: "hi\n".into(),
@@ -251,6 +268,10 @@ mod tests {
         assert_eq!(back.id, record.id);
         assert_eq!(back.result, record.result);
         assert_eq!(back.tenant, "acme");
+        assert_eq!(
+            back.not_before.map(|t| t.timestamp_millis()),
+            record.not_before.map(|t| t.timestamp_millis())
+        );
         // Millisecond precision survives; finer precision is not stored.
         assert_eq!(
             back.created_at.timestamp_millis(),

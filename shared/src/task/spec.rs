@@ -24,8 +24,14 @@ pub struct TaskSpec {
     /// A resubmission with the same key (per tenant) returns the first task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
-    /// Do not start before this time.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Do not start before this time (RFC 3339). A time in the future
+    /// makes the task `scheduled` until then (ADR 0028); at most
+    /// `limits.max_delay_s` ahead.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "not_before_of"
+    )]
     pub not_before: Option<DateTime<Utc>>,
     /// How many times the task may be started before it is declared dead.
     #[serde(default = "default_max_attempts")]
@@ -43,6 +49,48 @@ pub struct TaskSpec {
 
 fn default_max_attempts() -> u32 {
     3
+}
+
+/// `not_before` with errors that name the field and the expected form
+/// (chrono's own says only "input contains invalid characters").
+fn not_before_of<'de, D>(deserializer: D) -> Result<Option<DateTime<Utc>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Visitor;
+    const EXPECTED: &str =
+        "`not_before` as an RFC 3339 time with an offset (e.g. 2026-12-03T12:00:00Z)";
+    impl<'de> serde::de::Visitor<'de> for Visitor {
+        type Value = Option<DateTime<Utc>>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str(EXPECTED)
+        }
+
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(self)
+        }
+
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+            DateTime::parse_from_rfc3339(text)
+                .map(|time| Some(time.with_timezone(&Utc)))
+                .map_err(|_| {
+                    E::custom(format!(
+                        "{:?} is not {EXPECTED}",
+                        text.chars().take(64).collect::<String>()
+                    ))
+                })
+        }
+    }
+    deserializer.deserialize_option(Visitor)
 }
 
 fn default_sandbox() -> String {
@@ -239,6 +287,8 @@ pub struct SpecLimits {
     pub max_file_bytes: usize,
     pub max_prompt_bytes: usize,
     pub max_labels: usize,
+    /// How far ahead `not_before` may be, in seconds.
+    pub max_delay_s: u64,
 }
 
 impl Default for SpecLimits {
@@ -251,6 +301,7 @@ impl Default for SpecLimits {
             max_file_bytes: 256 * 1024,
             max_prompt_bytes: 256 * 1024,
             max_labels: 32,
+            max_delay_s: 30 * 86_400,
         }
     }
 }

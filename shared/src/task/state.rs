@@ -6,6 +6,8 @@ use serde::{Deserialize, Serialize};
 /// Where a task is in its life.
 ///
 /// ```text
+/// scheduled -> queued          (due: published by the scheduler's promotion loop)
+/// scheduled -> leased          (a worker met the message before the promotion was recorded)
 /// queued -> leased -> running -> succeeded | failed | cancelled | timed_out
 /// any non-terminal -> failed   (a fatal error, e.g. an unknown model)
 /// any non-terminal -> retrying -> (redelivered) leased ; exhausted -> dead
@@ -15,6 +17,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskState {
+    /// Waiting for its `not_before` time; no message exists yet (ADR 0028).
+    Scheduled,
     Queued,
     Leased,
     Running,
@@ -28,7 +32,8 @@ pub enum TaskState {
 
 impl TaskState {
     /// Every state, in lifecycle order.
-    pub const ALL: [TaskState; 9] = [
+    pub const ALL: [TaskState; 10] = [
+        Self::Scheduled,
         Self::Queued,
         Self::Leased,
         Self::Running,
@@ -55,8 +60,13 @@ impl TaskState {
             return false;
         }
         match next {
-            Queued => matches!(self, Leased | Running),
-            Leased => matches!(self, Queued | Retrying | Leased | Running),
+            // Nothing goes back to waiting for a time: `scheduled` is only
+            // ever a task's first state.
+            Scheduled => false,
+            Queued => matches!(self, Scheduled | Leased | Running),
+            // From `scheduled`: the promotion publishes, then records
+            // `queued`, and a quick worker may lease in between.
+            Leased => matches!(self, Scheduled | Queued | Retrying | Leased | Running),
             Running => matches!(self, Leased),
             Retrying => true,
             Succeeded | TimedOut => matches!(self, Running),
@@ -78,6 +88,7 @@ impl TaskState {
     /// The wire name (`timed_out`, ...).
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Scheduled => "scheduled",
             Self::Queued => "queued",
             Self::Leased => "leased",
             Self::Running => "running",
@@ -139,6 +150,19 @@ mod tests {
         assert!(Retrying.can_transition_to(Dead));
         assert!(!Queued.can_transition_to(Succeeded));
         assert!(!Queued.can_transition_to(Running));
+    }
+
+    #[test]
+    fn a_scheduled_task_is_promoted_or_cancelled_and_never_rescheduled() {
+        assert!(Scheduled.can_transition_to(Queued));
+        assert!(Scheduled.can_transition_to(Leased));
+        assert!(Scheduled.can_transition_to(Cancelled));
+        assert!(!Scheduled.can_transition_to(Running));
+        assert!(!Scheduled.can_transition_to(Succeeded));
+        for from in TaskState::ALL {
+            assert!(!from.can_transition_to(Scheduled), "{from} -> scheduled");
+        }
+        assert!(!Scheduled.is_terminal());
     }
 
     #[test]

@@ -48,16 +48,36 @@ use kernel_limits::*;
 impl TaskSpec {
     /// Checks every rule a spec must obey before it may be queued.
     pub fn validate(&self, limits: &SpecLimits) -> Result<(), SpecError> {
+        self.validate_at(limits, chrono::Utc::now())
+    }
+
+    /// [`validate`](Self::validate) as of `now` (the bound on `not_before`
+    /// depends on it).
+    pub fn validate_at(
+        &self,
+        limits: &SpecLimits,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), SpecError> {
         match &self.kind {
             TaskKind::Exec(exec) => validate_exec(exec, limits)?,
             TaskKind::Agent(agent) => validate_agent(agent, limits)?,
         }
-        if self.not_before.is_some() {
-            // Accepting it and running the task at once would be a lie.
-            return Err(invalid(
-                "not_before",
-                "delayed tasks are not supported yet; submit the task when it should run",
-            ));
+        if let Some(not_before) = self.not_before {
+            // A time in the past is simply due: the task runs at once.
+            let latest = chrono::TimeDelta::try_seconds(
+                i64::try_from(limits.max_delay_s).unwrap_or(i64::MAX),
+            )
+            .and_then(|delay| now.checked_add_signed(delay));
+            if latest.is_none_or(|latest| not_before > latest) {
+                return Err(invalid(
+                    "not_before",
+                    format!(
+                        "at most {} ahead (limits.max_delay_s = {}); submit closer to the time",
+                        human_delay(limits.max_delay_s),
+                        limits.max_delay_s
+                    ),
+                ));
+            }
         }
         if self.max_attempts == 0 || self.max_attempts > limits.max_attempts {
             return Err(invalid(
@@ -136,6 +156,17 @@ impl TaskSpec {
             }
         }
         Ok(())
+    }
+}
+
+/// `2592000` -> `30 days`, else seconds.
+fn human_delay(seconds: u64) -> String {
+    if seconds.is_multiple_of(86_400) {
+        format!("{} days", seconds / 86_400)
+    } else if seconds.is_multiple_of(3600) {
+        format!("{} hours", seconds / 3600)
+    } else {
+        format!("{seconds} seconds")
     }
 }
 
@@ -427,10 +458,18 @@ mod tests {
         spec.max_attempts = 0;
         assert_eq!(spec.validate(&limits).unwrap_err().field, "max_attempts");
 
-        // Delayed tasks are refused until the release loop exists.
+        // Delayed tasks: up to limits.max_delay_s ahead; the past is due.
+        let now = chrono::Utc::now();
+        let max_delay = chrono::TimeDelta::seconds(limits.max_delay_s as i64);
         spec = TaskSpec::exec("true");
-        spec.not_before = Some(chrono::Utc::now());
-        assert_eq!(spec.validate(&limits).unwrap_err().field, "not_before");
+        spec.not_before = Some(now + max_delay);
+        assert_eq!(spec.validate_at(&limits, now), Ok(()));
+        spec.not_before = Some(now - chrono::TimeDelta::days(400));
+        assert_eq!(spec.validate_at(&limits, now), Ok(()));
+        spec.not_before = Some(now + max_delay + chrono::TimeDelta::seconds(1));
+        let error = spec.validate_at(&limits, now).unwrap_err();
+        assert_eq!(error.field, "not_before");
+        assert!(error.message.contains("30 days"), "{error}");
     }
 
     fn with_file(path: &str) -> TaskSpec {

@@ -141,6 +141,34 @@ struct SubmitArgs {
     /// Wait for the task to finish and print its result.
     #[arg(long)]
     wait: bool,
+    /// Do not start before this time (RFC 3339, e.g. 2026-12-24T08:00:00Z):
+    /// the task is `scheduled` until then. With -f, for specs without a
+    /// `not_before` of their own.
+    #[arg(long, value_name = "TIME", value_parser = parse_at, conflicts_with = "in_")]
+    at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Do not start before this long from now (90s, 5m, 2h, 1d).
+    #[arg(long = "in", id = "in_", value_name = "DURATION", value_parser = parse_in)]
+    in_: Option<chrono::TimeDelta>,
+}
+
+fn parse_at(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(text.trim())
+        .map(|time| time.with_timezone(&chrono::Utc))
+        .map_err(|_| {
+            format!("{text:?} is not an RFC 3339 time; give one with an offset, e.g. 2026-12-24T08:00:00Z, or use --in 2h")
+        })
+}
+
+fn parse_in(text: &str) -> Result<chrono::TimeDelta, String> {
+    shoal_scheduler::cost::parse_duration(text)
+}
+
+impl SubmitArgs {
+    /// The `not_before` that `--at` or `--in` asks for.
+    fn not_before(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.at
+            .or_else(|| self.in_.map(|delay| chrono::Utc::now() + delay))
+    }
 }
 
 #[derive(clap::Args)]
@@ -266,7 +294,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn submit(client: &Client, output: Output, args: SubmitArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.file {
-        return submit_file(client, output, path, args.batch_size).await;
+        return submit_file(client, output, path, args.batch_size, args.not_before()).await;
     }
     let spec = spec_of(&args)?;
     let record = client
@@ -334,6 +362,7 @@ fn spec_of(args: &SubmitArgs) -> anyhow::Result<TaskSpec> {
         PriorityArg::Low => Priority::Low,
     };
     spec.labels = args.labels.iter().cloned().collect();
+    spec.not_before = args.not_before();
     Ok(spec)
 }
 
@@ -342,6 +371,7 @@ async fn submit_file(
     output: Output,
     path: &PathBuf,
     batch_size: usize,
+    not_before: Option<chrono::DateTime<chrono::Utc>>,
 ) -> anyhow::Result<()> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut specs = Vec::new();
@@ -352,6 +382,8 @@ async fn submit_file(
         }
         let spec: TaskSpec = serde_json::from_str(&line)
             .with_context(|| format!("{}:{}: not a task spec", path.display(), number + 1))?;
+        let mut spec = spec;
+        spec.not_before = spec.not_before.or(not_before);
         specs.push(spec);
     }
     let bar = ProgressBar::new(specs.len() as u64);
@@ -448,6 +480,17 @@ fn print_record(output: Output, record: &TaskRecord) -> anyhow::Result<()> {
         println!("worker    {worker}");
     }
     println!("created   {}", record.created_at);
+    if let Some(due) = record.not_before {
+        if record.state == shoal_shared::TaskState::Scheduled {
+            let wait = (due - chrono::Utc::now()).num_seconds().max(0);
+            println!(
+                "due       {due}  (in {wait} s; `shoal cancel {}` drops it)",
+                record.id
+            );
+        } else {
+            println!("due       {due}");
+        }
+    }
     if let Some(finished) = record.finished_at {
         println!("finished  {finished}");
     } else if let Some(asked) = record.cancel_requested_at {
@@ -579,6 +622,62 @@ mod tests {
         assert_eq!(args.since.as_deref(), Some("7d"));
         assert_eq!(args.by.as_deref(), Some("tenant,day"));
         assert!(Cli::try_parse_from(["shoal", "cost", "--task", "nope"]).is_err());
+    }
+
+    #[test]
+    fn submit_at_or_in_sets_not_before() {
+        let args = submit_args(&[
+            "shoal",
+            "submit",
+            "--exec",
+            "true",
+            "--at",
+            "2030-01-02T03:04:05Z",
+        ]);
+        let spec = spec_of(&args).unwrap();
+        assert_eq!(
+            spec.not_before.map(|t| t.to_rfc3339()),
+            Some("2030-01-02T03:04:05+00:00".to_owned())
+        );
+        let before = chrono::Utc::now();
+        let spec = spec_of(&submit_args(&[
+            "shoal", "submit", "--exec", "true", "--in", "90s",
+        ]))
+        .unwrap();
+        let due = spec.not_before.unwrap();
+        assert!(due >= before + chrono::TimeDelta::seconds(90), "{due}");
+        assert!(
+            due <= chrono::Utc::now() + chrono::TimeDelta::seconds(90),
+            "{due}"
+        );
+        // Mutually exclusive, and bad values are refused with a hint.
+        assert!(Cli::try_parse_from([
+            "shoal",
+            "submit",
+            "--exec",
+            "true",
+            "--at",
+            "2030-01-02T03:04:05Z",
+            "--in",
+            "5m"
+        ])
+        .is_err());
+        let err = Cli::try_parse_from(["shoal", "submit", "--exec", "true", "--in", "5 minutes"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("90s, 5m, 2h"), "{err}");
+        let err = Cli::try_parse_from(["shoal", "submit", "--exec", "true", "--at", "tomorrow"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("RFC 3339"), "{err}");
+        assert_eq!(
+            spec_of(&submit_args(&["shoal", "submit", "--exec", "true"]))
+                .unwrap()
+                .not_before,
+            None
+        );
     }
 
     #[test]

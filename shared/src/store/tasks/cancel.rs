@@ -11,8 +11,9 @@ use crate::task::{TaskId, TaskState};
 /// What a cancel request did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CancelOutcome {
-    /// The task had not started (queued or waiting for a retry): it is
-    /// `cancelled` now, and its message is dropped when a worker meets it.
+    /// The task had not started (scheduled, queued or waiting for a retry):
+    /// it is `cancelled` now, and its message is dropped when a worker meets
+    /// it (a scheduled task has none yet: it leaves the due set).
     Cancelled,
     /// A worker holds the task (`state`): it stops the run at its next check
     /// (within about a second) and records `cancelled`. Asking again is
@@ -37,12 +38,22 @@ impl Store {
         by: &str,
     ) -> Result<CancelOutcome, StoreError> {
         let now = Transition {
-            from: vec![TaskState::Queued, TaskState::Retrying],
+            from: vec![TaskState::Scheduled, TaskState::Queued, TaskState::Retrying],
             ..Transition::to(*id, TaskState::Cancelled, source)
         }
         .reason(format!("cancelled by {by}"));
         match self.transition(&now).await? {
-            TransitionOutcome::Applied { .. } => return Ok(CancelOutcome::Cancelled),
+            TransitionOutcome::Applied { from, .. } => {
+                if from == TaskState::Scheduled {
+                    // The promotion loop checks the state before publishing,
+                    // so a failure here only leaves it a member to drop.
+                    if let Err(error) = self.unschedule(id).await {
+                        tracing::warn!(task_id = %id, %error,
+                            "cancelled task left in the due set; the promotion loop drops it");
+                    }
+                }
+                return Ok(CancelOutcome::Cancelled);
+            }
             TransitionOutcome::Missing => return Ok(CancelOutcome::Missing),
             TransitionOutcome::Refused { current } | TransitionOutcome::Fenced { current }
                 if current.is_terminal() =>

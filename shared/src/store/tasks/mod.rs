@@ -18,6 +18,7 @@ mod cancel;
 mod dead;
 mod events;
 mod idempotency;
+mod scheduled;
 mod transitions;
 
 pub use cancel::CancelOutcome;
