@@ -351,3 +351,82 @@ async fn the_fleet_counts_queued_messages_and_the_cli_prints_what_the_api_says()
         "{error}"
     );
 }
+
+/// A `redis-server` of this test's own, so that it can go away.
+struct PrivateRedis {
+    child: tokio::process::Child,
+}
+
+impl PrivateRedis {
+    async fn start(port: u16) -> Self {
+        let mut command = tokio::process::Command::new("redis-server");
+        let child = die_with_test(&mut command)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start redis-server (deploy/local/services.sh installs it)");
+        let url = format!("redis://127.0.0.1:{port}/");
+        wait_until("the private Redis to answer", BOUND, || {
+            let url = url.clone();
+            async move {
+                let client = redis::Client::open(url).ok()?;
+                let mut connection = client.get_multiplexed_async_connection().await.ok()?;
+                redis::cmd("PING")
+                    .query_async::<String>(&mut connection)
+                    .await
+                    .ok()
+            }
+        })
+        .await;
+        Self { child }
+    }
+
+    async fn kill(mut self) {
+        self.child.kill().await.expect("kill redis-server");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_outlives_redis_going_away_and_beats_again_when_it_is_back() {
+    let port = shoal_tests::process::free_port();
+    let redis = PrivateRedis::start(port).await;
+    let mut env = TestEnv::new("workers-redis-gone", "worker.heartbeat_interval_ms = 200\n").await;
+    // The scheduler and the worker use the private Redis; the harness's
+    // own checks keep the shared one.
+    env.settings.redis.url = format!("redis://127.0.0.1:{port}/");
+    let url = env.start_scheduler().await;
+    let client = Client::new(&url, None);
+    env.start_worker("w-redis", 1).await;
+    wait_workers(&client, "the worker to be listed", |w| {
+        worker(w, "w-redis").is_some()
+    })
+    .await;
+
+    redis.kill().await;
+    wait_until("the scheduler to find Redis gone", BOUND, || async {
+        client.workers().await.is_err().then_some(())
+    })
+    .await;
+
+    // An empty Redis on the same port: the worker's next beats land there.
+    let redis = PrivateRedis::start(port).await;
+    wait_workers(&client, "the worker to beat again", |w| {
+        worker(w, "w-redis").is_some()
+    })
+    .await;
+    // And it still runs tasks.
+    let task = client
+        .submit(&exec("echo still-here", Priority::Normal), None)
+        .await
+        .expect("submit");
+    let done = wait_until("the task to succeed", BOUND, || async {
+        let record = client.get(&task.id).await.ok()?;
+        record.state.is_terminal().then_some(record)
+    })
+    .await;
+    assert_eq!(done.state, TaskState::Succeeded, "{:?}", done.last_error);
+    env.teardown().await;
+    redis.kill().await;
+}
