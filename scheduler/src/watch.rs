@@ -211,12 +211,17 @@ pub fn render(event: &Value) -> Option<String> {
             } else {
                 format!(" — {reason}")
             };
-            format!(
-                "state    {} → {} (attempt {}){reason}",
-                str_of(event, "from"),
-                str_of(event, "to"),
-                u64_of(event, "attempt")
-            )
+            let from = str_of(event, "from");
+            if from.is_empty() {
+                // A task's first state (a delayed task's `scheduled`).
+                format!("state    {}{reason}", str_of(event, "to"))
+            } else {
+                format!(
+                    "state    {from} → {} (attempt {}){reason}",
+                    str_of(event, "to"),
+                    u64_of(event, "attempt")
+                )
+            }
         }
         "sandbox_leased" => format!(
             "sandbox  {} ({}, {}, leased in {:.2} ms)",
@@ -364,6 +369,23 @@ mod tests {
             &json!({"type": "state_changed", "from": "running", "to": "retrying"})
         ));
         assert!(!is_final(&json!({"type": "exec_finished", "to": "failed"})));
+    }
+
+    #[test]
+    fn a_delayed_task_reads_as_scheduled_then_promoted() {
+        let first = json!({"type": "state_changed", "to": "scheduled", "attempt": 0,
+                           "reason": "due at 2026-12-03T12:00:00.000Z"});
+        assert_eq!(
+            render(&first).as_deref().map(str::trim_start),
+            Some("state    scheduled — due at 2026-12-03T12:00:00.000Z")
+        );
+        let promoted = json!({"type": "state_changed", "from": "scheduled", "to": "queued",
+                              "attempt": 0, "reason": "due at 2026-12-03T12:00:00.000Z"});
+        assert_eq!(
+            render(&promoted).as_deref().map(str::trim_start),
+            Some("state    scheduled → queued (attempt 0) — due at 2026-12-03T12:00:00.000Z")
+        );
+        assert!(!is_final(&first) && !is_final(&promoted));
     }
 
     #[test]

@@ -334,6 +334,27 @@ async fn a_scheduled_task_is_cancelled_at_once_and_never_published() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shoal_watch_waits_through_the_scheduled_time_and_follows_the_run() {
+    let mut env = TestEnv::new("delayed-watch", "").await;
+    let url = env.start_scheduler().await;
+    env.start_worker("w1", 1).await;
+    let client = Client::new(&url, None);
+    let record = client
+        .submit(&exec_at("echo watched", Some(in_ms(3000))), None)
+        .await
+        .expect("submit");
+    assert_eq!(record.state, TaskState::Scheduled);
+    let out = shoal(&url, &["watch", &record.id.to_string()]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let scheduled = text.find("scheduled — due at").expect(&text);
+    let promoted = text.find("scheduled → ").expect(&text);
+    let finished = text.find("→ succeeded").expect(&text);
+    assert!(scheduled < promoted && promoted < finished, "{text}");
+    env.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_mixes_due_times() {
     let mut env = TestEnv::new("delayed-batch", "").await;
     let url = env.start_scheduler().await;
