@@ -61,7 +61,7 @@ config=obj({
  "sandbox":obj({"bwrap":s,"launcher":s,"root":s,"max_output_bytes":i(1),"uid_base":i(1000),"uid_count":i(1),"uid_dir":s,
    "cgroups":{"enum":["auto","off","required"]},"cgroup_root":s,"network_isolation":{"enum":["namespace","host"]},
    "templates":{"type":"object","additionalProperties":template}}),
- "limits":obj({"max_timeout_s":i(1),"max_attempts":i(1),"max_command_bytes":i(1),"max_file_bytes":i(1),"max_prompt_bytes":i(1)}),
+ "limits":obj({"max_timeout_s":i(1),"max_attempts":i(1),"max_command_bytes":i(1),"max_file_bytes":i(1),"max_prompt_bytes":i(1),"max_delay_s":i(1)}),
  "telemetry":obj({"log_format":{"enum":["text","json"]},"log_filter":s}),
  "agent":obj({"default_model":s,"no_output_timeout_s":i(1),"condense_chars":i(1000)}),
  "models":{"type":"object","additionalProperties":model},

@@ -90,3 +90,20 @@ impl RawLimits {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::Settings;
+
+    #[test]
+    fn max_delay_defaults_to_30_days_and_is_refused_when_zero_or_absurd() {
+        let settings = Settings::from_toml("").expect("defaults load");
+        assert_eq!(settings.limits.max_delay_s, 30 * 86_400);
+        let settings = Settings::from_toml("limits.max_delay_s = 3600").expect("loads");
+        assert_eq!(settings.limits.max_delay_s, 3600);
+        for bad in ["limits.max_delay_s = 0", "limits.max_delay_s = 400000000"] {
+            let error = Settings::from_toml(bad).expect_err(bad).to_string();
+            assert!(error.contains("limits.max_delay_s"), "{error}");
+        }
+    }
+}

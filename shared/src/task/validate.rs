@@ -472,6 +472,35 @@ mod tests {
         assert!(error.message.contains("30 days"), "{error}");
     }
 
+    #[test]
+    fn a_bad_not_before_names_the_field_and_the_form() {
+        let parse = |value: serde_json::Value| {
+            serde_json::from_value::<TaskSpec>(serde_json::json!({
+                "kind": {"type": "exec", "command": "true"}, "not_before": value
+            }))
+        };
+        for bad in [
+            serde_json::json!("tomorrow"),
+            serde_json::json!("2026-12-03T12:00:00"),
+            serde_json::json!(1_800_000_000),
+        ] {
+            let error = parse(bad.clone()).unwrap_err().to_string();
+            assert!(
+                error.contains("not_before") && error.contains("RFC 3339"),
+                "{bad}: {error}"
+            );
+        }
+        let spec = parse(serde_json::json!("2026-12-03T13:00:00+01:00")).unwrap();
+        assert_eq!(
+            spec.not_before.map(|t| t.to_rfc3339()),
+            Some("2026-12-03T12:00:00+00:00".to_owned())
+        );
+        assert_eq!(parse(serde_json::Value::Null).unwrap().not_before, None);
+        // Round trip: what is serialized reads back.
+        let json = serde_json::to_value(&spec).unwrap();
+        assert_eq!(serde_json::from_value::<TaskSpec>(json).unwrap(), spec);
+    }
+
     fn with_file(path: &str) -> TaskSpec {
         let mut spec = TaskSpec::exec("true");
         if let TaskKind::Exec(exec) = &mut spec.kind {
