@@ -7,6 +7,7 @@ mod dead;
 mod events;
 mod health;
 mod openapi;
+mod list;
 mod problem;
 mod tasks;
 mod workers;
@@ -48,7 +49,10 @@ pub fn router(state: AppState, settings: &Settings) -> Router {
     Router::new()
         .route(
             "/v1/tasks",
-            post(tasks::submit).layer(submit_layer(Endpoint::Single)),
+            // The layer counts submissions only: it wraps the POST alone.
+            post(tasks::submit)
+                .layer(submit_layer(Endpoint::Single))
+                .get(list::list),
         )
         .route(
             "/v1/tasks/batch",
@@ -57,13 +61,13 @@ pub fn router(state: AppState, settings: &Settings) -> Router {
         .route("/v1/tasks/{id}", get(tasks::get))
         .route("/v1/tasks/{id}/events", get(events::events))
         .route("/v1/cost", get(cost::summary))
-        .route("/v1/workers", get(workers::list))
-        .route("/v1/fleet", get(workers::fleet))
         .route("/v1/dead", get(dead::list))
         .route("/v1/dead/replay", post(dead::replay_bulk))
         .route("/v1/dead/purge", post(dead::purge_bulk))
         .route("/v1/dead/{id}", get(dead::get).delete(dead::purge))
         .route("/v1/dead/{id}/replay", post(dead::replay))
+        .route("/v1/workers", get(workers::list))
+        .route("/v1/fleet", get(workers::fleet))
         .route(
             "/v1/tasks/{id}/cancel",
             post(tasks::cancel).layer(from_fn_with_state(

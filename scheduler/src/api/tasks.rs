@@ -269,7 +269,7 @@ fn count(state: &AppState, endpoint: Endpoint, record: &TaskRecord, created: boo
     }
 }
 
-fn parse_id(id: &str) -> Result<TaskId, Problem> {
+pub(super) fn parse_id(id: &str) -> Result<TaskId, Problem> {
     id.parse()
         .map_err(|e: shoal_shared::task::ParseTaskIdError| Problem::bad_request(e.to_string()))
 }
@@ -301,7 +301,7 @@ async fn own_record(state: &AppState, tenant: &Tenant, id: &TaskId) -> Result<Ta
     Ok(record)
 }
 
-fn unavailable(detail: String) -> Problem {
+pub(super) fn unavailable(detail: String) -> Problem {
     Problem::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "unavailable",

@@ -11,9 +11,11 @@ use shoal_shared::task::{TaskId, TaskRecord, TaskRef, TaskSpec};
 use crate::cost::CostSummary;
 
 mod dead;
+mod list;
 mod workers;
 
 pub use dead::{BulkPurged, BulkReplayed, DeadQuery, Replayed, Skipped};
+pub use list::ListQuery;
 
 /// A call to the scheduler failed.
 #[derive(Debug, thiserror::Error)]

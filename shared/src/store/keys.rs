@@ -54,14 +54,20 @@ impl Keys {
         format!("{}:idem:{tenant}:{key}", self.namespace)
     }
 
+    /// The tenants that have task indexes.
+    pub fn tenants(&self) -> String {
+        format!("{}:tenants", self.namespace)
+    }
+
+    /// A tenant's task ids, all scores 0, read by lex range: UUIDv7 ids sort
+    /// by creation time, so the newest is last.
+    pub fn tenant_index(&self, tenant: &str) -> String {
+        format!("{}:tenant:{tenant}:tasks", self.namespace)
+    }
+
     /// The dead-letter log: why each dead message died.
     pub fn dead(&self) -> String {
         format!("{}:dead", self.namespace)
-    }
-
-    /// A task's dead letter: the log entry's id and the message (hash).
-    pub fn dead_letter(&self, id: &TaskId) -> String {
-        format!("{}:dead:task:{id}", self.namespace)
     }
 
     /// A live worker's heartbeat (JSON, expiring).
@@ -72,6 +78,11 @@ impl Keys {
     /// Live workers' ids, scored by when their heartbeat expires (ms).
     pub fn workers(&self) -> String {
         format!("{}:workers", self.namespace)
+    }
+
+    /// A task's dead letter: the log entry's id and the message (hash).
+    pub fn dead_letter(&self, id: &TaskId) -> String {
+        format!("{}:dead:task:{id}", self.namespace)
     }
 
     /// A pattern matching every key of the namespace (for teardown).

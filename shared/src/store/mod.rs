@@ -16,7 +16,10 @@ mod workers;
 pub use costs::CostRecord;
 pub use keys::Keys;
 pub use lease::{Lease, LeaseAttempt};
-pub use tasks::{CancelOutcome, Claim, CostEntry, DeadEntry, Store, Transition, TransitionOutcome};
+pub use tasks::{
+    CancelOutcome, Claim, CostEntry, DeadEntry, Store, TaskFilter, TaskPage, Transition,
+    TransitionOutcome,
+};
 pub use workers::{RunningTask, WorkerInfo, MAX_LISTED_WORKERS, MAX_RUNNING_LISTED};
 
 /// A Redis operation failed.

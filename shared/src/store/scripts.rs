@@ -1,12 +1,15 @@
 //! The Lua scripts behind atomic store operations.
 
-/// Creates a task record if absent and announces it on the firehose.
-/// KEYS: record, firehose. ARGV: firehose maxlen, task id, event type, then
-/// field/value pairs.
+/// Creates a task record if absent, announces it on the firehose and adds it
+/// to its tenant's listing index.
+/// KEYS: record, firehose, tenant index, tenants. ARGV: firehose maxlen, task
+/// id, event type, tenant, then field/value pairs.
 pub const CREATE: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'task', ARGV[2], 'type', ARGV[3])
+redis.call('ZADD', KEYS[3], 0, ARGV[2])
+redis.call('SADD', KEYS[4], ARGV[4])
 return 1
 "#;
 

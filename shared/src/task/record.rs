@@ -1,4 +1,4 @@
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -38,6 +38,9 @@ pub struct TaskRecord {
     /// stops it at its next check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancel_requested_at: Option<DateTime<Utc>>,
+    /// The spec's labels, kept so listings can filter on them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A task in brief, as a batch submission answers it.
@@ -128,8 +131,32 @@ impl TaskRecord {
             result: None,
             last_error: None,
             cancel_requested_at: None,
+            labels: spec.labels.clone(),
         }
     }
+
+    /// Every hash field a record may have except `result`: what a listing
+    /// reads (results can be megabytes). A field added to the record must be
+    /// added here too; a test checks that none is missing.
+    pub const SUMMARY_FIELDS: [&'static str; 17] = [
+        "id",
+        "state",
+        "kind",
+        "tenant",
+        "priority",
+        "attempts",
+        "max_attempts",
+        "created_at",
+        "updated_at",
+        "started_at",
+        "finished_at",
+        "worker",
+        "sandbox_id",
+        "last_error",
+        "cancel_requested_at",
+        "labels",
+        "not_before",
+    ];
 
     /// A record for a task waiting for its `not_before` time (ADR 0028).
     pub fn scheduled(id: TaskId, spec: &TaskSpec, tenant: &str, now: DateTime<Utc>) -> Self {
@@ -157,6 +184,12 @@ impl TaskRecord {
         }
         if let Some(result) = &self.result {
             fields.push(("result", serde_json::to_string(result).unwrap_or_default()));
+        }
+        if !self.labels.is_empty() {
+            fields.push((
+                "labels",
+                serde_json::to_string(&self.labels).unwrap_or_default(),
+            ));
         }
         fields
     }
@@ -236,6 +269,14 @@ impl TaskRecord {
             result,
             last_error: text(fields, "last_error"),
             cancel_requested_at: time(fields, "cancel_requested_at")?,
+            labels: fields
+                .get("labels")
+                .filter(|value| !value.is_empty())
+                .map(|value| {
+                    serde_json::from_str(value).map_err(|_| RecordError { field: "labels" })
+                })
+                .transpose()?
+                .unwrap_or_default(),
         })
     }
 }
@@ -276,6 +317,43 @@ mod tests {
         assert_eq!(
             back.created_at.timestamp_millis(),
             record.created_at.timestamp_millis()
+        );
+    }
+
+    #[test]
+    fn the_summary_fields_are_every_field_but_the_result() {
+        let mut spec = TaskSpec::exec("true");
+        spec.labels.insert("team".into(), "search".into());
+        let now = Utc::now();
+        let mut record = TaskRecord::queued(TaskId::new(), &spec, "acme", now);
+        record.worker = Some("w".into());
+        record.sandbox_id = Some("s".into());
+        record.started_at = Some(now);
+        record.finished_at = Some(now);
+        record.last_error = Some("e".into());
+        record.cancel_requested_at = Some(now);
+        record.not_before = Some(now);
+        let json = serde_json::to_value(&record).unwrap();
+        let mut names: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .filter(|name| *name != "result")
+            .collect();
+        names.sort_unstable();
+        let mut summary = TaskRecord::SUMMARY_FIELDS.to_vec();
+        summary.sort_unstable();
+        assert_eq!(names, summary);
+        // Labels survive the hash.
+        let fields: HashMap<String, String> = record
+            .to_fields()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        assert_eq!(
+            TaskRecord::from_fields(&fields).unwrap().labels,
+            spec.labels
         );
     }
 

@@ -2,6 +2,7 @@
 
 mod dead;
 mod fleet;
+mod ls;
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -69,6 +70,9 @@ enum Command {
         /// The task id.
         id: TaskId,
     },
+    /// List tasks, newest first, by state, tenant, kind and labels.
+    /// `-o json`: the page(s) as JSON, with `next_cursor` when more match.
+    Ls(ls::LsArgs),
     /// Show a task.
     Status {
         /// The task id.
@@ -85,11 +89,6 @@ enum Command {
     },
     /// Sum LLM costs by tenant, model and day (or task) from the cost stream.
     Cost(CostArgs),
-    /// Dead letters: tasks that ran out of attempts and messages no worker
-    /// could read. ls | show ID | replay ID | replay --all --reason X |
-    /// purge ID | purge --all --reason X.
-    #[command(subcommand)]
-    Dead(dead::DeadCommand),
     /// List the live workers: slots busy/total, running tasks, version, last
     /// heartbeat. `-o json`: the API's answer.
     Workers,
@@ -97,6 +96,11 @@ enum Command {
     /// tasks and LLM spend per minute. q or Ctrl-C quits; `--once` prints one
     /// frame; `-o json`: one JSON object per refresh.
     Top(fleet::TopArgs),
+    /// Dead letters: tasks that ran out of attempts and messages no worker
+    /// could read. ls | show ID | replay ID | replay --all --reason X |
+    /// purge ID | purge --all --reason X.
+    #[command(subcommand)]
+    Dead(dead::DeadCommand),
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
 }
@@ -250,6 +254,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Ls(args) => ls::ls(&client, cli.output, args).await,
         Command::Status { id } => {
             let record = client.get(&id).await?;
             print_record(cli.output, &record)
@@ -282,9 +287,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Dead(command) => dead::dead(&client, cli.output, command).await,
         Command::Workers => fleet::workers(&client, cli.output).await,
         Command::Top(args) => fleet::top(&client, cli.output, args).await,
+        Command::Dead(command) => dead::dead(&client, cli.output, command).await,
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "shoal", &mut std::io::stdout());
             Ok(())

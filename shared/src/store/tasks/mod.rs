@@ -1,7 +1,8 @@
 //! The task store: records and their lifecycle in Redis. One file per
 //! seam: creating and reading records here, then guarded state changes
 //! (`transitions`), cancel requests (`cancel`), event streams and cost
-//! entries (`events`), idempotency keys (`idempotency`) and the
+//! entries (`events`), the listing index (`list`), idempotency keys
+//! (`idempotency`) and the
 //! dead-letter log (`dead`).
 
 use std::collections::HashMap;
@@ -18,6 +19,7 @@ mod cancel;
 mod dead;
 mod events;
 mod idempotency;
+mod list;
 mod scheduled;
 mod transitions;
 
@@ -25,6 +27,7 @@ pub use cancel::CancelOutcome;
 pub use dead::DeadEntry;
 pub use events::CostEntry;
 pub use idempotency::Claim;
+pub use list::{TaskFilter, TaskPage};
 pub use transitions::{Transition, TransitionOutcome};
 
 /// The Redis side of Shoal. Cheap to clone: one multiplexed, self-reconnecting
@@ -35,7 +38,7 @@ pub struct Store {
     pub(super) keys: Keys,
     events_maxlen: usize,
     firehose_maxlen: usize,
-    retention: Duration,
+    pub(super) retention: Duration,
     idempotency_ttl: Duration,
 }
 
@@ -84,9 +87,12 @@ impl Store {
         invocation
             .key(self.keys.task(&record.id))
             .key(self.keys.firehose())
+            .key(self.keys.tenant_index(&record.tenant))
+            .key(self.keys.tenants())
             .arg(self.firehose_maxlen)
             .arg(record.id.to_string())
-            .arg(SUBMITTED);
+            .arg(SUBMITTED)
+            .arg(&record.tenant);
         for (name, value) in record.to_fields() {
             invocation.arg(name).arg(value);
         }
@@ -123,6 +129,7 @@ impl Store {
                 .ignore();
             self.announce(&mut pipe, &record.id, SUBMITTED);
         }
+        self.index(&mut pipe, records);
         let mut conn = self.conn.clone();
         let _: () = pipe.query_async(&mut conn).await?;
         Ok(())
