@@ -109,7 +109,7 @@ fuzz() {
   "$venv/bin/schemathesis" run "$base/openapi.json" \
     --checks not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance,response_headers_conformance \
     --max-examples "$examples" \
-    --phases examples,coverage,fuzzing \
+    --phases examples,coverage,fuzzing,stateful \
     --request-timeout 10 \
     --workers 2 \
     --no-color \

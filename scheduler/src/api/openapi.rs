@@ -108,7 +108,33 @@ pub fn document_value() -> Value {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the OpenAPI document serializes");
     let schemas = doc["components"]["schemas"].clone();
     seal(&mut doc, &schemas);
+    link_submissions(&mut doc);
     doc
+}
+
+/// OpenAPI links from a submission's answer to the operations on that task
+/// (utoipa's `path` macro has no `links`): a client generator, and
+/// schemathesis's stateful phase, follow them with the new task's `id`.
+fn link_submissions(doc: &mut Value) {
+    let on_task = |operation: &str| {
+        serde_json::json!({
+            "operationId": operation,
+            "parameters": {"id": "$response.body#/id"},
+        })
+    };
+    let links = serde_json::json!({
+        "GetTask": on_task("get_task"),
+        "TaskEvents": on_task("task_events"),
+        "CancelTask": on_task("cancel_task"),
+    });
+    for status in ["200", "201"] {
+        if let Some(response) = doc
+            .pointer_mut(&format!("/paths/~1v1~1tasks/post/responses/{status}"))
+            .and_then(Value::as_object_mut)
+        {
+            response.insert("links".into(), links.clone());
+        }
+    }
 }
 
 /// utoipa writes a variant of `#[serde(tag = "type")] enum TaskKind {
@@ -318,5 +344,24 @@ mod tests {
         assert_eq!(exec["properties"]["type"]["enum"][0], "exec", "{exec}");
         assert!(exec["properties"]["command"].is_object(), "{exec}");
         assert!(exec.get("allOf").is_none(), "{exec}");
+        // Every link names an operation the document has.
+        let ids: BTreeSet<&str> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .values()
+            .flat_map(|item| item.as_object().unwrap().values())
+            .filter_map(|op| op["operationId"].as_str())
+            .collect();
+        let links = doc["paths"]["/v1/tasks"]["post"]["responses"]["201"]["links"]
+            .as_object()
+            .unwrap();
+        assert_eq!(links.len(), 3);
+        for link in links.values() {
+            let target = link["operationId"].as_str().unwrap();
+            assert!(
+                ids.contains(target),
+                "a link to {target}, which is not an operation"
+            );
+        }
     }
 }
