@@ -154,14 +154,31 @@ async fn garbage_on_the_work_queue_is_dead_lettered_with_a_reason_and_the_worker
         ["invalid_spec", "malformed", "malformed", "too_large"]
     );
 
-    // The dead-letter log in Redis has them too.
-    let mut conn = env.store.connection();
-    let logged: usize = redis::cmd("XLEN")
-        .arg(env.store.keys().dead())
-        .query_async(&mut conn)
-        .await
-        .expect("xlen");
-    assert_eq!(logged, 4);
+    // The dead-letter log in Redis has them too. The worker writes it just
+    // after the broker confirmed the dead-letter copy, so wait for it.
+    let conn = env.store.connection();
+    let key = env.store.keys().dead();
+    shoal_tests::wait_until(
+        "4 entries in the dead-letter log",
+        Duration::from_secs(30),
+        || {
+            let mut conn = conn.clone();
+            let key = key.clone();
+            async move {
+                let logged: usize = redis::cmd("XLEN")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("xlen");
+                assert!(
+                    logged <= 4,
+                    "{logged} dead-letter log entries for 4 dead letters"
+                );
+                (logged == 4).then_some(())
+            }
+        },
+    )
+    .await;
     env.teardown().await;
 }
 

@@ -572,7 +572,7 @@ async fn every_submission_refusal_cancel_and_stream_moves_exactly_its_metrics() 
     .await;
 
     // An error axum answers itself: no problem type.
-    let response = client.get(&single).send().await.unwrap();
+    let response = client.put(&single).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
     m.assert_delta(
         "a wrong method",
