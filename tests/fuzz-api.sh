@@ -106,7 +106,8 @@ start_scheduler() {
 fuzz() {
   local seed=()
   if [ -n "${FUZZ_API_SEED:-}" ]; then seed=(--seed "$FUZZ_API_SEED"); fi
-  "$venv/bin/schemathesis" run "$base/openapi.json" \
+  # From the scratch directory: hypothesis keeps a .hypothesis/ in the working directory.
+  (cd "$work" && "$root/$venv/bin/schemathesis" run "$base/openapi.json" \
     --checks not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance,response_headers_conformance \
     --max-examples "$examples" \
     --phases examples,coverage,fuzzing,stateful \
@@ -115,7 +116,7 @@ fuzz() {
     --no-color \
     --generation-database none \
     "${seed[@]}" \
-    "$@"
+    "$@")
 }
 
 failed=0
