@@ -6,9 +6,9 @@
 pub mod api;
 pub mod client;
 pub mod cost;
-pub mod fleet;
 pub mod dead_queue;
 pub mod delayed;
+pub mod fleet;
 pub mod metrics;
 pub mod submit;
 pub mod watch;
