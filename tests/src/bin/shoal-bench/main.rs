@@ -63,6 +63,12 @@ async fn main() -> anyhow::Result<()> {
     if wanted("agent") {
         agent::section(&args, &mut report).await?;
     }
+    // Same-run A/B measurements of single changes (`benches/ab.sh`, two
+    // builds side by side) are recorded by hand in docs/ab-measurements.md
+    // and carried into the report.
+    if let Ok(ab) = std::fs::read_to_string("docs/ab-measurements.md") {
+        writeln!(report, "{ab}")?;
+    }
     // Demo trials are run by hand with the real local model (minutes each);
     // their record is kept in docs/demo-trials.md and carried into the report.
     if let Ok(trials) = std::fs::read_to_string("docs/demo-trials.md") {
