@@ -19,6 +19,7 @@
 //! A message is acked once recorded; with Redis away it is nacked back onto
 //! the queue after a backoff, so nothing is lost. The queue stays near empty.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -31,6 +32,8 @@ use shoal_shared::task::{TaskId, TaskState};
 use shoal_shared::TaskMessage;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+
+use crate::metrics::SchedulerMetrics;
 
 /// Unsettled dead letters a scheduler holds at once.
 pub const PREFETCH: u16 = 8;
@@ -59,8 +62,14 @@ pub async fn run(
     topology: Topology,
     delivery_limit: u32,
     store: Store,
+    metrics: Option<Arc<SchedulerMetrics>>,
     stop: CancellationToken,
 ) {
+    let context = Context {
+        store,
+        delivery_limit,
+        metrics,
+    };
     let queue = topology.dead_queue();
     let mut backoff = backon::BackoffBuilder::build(
         backon::ExponentialBuilder::default()
@@ -72,7 +81,7 @@ pub async fn run(
     loop {
         let outcome = tokio::select! {
             () = stop.cancelled() => break,
-            outcome = consume(&broker, &queue, delivery_limit, &store, &stop) => outcome,
+            outcome = consume(&broker, &queue, &context, &stop) => outcome,
         };
         match outcome {
             Ok(()) => break,
@@ -96,8 +105,7 @@ pub async fn run(
 async fn consume(
     broker: &Broker,
     queue: &str,
-    delivery_limit: u32,
-    store: &Store,
+    context: &Context,
     stop: &CancellationToken,
 ) -> Result<(), String> {
     let channel = broker.channel().await.map_err(|e| e.to_string())?;
@@ -128,7 +136,7 @@ async fn consume(
                 None => return Err("the consumer was cancelled".to_owned()),
             },
         };
-        match handle(store, &delivery, delivery_limit).await {
+        match handle(context, &delivery).await {
             Ok(()) => {
                 redis_backoff = Duration::from_millis(200);
                 delivery
@@ -160,7 +168,8 @@ async fn consume(
 
 /// Records one dead letter; an error means Redis failed and the message
 /// should come back.
-async fn handle(store: &Store, delivery: &Delivery, delivery_limit: u32) -> Result<(), StoreError> {
+async fn handle(context: &Context, delivery: &Delivery) -> Result<(), StoreError> {
+    let store = &context.store;
     let message: Option<TaskMessage> = serde_json::from_slice(&delivery.data).ok();
     let task_id = message
         .as_ref()
@@ -168,7 +177,14 @@ async fn handle(store: &Store, delivery: &Delivery, delivery_limit: u32) -> Resu
         .or_else(|| task_id_of(delivery));
     match header_text(delivery, HEADER_REASON) {
         Some(reason) => worker_made(store, delivery, task_id, message, reason).await,
-        None => broker_made(store, delivery, delivery_limit, task_id, message).await,
+        None => {
+            let reason =
+                broker_made(store, delivery, context.delivery_limit, task_id, message).await?;
+            if let (Some(reason), Some(metrics)) = (reason, &context.metrics) {
+                metrics.broker_dead_letter(&reason);
+            }
+            Ok(())
+        }
     }
 }
 
@@ -212,14 +228,15 @@ async fn worker_made(
     Ok(())
 }
 
-/// RabbitMQ's own dead-lettering: recorded, and the task's record goes `dead`.
+/// RabbitMQ's own dead-lettering: recorded, and the task's record goes
+/// `dead`. Returns the broker's reason when it was recorded.
 async fn broker_made(
     store: &Store,
     delivery: &Delivery,
     delivery_limit: u32,
     task_id: Option<TaskId>,
     message: Option<TaskMessage>,
-) -> Result<(), StoreError> {
+) -> Result<Option<String>, StoreError> {
     let headers = delivery.properties.headers().clone().unwrap_or_default();
     let death = Death::of(&headers, delivery_limit);
     debug!(?death, "broker-made dead letter");
@@ -248,7 +265,7 @@ async fn broker_made(
                 // broker's copy is a leftover, not a death.
                 info!(task_id = %task, state = record.state.as_str(),
                     "broker dead-lettered a finished task's message; dropped");
-                return Ok(());
+                return Ok(None);
             }
         }
         let mut dead = Transition::to(task, TaskState::Dead, SOURCE)
@@ -262,7 +279,7 @@ async fn broker_made(
             TransitionOutcome::Refused { current } if current != TaskState::Dead => {
                 info!(task_id = %task, state = current.as_str(),
                     "broker dead-lettered a finished task's message; dropped");
-                return Ok(());
+                return Ok(None);
             }
             outcome => debug!(task_id = %task, ?outcome, "broker dead letter's task settled"),
         }
@@ -279,7 +296,14 @@ async fn broker_made(
     let id = store.record_dead(&entry).await?;
     warn!(task_id = ?task_id, reason = %death.reason, entry = %id,
         "RabbitMQ dead-lettered a message; recorded");
-    Ok(())
+    Ok(Some(death.reason))
+}
+
+/// What every message is handled with.
+struct Context {
+    store: Store,
+    delivery_limit: u32,
+    metrics: Option<Arc<SchedulerMetrics>>,
 }
 
 /// What the broker says about its dead-lettering.
