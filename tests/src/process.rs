@@ -162,3 +162,23 @@ pub async fn wait_ready(url: &str) {
     )
     .await;
 }
+
+/// Runs `shoal --server <server> <args>` to its end (at most 120 s), with no
+/// `SHOAL_SERVER`/`SHOAL_TOKEN` from the environment and no terminal on
+/// stdin.
+pub async fn run_shoal(server: &str, args: &[&str]) -> std::process::Output {
+    let mut command = tokio::process::Command::new(binary_path("shoal"));
+    command
+        .arg("--server")
+        .arg(server)
+        .args(args)
+        .env_remove("SHOAL_SERVER")
+        .env_remove("SHOAL_TOKEN")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    die_with_test(&mut command);
+    tokio::time::timeout(Duration::from_secs(120), command.output())
+        .await
+        .unwrap_or_else(|_| panic!("shoal {args:?} did not finish within 120 s"))
+        .expect("run shoal")
+}

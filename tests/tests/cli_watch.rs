@@ -12,27 +12,11 @@ use serde_json::Value;
 use shoal_scheduler::client::Client;
 use shoal_shared::task::{TaskId, TaskSpec, TaskState};
 use shoal_tests::harness::{binary_path, die_with_test};
+use shoal_tests::process::run_shoal as shoal;
 use shoal_tests::process::{free_port, wait_ready, write_config, ChildProcess, Launch};
 use shoal_tests::TestEnv;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-
-/// Runs `shoal --server <server> <args>` to its end.
-async fn shoal(server: &str, args: &[&str]) -> Output {
-    let mut command = tokio::process::Command::new(binary_path("shoal"));
-    command
-        .arg("--server")
-        .arg(server)
-        .args(args)
-        .env_remove("SHOAL_SERVER")
-        .env_remove("SHOAL_TOKEN")
-        .kill_on_drop(true);
-    die_with_test(&mut command);
-    tokio::time::timeout(Duration::from_secs(120), command.output())
-        .await
-        .unwrap_or_else(|_| panic!("shoal {args:?} did not finish within 120 s"))
-        .expect("run shoal")
-}
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()

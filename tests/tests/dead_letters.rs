@@ -11,7 +11,7 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use shoal_shared::task::{TaskId, TaskRecord, TaskSpec, TaskState};
 use shoal_shared::TaskMessage;
-use shoal_tests::harness::{binary_path, die_with_test};
+use shoal_tests::process::run_shoal as shoal;
 use shoal_tests::wait::wait_until;
 use shoal_tests::TestEnv;
 
@@ -326,24 +326,6 @@ async fn bulk_replay_by_reason_and_tenants_see_only_their_own() {
         .unwrap();
     assert_eq!(purged["purged"], serde_json::json!([beta_id]));
     env.teardown().await;
-}
-
-/// Runs `shoal --server <server> <args>` to its end, stdin not a terminal.
-async fn shoal(server: &str, args: &[&str]) -> Output {
-    let mut command = tokio::process::Command::new(binary_path("shoal"));
-    command
-        .arg("--server")
-        .arg(server)
-        .args(args)
-        .env_remove("SHOAL_SERVER")
-        .env_remove("SHOAL_TOKEN")
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    die_with_test(&mut command);
-    tokio::time::timeout(Duration::from_secs(120), command.output())
-        .await
-        .unwrap_or_else(|_| panic!("shoal {args:?} did not finish within 120 s"))
-        .expect("run shoal")
 }
 
 fn json_of(output: &Output) -> Value {

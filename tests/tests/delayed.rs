@@ -5,7 +5,6 @@
 //! cancelled at once and never published; batches mix due times; bad
 //! `not_before` values are refused with a 422 naming the field.
 
-use std::process::Output;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
@@ -13,7 +12,7 @@ use serde_json::{json, Value};
 use shoal_scheduler::client::Client;
 use shoal_shared::task::{ExecSpec, TaskKind, TaskRecord, TaskSpec, TaskState};
 use shoal_shared::{Event, Priority, TaskId};
-use shoal_tests::harness::{binary_path, die_with_test};
+use shoal_tests::process::run_shoal as shoal;
 use shoal_tests::wait::wait_until;
 use shoal_tests::TestEnv;
 use tokio_util::sync::CancellationToken;
@@ -260,23 +259,6 @@ async fn a_promoter_that_died_mid_promotion_leaves_the_task_to_another() {
     })
     .await;
     env.teardown().await;
-}
-
-/// Runs `shoal --server <server> <args>` to its end.
-async fn shoal(server: &str, args: &[&str]) -> Output {
-    let mut command = tokio::process::Command::new(binary_path("shoal"));
-    command
-        .arg("--server")
-        .arg(server)
-        .args(args)
-        .env_remove("SHOAL_SERVER")
-        .env_remove("SHOAL_TOKEN")
-        .kill_on_drop(true);
-    die_with_test(&mut command);
-    tokio::time::timeout(Duration::from_secs(60), command.output())
-        .await
-        .unwrap_or_else(|_| panic!("shoal {args:?} did not finish within 60 s"))
-        .expect("run shoal")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

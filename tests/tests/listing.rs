@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use shoal_tests::process::{free_port, write_config, ChildProcess, Launch};
+use shoal_tests::process::{free_port, run_shoal, write_config, ChildProcess, Launch};
 use shoal_tests::TestEnv;
 
 async fn get(url: &str, token: Option<&str>) -> (StatusCode, Value) {
@@ -57,6 +57,16 @@ fn ids(page: &Value) -> Vec<String> {
         .iter()
         .map(|t| t["id"].as_str().expect("id").to_owned())
         .collect()
+}
+
+/// `shoal --server <base> <args>`: its exit code, stdout and stderr.
+async fn shoal(base: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let output = run_shoal(base, args).await;
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 fn exec(command: &str, labels: Value) -> Value {
@@ -286,20 +296,7 @@ async fn shoal_ls_lists_with_filters_as_table_and_json() {
         .collect();
     let submitted = submit_batch(&base, specs).await;
 
-    let shoal = |args: &[&str]| {
-        let output = std::process::Command::new(shoal_tests::harness::binary_path("shoal"))
-            .args(["--server", &base])
-            .args(args)
-            .output()
-            .expect("run shoal");
-        (
-            output.status.code(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
-    };
-
-    let (code, stdout, stderr) = shoal(&["ls", "--label", "team=ads", "-o", "json"]);
+    let (code, stdout, stderr) = shoal(&base, &["ls", "--label", "team=ads", "-o", "json"]).await;
     assert_eq!(code, Some(0), "{stderr}");
     let page: Value = serde_json::from_str(&stdout).expect("json");
     let mut ads: Vec<String> = submitted.iter().step_by(3).cloned().collect();
@@ -308,19 +305,20 @@ async fn shoal_ls_lists_with_filters_as_table_and_json() {
 
     // --limit larger than a page is followed across pages by the CLI; here 5
     // of 12, with a cursor to continue.
-    let (code, stdout, _) = shoal(&["ls", "--limit", "5", "-o", "json"]);
+    let (code, stdout, _) = shoal(&base, &["ls", "--limit", "5", "-o", "json"]).await;
     assert_eq!(code, Some(0));
     let page: Value = serde_json::from_str(&stdout).expect("json");
     assert_eq!(ids(&page).len(), 5);
     let cursor = page["next_cursor"].as_str().expect("a cursor").to_owned();
-    let (code, stdout, _) = shoal(&["ls", "--cursor", &cursor, "--all", "-o", "json"]);
+    let (code, stdout, _) = shoal(&base, &["ls", "--cursor", &cursor, "--all", "-o", "json"]).await;
     assert_eq!(code, Some(0));
     let rest: Value = serde_json::from_str(&stdout).expect("json");
     assert_eq!(ids(&rest).len(), 7);
     assert!(rest.get("next_cursor").is_none());
 
     // The table: a header and a row per task, the newest first.
-    let (code, stdout, stderr) = shoal(&["ls", "--state", "queued", "--label", "team=ads"]);
+    let (code, stdout, stderr) =
+        shoal(&base, &["ls", "--state", "queued", "--label", "team=ads"]).await;
     assert_eq!(code, Some(0), "{stderr}");
     let lines: Vec<&str> = stdout.lines().collect();
     assert!(lines[0].starts_with("ID"), "{stdout}");
@@ -329,10 +327,10 @@ async fn shoal_ls_lists_with_filters_as_table_and_json() {
     assert!(lines[1].contains("team=ads"));
 
     // A bad filter: the server's reason, exit 1.
-    let (code, _, stderr) = shoal(&["ls", "--kind", "robot"]);
+    let (code, _, stderr) = shoal(&base, &["ls", "--kind", "robot"]).await;
     assert_eq!(code, Some(1));
     assert!(stderr.contains("unknown kind"), "{stderr}");
-    let (code, _, stderr) = shoal(&["ls", "--state", "asleep"]);
+    let (code, _, stderr) = shoal(&base, &["ls", "--state", "asleep"]).await;
     assert_ne!(code, Some(0));
     assert!(stderr.contains("asleep"), "{stderr}");
 

@@ -9,7 +9,8 @@ use serde_json::Value;
 use shoal_scheduler::client::Client;
 use shoal_scheduler::fleet::{FleetSummary, WorkerView};
 use shoal_shared::task::{ExecSpec, Priority, TaskKind, TaskSpec, TaskState};
-use shoal_tests::harness::{binary_path, die_with_test};
+use shoal_tests::harness::die_with_test;
+use shoal_tests::process::run_shoal as shoal;
 use shoal_tests::wait::wait_until;
 use shoal_tests::TestEnv;
 
@@ -36,23 +37,6 @@ async fn wait_workers(
 
 fn worker<'a>(workers: &'a [WorkerView], id: &str) -> Option<&'a WorkerView> {
     workers.iter().find(|w| w.id == id)
-}
-
-/// Runs `shoal --server <server> <args>` to its end.
-async fn shoal(server: &str, args: &[&str]) -> Output {
-    let mut command = tokio::process::Command::new(binary_path("shoal"));
-    command
-        .arg("--server")
-        .arg(server)
-        .args(args)
-        .env_remove("SHOAL_SERVER")
-        .env_remove("SHOAL_TOKEN")
-        .kill_on_drop(true);
-    die_with_test(&mut command);
-    tokio::time::timeout(Duration::from_secs(120), command.output())
-        .await
-        .unwrap_or_else(|_| panic!("shoal {args:?} did not finish within 120 s"))
-        .expect("run shoal")
 }
 
 fn stdout_json(output: &Output) -> Value {
