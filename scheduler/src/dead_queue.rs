@@ -19,7 +19,6 @@
 //! A message is acked once recorded; with Redis away it is nacked back onto
 //! the queue after a backoff, so nothing is lost. The queue stays near empty.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -32,8 +31,6 @@ use shoal_shared::task::{TaskId, TaskState};
 use shoal_shared::TaskMessage;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-
-use crate::metrics::SchedulerMetrics;
 
 /// Unsettled dead letters a scheduler holds at once.
 pub const PREFETCH: u16 = 8;
@@ -62,14 +59,8 @@ pub async fn run(
     topology: Topology,
     delivery_limit: u32,
     store: Store,
-    metrics: Option<Arc<SchedulerMetrics>>,
     stop: CancellationToken,
 ) {
-    let context = Context {
-        store,
-        delivery_limit,
-        metrics,
-    };
     let queue = topology.dead_queue();
     let mut backoff = backon::BackoffBuilder::build(
         backon::ExponentialBuilder::default()
@@ -81,7 +72,7 @@ pub async fn run(
     loop {
         let outcome = tokio::select! {
             () = stop.cancelled() => break,
-            outcome = consume(&broker, &queue, &context, &stop) => outcome,
+            outcome = consume(&broker, &queue, delivery_limit, &store, &stop) => outcome,
         };
         match outcome {
             Ok(()) => break,
@@ -105,7 +96,8 @@ pub async fn run(
 async fn consume(
     broker: &Broker,
     queue: &str,
-    context: &Context,
+    delivery_limit: u32,
+    store: &Store,
     stop: &CancellationToken,
 ) -> Result<(), String> {
     let channel = broker.channel().await.map_err(|e| e.to_string())?;
@@ -136,7 +128,7 @@ async fn consume(
                 None => return Err("the consumer was cancelled".to_owned()),
             },
         };
-        match handle(context, &delivery).await {
+        match handle(store, &delivery, delivery_limit).await {
             Ok(()) => {
                 redis_backoff = Duration::from_millis(200);
                 delivery
@@ -168,8 +160,7 @@ async fn consume(
 
 /// Records one dead letter; an error means Redis failed and the message
 /// should come back.
-async fn handle(context: &Context, delivery: &Delivery) -> Result<(), StoreError> {
-    let store = &context.store;
+async fn handle(store: &Store, delivery: &Delivery, delivery_limit: u32) -> Result<(), StoreError> {
     let message: Option<TaskMessage> = serde_json::from_slice(&delivery.data).ok();
     let task_id = message
         .as_ref()
@@ -177,14 +168,7 @@ async fn handle(context: &Context, delivery: &Delivery) -> Result<(), StoreError
         .or_else(|| task_id_of(delivery));
     match header_text(delivery, HEADER_REASON) {
         Some(reason) => worker_made(store, delivery, task_id, message, reason).await,
-        None => {
-            let reason =
-                broker_made(store, delivery, context.delivery_limit, task_id, message).await?;
-            if let (Some(reason), Some(metrics)) = (reason, &context.metrics) {
-                metrics.broker_dead_letter(&reason);
-            }
-            Ok(())
-        }
+        None => broker_made(store, delivery, delivery_limit, task_id, message).await,
     }
 }
 
@@ -228,15 +212,14 @@ async fn worker_made(
     Ok(())
 }
 
-/// RabbitMQ's own dead-lettering: recorded, and the task's record goes
-/// `dead`. Returns the broker's reason when it was recorded.
+/// RabbitMQ's own dead-lettering: recorded, and the task's record goes `dead`.
 async fn broker_made(
     store: &Store,
     delivery: &Delivery,
     delivery_limit: u32,
     task_id: Option<TaskId>,
     message: Option<TaskMessage>,
-) -> Result<Option<String>, StoreError> {
+) -> Result<(), StoreError> {
     let headers = delivery.properties.headers().clone().unwrap_or_default();
     let death = Death::of(&headers, delivery_limit);
     debug!(?death, "broker-made dead letter");
@@ -265,7 +248,7 @@ async fn broker_made(
                 // broker's copy is a leftover, not a death.
                 info!(task_id = %task, state = record.state.as_str(),
                     "broker dead-lettered a finished task's message; dropped");
-                return Ok(None);
+                return Ok(());
             }
         }
         let mut dead = Transition::to(task, TaskState::Dead, SOURCE)
@@ -279,7 +262,7 @@ async fn broker_made(
             TransitionOutcome::Refused { current } if current != TaskState::Dead => {
                 info!(task_id = %task, state = current.as_str(),
                     "broker dead-lettered a finished task's message; dropped");
-                return Ok(None);
+                return Ok(());
             }
             outcome => debug!(task_id = %task, ?outcome, "broker dead letter's task settled"),
         }
@@ -296,14 +279,7 @@ async fn broker_made(
     let id = store.record_dead(&entry).await?;
     warn!(task_id = ?task_id, reason = %death.reason, entry = %id,
         "RabbitMQ dead-lettered a message; recorded");
-    Ok(Some(death.reason))
-}
-
-/// What every message is handled with.
-struct Context {
-    store: Store,
-    delivery_limit: u32,
-    metrics: Option<Arc<SchedulerMetrics>>,
+    Ok(())
 }
 
 /// What the broker says about its dead-lettering.

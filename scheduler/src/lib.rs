@@ -70,7 +70,6 @@ pub async fn run(
         ),
         settings.broker.delivery_limit,
         state.store.clone(),
-        Some(state.metrics.clone()),
         shutdown.child_token(),
     ));
     let app = api::router(state, &settings).layer(Extension(Draining(shutdown.clone())));

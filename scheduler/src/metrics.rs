@@ -129,10 +129,6 @@ pub struct ReasonLabels {
 #[derive(Clone, Debug)]
 pub struct RefusalReason(pub String);
 
-/// The broker's dead-lettering reasons `broker_dead_letters` names.
-pub const BROKER_DEAD_REASONS: [&str; 5] =
-    ["delivery_limit", "rejected", "expired", "maxlen", "other"];
-
 /// Everything the scheduler counts.
 pub struct SchedulerMetrics {
     registry: Registry,
@@ -154,9 +150,6 @@ pub struct SchedulerMetrics {
     pub promoted: Counter,
     /// From a scheduled task's `not_before` to its promotion.
     pub promotion_lag_seconds: Histogram,
-    /// Dead letters RabbitMQ made by itself that this scheduler recorded
-    /// (ADR 0027), by the broker's reason.
-    pub broker_dead_letters: Family<ReasonLabels, Counter>,
 }
 
 impl SchedulerMetrics {
@@ -189,7 +182,6 @@ impl SchedulerMetrics {
             promoted: Counter::default(),
             // 10 ms .. ~80 s.
             promotion_lag_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
-            broker_dead_letters: Family::default(),
         };
         // Every series whose labels are known in advance exists from startup,
         // so `rate()` sees its first increment. The tenant-labelled ones are
@@ -298,16 +290,6 @@ impl SchedulerMetrics {
             "Time from a scheduled task's not_before to its publication",
             metrics.promotion_lag_seconds.clone(),
         );
-        for reason in BROKER_DEAD_REASONS {
-            let _ = metrics
-                .broker_dead_letters
-                .get_or_create(&ReasonLabels { reason });
-        }
-        sub.register(
-            "broker_dead_letters",
-            "Dead letters RabbitMQ made by itself (delivery limit reached, ...) that this scheduler recorded in the dead-letter log",
-            metrics.broker_dead_letters.clone(),
-        );
         Self {
             registry,
             ..metrics
@@ -321,18 +303,6 @@ impl SchedulerMetrics {
         } else {
             OTHER_TENANT.to_owned()
         }
-    }
-
-    /// A dead letter the broker made by itself was recorded; `reason` is
-    /// the broker's (`x-first-death-reason`), others counted as `other`.
-    pub fn broker_dead_letter(&self, reason: &str) {
-        let reason = BROKER_DEAD_REASONS
-            .into_iter()
-            .find(|known| *known == reason)
-            .unwrap_or("other");
-        self.broker_dead_letters
-            .get_or_create(&ReasonLabels { reason })
-            .inc();
     }
 
     /// A scheduled task was published `lag` after its due time.
