@@ -59,8 +59,7 @@ pub async fn run(
     )
     .with_metrics(state.metrics.clone());
     let promoter = tokio::spawn(promoter.run(shutdown.child_token()));
-    // Every message in the broker's dead-letter queue is recorded in the
-    // dead-letter log, the broker's own dead-lettering too (ADR 0027).
+    // The broker's dead-letter queue stays bounded (ADR 0027).
     tokio::spawn(dead_queue::run(
         shoal_shared::broker::Broker::new(&settings.broker.url, "shoal-scheduler dead-queue"),
         shoal_shared::broker::Topology::new(
@@ -68,8 +67,6 @@ pub async fn run(
             settings.broker.delivery_limit,
             settings.broker.retry_tiers.clone(),
         ),
-        settings.broker.delivery_limit,
-        state.store.clone(),
         shutdown.child_token(),
     ));
     let app = api::router(state, &settings).layer(Extension(Draining(shutdown.clone())));

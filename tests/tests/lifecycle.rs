@@ -107,66 +107,78 @@ async fn garbage_on_the_work_queue_is_dead_lettered_with_a_reason_and_the_worker
         assert_eq!(stdout_of(&done), expected);
     }
 
-    // Every bad message is in the dead-letter log with its reason (the
-    // scheduler consumes the broker's queue, so it is read through the API).
-    let http = reqwest::Client::new();
-    let listed: Vec<serde_json::Value> = shoal_tests::wait_until(
-        "4 dead letters at /v1/dead",
-        Duration::from_secs(30),
-        || {
-            let request = http.get(format!("{url}/v1/dead")).send();
-            async move {
-                let page: serde_json::Value = request
-                    .await
-                    .expect("GET /v1/dead")
-                    .json()
-                    .await
-                    .expect("json");
-                let dead = page["dead"].as_array().cloned().unwrap_or_default();
-                assert!(
-                    dead.len() <= 4,
-                    "{} dead letters for 4: {dead:?}",
-                    dead.len()
-                );
-                (dead.len() == 4).then_some(dead)
-            }
-        },
-    )
-    .await;
-    let mut reasons: Vec<&str> = listed
-        .iter()
-        .map(|d| d["reason"].as_str().expect("reason"))
-        .collect();
+    // Every bad message is in shoal.dead with the reason in its headers.
+    let dead_queue = env.topology.dead_queue();
+    let mut reasons = Vec::new();
+    let channel = env.broker.channel().await.expect("channel");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while reasons.len() < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dead letters so far: {reasons:?}"
+        );
+        let Some(message) = channel
+            .basic_get(dead_queue.as_str().into(), Default::default())
+            .await
+            .expect("basic_get")
+        else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let headers = message
+            .delivery
+            .properties
+            .headers()
+            .clone()
+            .unwrap_or_default();
+        let header = |name: &str| {
+            headers
+                .inner()
+                .get(name)
+                .and_then(|v| v.as_long_string())
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| panic!("dead letter has no {name} header"))
+        };
+        assert!(!header("x-shoal-last-error").is_empty());
+        reasons.push(header("x-shoal-reason"));
+        message
+            .delivery
+            .acker
+            .ack(Default::default())
+            .await
+            .expect("ack");
+    }
     reasons.sort();
     assert_eq!(
         reasons,
         ["invalid_spec", "malformed", "malformed", "too_large"]
     );
-    for letter in &listed {
-        assert!(
-            !letter["error"].as_str().unwrap_or_default().is_empty(),
-            "a dead letter without its last error: {letter}"
-        );
-    }
-    // The broker's copies were consumed, and recorded once each.
-    let dead_queue = env.topology.dead_queue();
+
+    // The dead-letter log in Redis has them too. The worker writes it just
+    // after the broker confirmed the dead-letter copy, so wait for it.
+    let conn = env.store.connection();
+    let key = env.store.keys().dead();
     shoal_tests::wait_until(
-        "the broker's dead-letter queue to be empty",
+        "4 entries in the dead-letter log",
         Duration::from_secs(30),
         || {
-            let env = &env;
-            let dead_queue = dead_queue.clone();
-            async move { (env.ready_count(&dead_queue).await == 0).then_some(()) }
+            let mut conn = conn.clone();
+            let key = key.clone();
+            async move {
+                let logged: usize = redis::cmd("XLEN")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("xlen");
+                assert!(
+                    logged <= 4,
+                    "{logged} dead-letter log entries for 4 dead letters"
+                );
+                (logged == 4).then_some(())
+            }
         },
     )
     .await;
-    let mut conn = env.store.connection();
-    let logged: usize = redis::cmd("XLEN")
-        .arg(env.store.keys().dead())
-        .query_async(&mut conn)
-        .await
-        .expect("xlen");
-    assert_eq!(logged, 4, "dead-letter log entries for 4 dead letters");
     env.teardown().await;
 }
 
