@@ -258,7 +258,7 @@ impl TaskMetrics {
             let (class, took) = match report {
                 crate::agent::llm::retry::AttemptReport::Attempt { class, took } => (class, took),
                 // A failed attempt that will be tried again.
-                crate::agent::llm::retry::AttemptReport::Retry { class } => {
+                crate::agent::llm::retry::AttemptReport::Retry { class, .. } => {
                     retries.inc(class);
                     return;
                 }

@@ -57,6 +57,10 @@ pub struct Logged {
 struct Faults {
     /// `(remaining, Retry-After seconds)`: answer 429.
     rate_limited: HashMap<String, (u32, u64)>,
+    /// Until when a 429 told the client to stay away, by operation: a call
+    /// before then is a violation (the client did not honour Retry-After)
+    /// and is throttled again, as the real API would.
+    throttled_until: HashMap<String, Instant>,
     /// Answer 409 (a state change in progress).
     conflicts: HashMap<String, u32>,
     /// `(remaining, delay)`: do the work, then wait before answering.
@@ -313,9 +317,28 @@ impl FakeState {
     /// An injected fault for `operation`, if one is due.
     fn fault(&self, operation: &str) -> Option<Reply> {
         let mut faults = lock(&self.faults);
+        if let Some(until) = faults.throttled_until.get(operation).copied() {
+            if Instant::now() < until {
+                drop(faults);
+                self.violation(
+                    "daytona-api",
+                    operation,
+                    "request",
+                    "called again before the Retry-After of its 429 had passed".into(),
+                );
+                let mut reply = Reply::error(429, "ThrottlerException: Too Many Requests");
+                reply.headers.push(("retry-after", "1".into()));
+                return Some(reply);
+            }
+        }
         if let Some((left, retry_after)) = faults.rate_limited.get_mut(operation) {
             if *left > 0 {
                 *left -= 1;
+                let retry_after = *retry_after;
+                faults.throttled_until.insert(
+                    operation.to_owned(),
+                    Instant::now() + Duration::from_secs(retry_after),
+                );
                 let mut reply = Reply::error(429, "ThrottlerException: Too Many Requests");
                 reply.headers.push(("retry-after", retry_after.to_string()));
                 reply

@@ -175,7 +175,10 @@ pub async fn send<T>(
     .when(|e: &LlmError| e.kind.is_retryable())
     .adjust(|e: &LlmError, delay| backoff.next_wait(delay, e.retry_after, policy.max_retry_after))
     .notify(|e: &LlmError, delay| {
-        report(AttemptReport::Retry { class: e.kind });
+        report(AttemptReport::Retry {
+            class: e.kind,
+            delay,
+        });
         tracing::warn!(
             provider = exchange.provider,
             kind = ?e.kind,
@@ -205,8 +208,12 @@ pub enum AttemptReport {
         class: Option<LlmErrorKind>,
         took: Duration,
     },
-    /// A failed attempt of this class is about to be tried again.
-    Retry { class: LlmErrorKind },
+    /// A failed attempt of this class is tried again after `delay` (the
+    /// server's `Retry-After` when it asked, else the jittered backoff).
+    Retry {
+        class: LlmErrorKind,
+        delay: Duration,
+    },
 }
 
 /// Told of every HTTP attempt and every retry. Set per task with
