@@ -305,21 +305,38 @@ async fn timeout_and_cancel_interrupt_a_running_tool_and_answer_its_action() {
     ))]);
     let sink = MemorySink::default();
     let cancel = CancellationToken::new();
-    let trigger = cancel.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(800)).await;
-        trigger.cancel();
-    });
-    let result = converse(
-        &bench,
-        &llm,
-        &sink,
-        config(),
-        Masker::default(),
-        vec![],
-        cancel,
-    )
-    .await;
+    // Cancelled once the command is running (its action recorded), not
+    // after a guessed sleep.
+    let action_started = async {
+        shoal_tests::wait_until(
+            "the sleep action is recorded",
+            Duration::from_secs(30),
+            || {
+                std::future::ready(
+                    sink.events
+                        .lock()
+                        .expect("events")
+                        .iter()
+                        .any(|e| matches!(e, Event::Action { .. }))
+                        .then_some(()),
+                )
+            },
+        )
+        .await;
+        cancel.cancel();
+    };
+    let (result, ()) = tokio::join!(
+        converse(
+            &bench,
+            &llm,
+            &sink,
+            config(),
+            Masker::default(),
+            vec![],
+            cancel.clone(),
+        ),
+        action_started
+    );
     assert_eq!(result.outcome, "cancelled");
     assert_actions_answered(&sink);
 
@@ -327,21 +344,25 @@ async fn timeout_and_cancel_interrupt_a_running_tool_and_answer_its_action() {
     let llm = ScriptedLlm::new(vec![Turn::Slow(Duration::from_secs(60), text("late"))]);
     let sink = MemorySink::default();
     let cancel = CancellationToken::new();
-    let trigger = cancel.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        trigger.cancel();
-    });
-    let result = converse(
-        &bench,
-        &llm,
-        &sink,
-        config(),
-        Masker::default(),
-        vec![],
-        cancel,
-    )
-    .await;
+    let call_started = async {
+        shoal_tests::wait_until("the LLM call is in flight", Duration::from_secs(30), || {
+            std::future::ready((llm.request_count() >= 1).then_some(()))
+        })
+        .await;
+        cancel.cancel();
+    };
+    let (result, ()) = tokio::join!(
+        converse(
+            &bench,
+            &llm,
+            &sink,
+            config(),
+            Masker::default(),
+            vec![],
+            cancel.clone(),
+        ),
+        call_started
+    );
     assert_eq!(result.outcome, "cancelled");
     bench.finish().await;
 }
