@@ -138,6 +138,30 @@ pub enum Event {
     },
     /// The conversation could not go on (for example the LLM failed after retries).
     ConversationError { error: String },
+    /// A redelivered agent task continues from its checkpoint in the sandbox
+    /// it had (ADR 0033): no LLM call of the steps before is made again.
+    Resumed {
+        /// Why the task ran again: `redelivered`.
+        reason: String,
+        /// The last completed step; the run continues with the next one.
+        from_step: u32,
+        sandbox_id: String,
+    },
+    /// A redelivered agent task starts its conversation again from the
+    /// prompt, in a fresh sandbox (ADR 0033). What the earlier run spent
+    /// still counts toward the task's limits and its totals.
+    Restarted {
+        /// `sandbox_lost` (the checkpoint's sandbox is gone),
+        /// `checkpoint_unreadable` (garbage or an unknown version) or
+        /// `checkpoint_too_large`.
+        reason: String,
+        /// Steps the earlier run had completed.
+        #[serde(default)]
+        previous_steps: u32,
+        /// What the earlier run(s) spent, carried into this one.
+        #[serde(default)]
+        carried_cost_micros: u64,
+    },
     /// The conversation ended.
     ConversationFinished {
         /// `finished`, `answered`, `max_iterations`, `budget_exceeded`,
@@ -170,6 +194,8 @@ impl Event {
             Self::LlmCall { .. } => "llm_call",
             Self::Condensation { .. } => "condensation",
             Self::ConversationError { .. } => "conversation_error",
+            Self::Resumed { .. } => "resumed",
+            Self::Restarted { .. } => "restarted",
             Self::ConversationFinished { .. } => "conversation_finished",
         }
     }

@@ -29,6 +29,11 @@ impl Keys {
         format!("{}:task:{{{id}}}:lease", self.namespace)
     }
 
+    /// A running agent task's checkpoint (JSON, ADR 0033).
+    pub fn checkpoint(&self, id: &TaskId) -> String {
+        format!("{}:task:{{{id}}}:checkpoint", self.namespace)
+    }
+
     /// A scheduled task's message, waiting for its due time (ADR 0028).
     pub fn scheduled_message(&self, id: &TaskId) -> String {
         format!("{}:task:{{{id}}}:message", self.namespace)

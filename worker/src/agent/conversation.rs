@@ -14,6 +14,7 @@ use shoal_shared::task::{AgentResult, TaskId};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::checkpoint::{self, Checkpoints, Pending, Seen, Start, State};
 use super::condenser;
 use super::llm::{ChatMessage, LlmClient, LlmErrorKind, LlmRequest, LlmResponse, ToolCall};
 use super::prompt::{system_prompt, CONTINUE_NUDGE, CUT_OFF_NOTE};
@@ -113,6 +114,50 @@ struct Run {
     final_message: Option<String>,
     /// The last reply was cut off at the token limit (the model was told).
     cut_off: bool,
+    /// The reply whose tool calls are being run (for the checkpoint).
+    pending: Option<Pending>,
+}
+
+impl Run {
+    /// A run from the prompt, with what earlier runs of the task spent.
+    fn fresh(system: String, prompt: &str, carried: checkpoint::Carried) -> Self {
+        Self {
+            messages: vec![ChatMessage::system(system), ChatMessage::user(prompt)],
+            steps: Vec::new(),
+            usage: carried.usage,
+            cost: MicroDollars(carried.cost_micros),
+            calls: carried.calls,
+            final_message: None,
+            cut_off: false,
+            pending: None,
+        }
+    }
+
+    /// A run from a checkpoint's state.
+    fn from_state(state: State) -> Self {
+        Self {
+            messages: state.messages,
+            steps: state.stuck,
+            usage: state.usage,
+            cost: MicroDollars(state.cost_micros),
+            calls: state.calls,
+            final_message: None,
+            cut_off: state.cut_off,
+            pending: state.pending,
+        }
+    }
+
+    fn state(&self) -> State {
+        State {
+            messages: self.messages.clone(),
+            stuck: self.steps.clone(),
+            usage: self.usage,
+            cost_micros: self.cost.0,
+            calls: self.calls,
+            cut_off: self.cut_off,
+            pending: self.pending.clone(),
+        }
+    }
 }
 
 /// Why a race against cancel and the deadline ended early.
@@ -129,31 +174,75 @@ impl Conversation<'_> {
 
     /// Runs the conversation on `prompt` to its end; the outcome stays typed.
     pub async fn run_to_end(self, prompt: &str) -> Ended {
+        self.run_from(prompt, Start::Fresh, &Seen::default(), None)
+            .await
+    }
+
+    /// Runs the conversation as `start` says (ADR 0033): from the prompt,
+    /// from a checkpoint (`seen` is what the task's stream says about the
+    /// interrupted reply's actions), or from the prompt again with an
+    /// earlier run's spend carried. With `checkpoints`, the state is saved
+    /// after every LLM reply and every observation.
+    pub async fn run_from(
+        self,
+        prompt: &str,
+        start: Start,
+        seen: &Seen,
+        checkpoints: Option<&dyn Checkpoints>,
+    ) -> Ended {
         let deadline = tokio::time::Instant::now() + self.config.timeout;
-        let tools = self.toolbox.names();
-        let system = system_prompt(&tools);
-        self.sink
-            .event(Event::SystemPrompt {
-                content: system.clone(),
-                tools,
-            })
-            .await;
-        self.sink
-            .event(Event::Message {
-                role: "user".into(),
-                content: self.masker.mask(prompt),
-            })
-            .await;
-        let mut run = Run {
-            messages: vec![ChatMessage::system(system), ChatMessage::user(prompt)],
-            steps: Vec::new(),
-            usage: Usage::default(),
-            cost: MicroDollars::default(),
-            calls: 0,
-            final_message: None,
-            cut_off: false,
+        let mut run = match start {
+            Start::Resume { checkpoint, reason } => {
+                self.sink
+                    .event(Event::Resumed {
+                        reason,
+                        from_step: checkpoint.state.calls,
+                        sandbox_id: self.sandbox.id().to_owned(),
+                    })
+                    .await;
+                let mut run = Run::from_state(checkpoint.state);
+                self.settle_interrupted(&mut run, seen).await;
+                run
+            }
+            Start::Restart {
+                reason,
+                carried,
+                previous_steps,
+                interrupted,
+            } => {
+                // The earlier run's actions in flight died with its sandbox:
+                // each announced one gets its one answer, then the new run
+                // starts.
+                let unanswered: Vec<String> = match &interrupted {
+                    Some(pending) => pending
+                        .calls
+                        .iter()
+                        .map(|call| call.id.clone())
+                        .filter(|id| !pending.answered.contains(id))
+                        .filter(|id| seen.acted.contains(id) && !seen.answered.contains_key(id))
+                        .collect(),
+                    None => Vec::new(),
+                };
+                for action_id in unanswered {
+                    self.sink
+                        .event(Event::AgentError {
+                            action_id: Some(action_id),
+                            error: checkpoint::INTERRUPTED.into(),
+                        })
+                        .await;
+                }
+                self.sink
+                    .event(Event::Restarted {
+                        reason,
+                        previous_steps,
+                        carried_cost_micros: carried.cost_micros,
+                    })
+                    .await;
+                self.begin(prompt, carried).await
+            }
+            Start::Fresh => self.begin(prompt, checkpoint::Carried::default()).await,
         };
-        let outcome = self.drive(&mut run, deadline).await;
+        let outcome = self.drive(&mut run, deadline, checkpoints).await;
         if let Outcome::Error(error) | Outcome::ContextExceeded(error) | Outcome::Truncated(error) =
             &outcome
         {
@@ -192,6 +281,60 @@ impl Conversation<'_> {
         Ended { outcome, result }
     }
 
+    /// Announces the system prompt and the task's prompt; the run from them.
+    async fn begin(&self, prompt: &str, carried: checkpoint::Carried) -> Run {
+        let tools = self.toolbox.names();
+        let system = system_prompt(&tools);
+        self.sink
+            .event(Event::SystemPrompt {
+                content: system.clone(),
+                tools,
+            })
+            .await;
+        self.sink
+            .event(Event::Message {
+                role: "user".into(),
+                content: self.masker.mask(prompt),
+            })
+            .await;
+        Run::fresh(system, prompt, carried)
+    }
+
+    /// Answers the calls of the reply that was being acted on when the
+    /// previous run stopped, each exactly once: a call answered in the
+    /// stream keeps that answer; the one in flight gets an `interrupted`
+    /// error (it is not run again blindly); one not started is announced
+    /// and refused.
+    async fn settle_interrupted(&self, run: &mut Run, seen: &Seen) {
+        let Some(pending) = run.pending.take() else {
+            return;
+        };
+        for call in &pending.calls {
+            if pending.answered.contains(&call.id) {
+                continue;
+            }
+            if let Some(answer) = seen.answered.get(&call.id) {
+                // Answered after the checkpoint was written: the model sees
+                // that answer, the stream already has it.
+                run.messages
+                    .push(ChatMessage::tool_result(call.id.clone(), answer.clone()));
+            } else if seen.acted.contains(&call.id) {
+                self.sink
+                    .tool_call(self.tool_name(call), ToolOutcome::Interrupted);
+                self.fail(run, call, checkpoint::INTERRUPTED.into()).await;
+            } else {
+                self.refuse(run, call, checkpoint::NOT_STARTED).await;
+            }
+        }
+    }
+
+    /// Saves the run's state, when checkpoints are kept.
+    async fn save(&self, checkpoints: Option<&dyn Checkpoints>, run: &Run) {
+        if let Some(checkpoints) = checkpoints {
+            checkpoints.save(&run.state()).await;
+        }
+    }
+
     /// The workspace's top level, for the result (best effort).
     async fn listing(&self) -> Vec<String> {
         match self.sandbox.list_files("").await {
@@ -227,7 +370,12 @@ impl Conversation<'_> {
         }
     }
 
-    async fn drive(&self, run: &mut Run, deadline: tokio::time::Instant) -> Outcome {
+    async fn drive(
+        &self,
+        run: &mut Run,
+        deadline: tokio::time::Instant,
+        checkpoints: Option<&dyn Checkpoints>,
+    ) -> Outcome {
         loop {
             if run.calls >= self.config.max_iterations {
                 return Outcome::MaxIterations;
@@ -242,6 +390,9 @@ impl Conversation<'_> {
                     return outcome;
                 }
             }
+            // The last step is complete (and any condensation paid for).
+            run.pending = None;
+            self.save(checkpoints, run).await;
             let request = LlmRequest {
                 messages: run.messages.clone(),
                 tools: self.toolbox.specs(),
@@ -309,6 +460,13 @@ impl Conversation<'_> {
                 .then(|| self.masker.mask(message.content.trim()));
             let calls = message.tool_calls.clone();
             run.messages.push(message);
+            // The reply is paid for: a redelivery must not ask for it again.
+            run.pending = (!calls.is_empty()).then(|| Pending {
+                calls: calls.clone(),
+                answered: Vec::new(),
+                cut_off,
+            });
+            self.save(checkpoints, run).await;
 
             if calls.is_empty() {
                 let text = thought.unwrap_or_default();
@@ -340,6 +498,7 @@ impl Conversation<'_> {
                 if cut_off {
                     if let Some(error) = self.cut_off_call(call, index + 1 == calls.len()) {
                         self.refuse_cut(run, call, thought, error).await;
+                        self.answered(checkpoints, run, call).await;
                         continue;
                     }
                 }
@@ -354,7 +513,7 @@ impl Conversation<'_> {
                     .instrument(tool_span)
                     .await
                 {
-                    Ok(None) => {}
+                    Ok(None) => self.answered(checkpoints, run, call).await,
                     Ok(Some(finish)) => {
                         run.final_message = Some(finish);
                         // Calls after `finish` in the same reply are answered, not run.
@@ -390,6 +549,19 @@ impl Conversation<'_> {
                 Verdict::Stuck(reason) => return Outcome::Stuck(reason),
             }
         }
+    }
+
+    /// Notes that `call` of the pending reply has its answer, and saves.
+    async fn answered(
+        &self,
+        checkpoints: Option<&dyn Checkpoints>,
+        run: &mut Run,
+        call: &ToolCall,
+    ) {
+        if let Some(pending) = &mut run.pending {
+            pending.answered.push(call.id.clone());
+        }
+        self.save(checkpoints, run).await;
     }
 
     /// Runs one tool call. `Ok(Some(message))` when it was `finish`.

@@ -1,6 +1,7 @@
 //! The agent: an OpenHands-style conversation loop in which an LLM calls
 //! tools that execute inside the task's sandbox.
 
+pub mod checkpoint;
 pub mod condenser;
 pub mod conversation;
 pub mod llm;

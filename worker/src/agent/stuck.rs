@@ -4,7 +4,9 @@
 //! actions alternating for 6 steps.
 
 /// One step of the conversation, reduced to what the patterns compare.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Serialisable: it is part of a conversation's checkpoint (ADR 0033).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Step {
     Action {
         /// Tool name and normalised arguments.

@@ -302,6 +302,51 @@ impl Pool {
         }
     }
 
+    /// The provider name of `template` (`local`, `daytona`).
+    pub fn provider_of(&self, template: &str) -> Option<&'static str> {
+        self.inner
+            .templates
+            .get(template)
+            .map(|pool| pool.provider.name())
+    }
+
+    /// Whether `template`'s sandboxes outlive their worker (reattachable).
+    pub fn outlives_worker(&self, template: &str) -> bool {
+        self.inner
+            .templates
+            .get(template)
+            .is_some_and(|pool| pool.provider.outlives_worker())
+    }
+
+    /// Leases the existing sandbox `id` of `template` again (a redelivered
+    /// task's, after its worker died; ADR 0033): reattached through the
+    /// provider, health-checked, then held like any lease and given back
+    /// with [`Pool::release`].
+    pub async fn adopt(
+        &self,
+        template: &str,
+        tenant: &str,
+        id: &str,
+    ) -> Result<PoolLease, PoolError> {
+        let pool = self.template(template)?.clone();
+        if self.inner.shutdown.is_cancelled() {
+            return Err(PoolError::Closed);
+        }
+        let started = Instant::now();
+        let sandbox = pool.provider.reattach(id).await?;
+        sandbox.health().await?;
+        lock(&pool.state).leased.insert(sandbox.id().to_owned());
+        self.gauges(&pool);
+        info!(template = %pool.template.name, sandbox = %id, "sandbox reattached");
+        Ok(PoolLease {
+            sandbox,
+            template: pool.template.name.to_string(),
+            tenant: tenant.to_owned(),
+            warm: false,
+            waited: started.elapsed(),
+        })
+    }
+
     /// Destroys another tenant's idle sandbox whose slot a lease took over.
     async fn evict(&self, pool: &TemplatePool, idle: Idle, tenant: &str) {
         self.gauges(pool);
@@ -534,6 +579,10 @@ impl Pool {
                 let pool = self.inner.templates.get(sandbox.template.as_str());
                 let suspect_before =
                     pool.is_some_and(|p| lock(&p.state).suspects.contains(&sandbox.id));
+                // A sandbox that outlives its worker may be a crashed
+                // worker's, waiting for its task's redelivery to reattach
+                // (ADR 0033): it gets the second pass even at startup.
+                let immediately = immediately && !provider.outlives_worker();
                 if !(immediately || suspect_before) {
                     seen_unknown.insert((sandbox.template.clone(), sandbox.id.clone()));
                     continue;

@@ -3,23 +3,95 @@
 //! outcome into the task's terminal state.
 
 use shoal_shared::cost::MicroDollars;
+use shoal_shared::store::Store;
 use shoal_shared::task::{AgentResult, AgentSpec, TaskResult, TaskState};
+use shoal_shared::TaskMessage;
+use tracing::{info, warn};
 
 use super::context::RunContext;
 use super::end::{Cause, RunEnd, RunError, StopReason};
+use crate::agent::checkpoint::{
+    self, CountingSink, Found, RedisCheckpoints, SandboxRef, Seen, Start,
+};
 use crate::agent::conversation::{AgentConfig, Billing, Conversation, Outcome};
 use crate::agent::llm::retry::observing_attempts;
 use crate::agent::llm::{client_for, LlmErrorKind};
 use crate::agent::secrets::{self, Masker};
 use crate::agent::sink::RedisSink;
 use crate::agent::tools::Toolbox;
+use crate::pool::{Pool, PoolLease};
 
 /// Where a repository is cloned inside the workspace.
 pub const REPO_DIR: &str = "repo";
 
+/// How a run of an agent task begins, decided before its sandbox is leased.
+#[derive(Debug)]
+pub struct Resume {
+    pub start: Start,
+    /// The provider of the task's template (`local`, `daytona`).
+    pub provider: &'static str,
+}
+
+/// What a delivery of an agent task found: the decision, and the reattached
+/// sandbox when it resumes.
+pub struct Prepared {
+    pub lease: Option<PoolLease>,
+    pub resume: Resume,
+}
+
+/// Reads the task's checkpoint and, when it names a sandbox of a provider
+/// whose sandboxes outlive their worker, reattaches it (ADR 0033). A
+/// checkpoint that cannot be read is logged and ignored; a Redis error is
+/// retryable (starting over would pay for the conversation again).
+pub async fn prepare(
+    store: &Store,
+    pool: &Pool,
+    message: &TaskMessage,
+) -> Result<Prepared, RunError> {
+    let template = message.spec.sandbox.as_str();
+    let provider = pool.provider_of(template).unwrap_or("unknown");
+    let raw = store.load_checkpoint(&message.id).await?;
+    let found = checkpoint::parse(raw.as_deref(), &message.id);
+    let mut lease = None;
+    match &found {
+        Found::None => {}
+        Found::Unreadable(why) => {
+            warn!(task_id = %message.id, %why, "the task's checkpoint cannot be read: starting again")
+        }
+        Found::Readable(saved) => {
+            let sandbox = &saved.sandbox;
+            let reattachable = saved.resumable
+                && sandbox.template == template
+                && sandbox.provider == provider
+                && pool.outlives_worker(template);
+            if reattachable {
+                match pool.adopt(template, &message.tenant, &sandbox.id).await {
+                    Ok(adopted) => lease = Some(adopted),
+                    Err(error) => {
+                        info!(task_id = %message.id, sandbox = %sandbox.id, %error, "the checkpoint's sandbox is gone: starting again")
+                    }
+                }
+            }
+        }
+    }
+    let start = checkpoint::decide(found, lease.is_some());
+    Ok(Prepared {
+        lease,
+        resume: Resume { start, provider },
+    })
+}
+
 /// Runs `spec` in the context's sandbox. An error ends the task before the
 /// conversation starts.
-pub async fn run(ctx: &RunContext<'_>, spec: &AgentSpec) -> Result<RunEnd, RunError> {
+pub async fn run(
+    ctx: &RunContext<'_>,
+    spec: &AgentSpec,
+    resume: Option<Resume>,
+) -> Result<RunEnd, RunError> {
+    let resume = resume.unwrap_or(Resume {
+        start: Start::Fresh,
+        provider: "unknown",
+    });
     let (settings, message, sandbox) = (ctx.settings, ctx.message, ctx.sandbox);
     let profile_name = if spec.model == "default" {
         settings.agent.default_model.as_str()
@@ -64,7 +136,8 @@ pub async fn run(ctx: &RunContext<'_>, spec: &AgentSpec) -> Result<RunEnd, RunEr
     let masker = Masker::new(masked);
     let toolbox = Toolbox::new(&spec.tools).map_err(|e| RunError::fatal(Cause::Refused(e)))?;
     let mut prompt = spec.prompt.clone();
-    if let Some(repo) = &spec.repo {
+    let resuming = matches!(resume.start, Start::Resume { .. });
+    if let Some(repo) = spec.repo.as_ref().filter(|_| !resuming) {
         sandbox
             .git_clone(&repo.url, repo.git_ref.as_deref(), REPO_DIR)
             .await
@@ -76,6 +149,8 @@ pub async fn run(ctx: &RunContext<'_>, spec: &AgentSpec) -> Result<RunEnd, RunEr
                     RunError::fatal(Cause::Refused(masker.mask(&e.to_string())))
                 }
             })?;
+    }
+    if let Some(repo) = &spec.repo {
         prompt.push_str(&format!(
             "\n\nThe repository {} is checked out at /workspace/{REPO_DIR}.",
             repo.url
@@ -102,10 +177,11 @@ pub async fn run(ctx: &RunContext<'_>, spec: &AgentSpec) -> Result<RunEnd, RunEr
     let env: Vec<(String, String)> = found;
     // Every LLM attempt of the run is timed, failed ones too.
     let attempts = ctx.metrics.llm_attempts(llm.model());
+    let counting = CountingSink::new(&sink, 0);
     let conversation = Conversation {
         llm: &*llm,
         sandbox,
-        sink: &sink,
+        sink: &counting,
         toolbox,
         masker,
         env,
@@ -116,7 +192,37 @@ pub async fn run(ctx: &RunContext<'_>, spec: &AgentSpec) -> Result<RunEnd, RunEr
         },
         cancel: ctx.stop.token().clone(),
     };
-    let ended = observing_attempts(attempts, conversation.run_to_end(&prompt)).await;
+    // What the stream says about the interrupted reply's actions, so each
+    // gets exactly one answer.
+    let seen = match &resume.start {
+        Start::Resume { checkpoint, .. } if checkpoint.state.pending.is_some() => {
+            let events = ctx.store.events(&message.id, STREAM_READ).await?;
+            Seen::from_events(events.iter().map(|(_, event)| event))
+        }
+        Start::Restart {
+            interrupted: Some(_),
+            ..
+        } => {
+            let events = ctx.store.events(&message.id, STREAM_READ).await?;
+            Seen::from_events(events.iter().map(|(_, event)| event))
+        }
+        _ => Seen::default(),
+    };
+    let checkpoints = RedisCheckpoints::new(
+        ctx.store,
+        message.id,
+        SandboxRef {
+            provider: resume.provider.to_owned(),
+            id: sandbox.id().to_owned(),
+            template: message.spec.sandbox.to_string(),
+        },
+        &counting,
+    );
+    let ended = observing_attempts(
+        attempts,
+        conversation.run_from(&prompt, resume.start, &seen, Some(&checkpoints)),
+    )
+    .await;
     Ok(end_of(
         ended.outcome,
         ended.result,
@@ -124,6 +230,9 @@ pub async fn run(ctx: &RunContext<'_>, spec: &AgentSpec) -> Result<RunEnd, RunEr
         ctx.stop_reason(),
     ))
 }
+
+/// The most events read from the task's stream to settle an interrupted reply.
+const STREAM_READ: usize = 100_000;
 
 /// The task's end for a conversation's `outcome`; `stopped` is why the run
 /// was stopped, for an outcome of [`Outcome::Cancelled`].

@@ -228,6 +228,7 @@ impl TaskRunner {
                     .releasing()
                     .reason("cancelled on request");
                 self.store.transition(&cancelled).await?;
+                self.forget_checkpoint(message).await;
                 self.metrics
                     .finished(kind, TaskState::Cancelled, Some(started.elapsed()));
                 info!(task_id = %id, "cancelled on request");
@@ -261,14 +262,26 @@ impl TaskRunner {
         stop: &RunStop,
     ) -> Result<RunEnd, RunError> {
         let id = message.id;
-        let lease = self
-            .pool
-            .lease(&message.spec.sandbox, &message.tenant)
-            .instrument(tracing::info_span!(
-                "sandbox.lease",
-                template = %message.spec.sandbox,
-            ))
-            .await?;
+        // An agent task may have a checkpoint and a sandbox to reattach (ADR 0033).
+        let (adopted, resume) = match &message.spec.kind {
+            TaskKind::Agent(_) => {
+                let prepared = agent::prepare(&self.store, &self.pool, message).await?;
+                (prepared.lease, Some(prepared.resume))
+            }
+            TaskKind::Exec(_) => (None, None),
+        };
+        let lease = match adopted {
+            Some(lease) => lease,
+            None => {
+                self.pool
+                    .lease(&message.spec.sandbox, &message.tenant)
+                    .instrument(tracing::info_span!(
+                        "sandbox.lease",
+                        template = %message.spec.sandbox,
+                    ))
+                    .await?
+            }
+        };
         let sandbox = lease.sandbox();
         self.emit(EventEnvelope::now(
             id,
@@ -295,7 +308,7 @@ impl TaskRunner {
         };
         let end = match self.store.transition(&running).await {
             // Caught here so the sandbox still goes back to the pool.
-            Ok(TransitionOutcome::Applied { .. }) => fail_on_panic(run_kind(&ctx)).await,
+            Ok(TransitionOutcome::Applied { .. }) => fail_on_panic(run_kind(&ctx, resume)).await,
             Ok(other) => Err(RunError::Retryable(Cause::CannotStart(format!(
                 "{other:?}"
             )))),
@@ -323,7 +336,9 @@ impl TaskRunner {
                 .field("last_error", error.clone())
                 .reason(error.clone());
         }
-        match self.store.transition(&transition).await? {
+        let outcome = self.store.transition(&transition).await?;
+        self.forget_checkpoint(message).await;
+        match outcome {
             TransitionOutcome::Applied { .. } => {
                 info!(%state, "task finished");
                 Ok(Disposition::Ack)
@@ -402,6 +417,13 @@ impl TaskRunner {
         }
     }
 
+    /// An ended agent task's checkpoint is deleted (ADR 0033).
+    async fn forget_checkpoint(&self, message: &TaskMessage) {
+        if matches!(message.spec.kind, TaskKind::Agent(_)) {
+            crate::agent::checkpoint::forget(&self.store, &message.id).await;
+        }
+    }
+
     async fn note_duplicate(&self, message: &TaskMessage, state: TaskState, reason: &str) {
         info!(%state, reason, "duplicate delivery settled without running");
         self.emit(EventEnvelope::now(
@@ -449,10 +471,10 @@ fn after_retryable_failure(
 }
 
 /// Runs the task's kind through its adapter.
-async fn run_kind(ctx: &RunContext<'_>) -> Result<RunEnd, RunError> {
+async fn run_kind(ctx: &RunContext<'_>, resume: Option<agent::Resume>) -> Result<RunEnd, RunError> {
     match &ctx.message.spec.kind {
         TaskKind::Exec(spec) => exec::run(ctx, spec).await,
-        TaskKind::Agent(spec) => agent::run(ctx, spec).await,
+        TaskKind::Agent(spec) => agent::run(ctx, spec, resume).await,
     }
 }
 

@@ -230,6 +230,14 @@ pub trait SandboxProvider: Send + Sync {
     /// `local` or `daytona`.
     fn name(&self) -> &'static str;
 
+    /// Whether sandboxes outlive the worker that created them and share an
+    /// owner with other workers (Daytona: one owner per fleet). Such
+    /// sandboxes may be found again after a crash (ADR 0033), so the
+    /// startup reaper gives them a pass before destroying them.
+    fn outlives_worker(&self) -> bool {
+        false
+    }
+
     async fn create(&self, template: &Template) -> Result<Box<dyn Sandbox>, SandboxError>;
 
     /// Finds an existing sandbox again (after a worker restart).

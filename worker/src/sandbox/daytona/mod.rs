@@ -311,6 +311,10 @@ impl SandboxProvider for DaytonaProvider {
         "daytona"
     }
 
+    fn outlives_worker(&self) -> bool {
+        true
+    }
+
     async fn create(&self, template: &Template) -> Result<Box<dyn Sandbox>, SandboxError> {
         if template.provider != ProviderKind::Daytona {
             return Err(SandboxError::new(
