@@ -128,11 +128,6 @@ fn store_problem(error: StoreError) -> Problem {
                 error.to_string(),
             )
         }
-        StoreError::Redis(_) => Problem::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "Service unavailable",
-            error.to_string(),
-        ),
+        StoreError::Redis(_) => Problem::store_unavailable(&error),
     }
 }

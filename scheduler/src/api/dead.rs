@@ -443,8 +443,7 @@ fn unavailable(detail: String) -> Problem {
 }
 
 fn store_problem(error: StoreError) -> Problem {
-    tracing::warn!(%error, "dead-letter request failed");
-    unavailable(error.to_string()).with_cause(Cause::Store)
+    Problem::store_unavailable(&error)
 }
 
 fn submit_problem(letter: &DeadLetter, error: SubmitError) -> Problem {

@@ -62,12 +62,7 @@ pub struct EventsPage {
 }
 
 fn unavailable(error: shoal_shared::store::StoreError) -> Problem {
-    Problem::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
-        "Service unavailable",
-        error.to_string(),
-    )
+    Problem::store_unavailable(&error)
 }
 
 /// Whether Redis takes `id` as an exclusive start: `<ms>` or `<ms>-<seq>`,

@@ -11,7 +11,7 @@ use shoal_shared::task::{TaskId, TaskState};
 
 use super::auth::Tenant;
 use super::openapi::PROBLEM;
-use super::tasks::{parse_id, unavailable};
+use super::tasks::parse_id;
 use super::{AppState, Problem};
 
 /// Tasks per page unless `limit` says otherwise.
@@ -78,7 +78,7 @@ pub async fn list(
         .store
         .list(&filter, query.cursor.as_ref(), query.limit)
         .await
-        .map_err(|e| unavailable(e.to_string()))?;
+        .map_err(|e| Problem::store_unavailable(&e))?;
     Ok(Json(page))
 }
 

@@ -107,7 +107,26 @@ impl Problem {
         self.retry_after_s = Some(seconds);
         self
     }
+
+    /// Redis (the task store) failed or did not answer within
+    /// `redis.command_timeout_ms`: a 503 that says so and when to come back
+    /// (ADR 0032). The scheduler reconnects by itself.
+    pub fn store_unavailable(error: &dyn std::fmt::Display) -> Self {
+        tracing::warn!(%error, "request refused: redis is unavailable");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "redis-unavailable",
+            "Redis is unavailable",
+            format!("the task store (Redis) is unavailable, try again later: {error}"),
+        )
+        .with_cause(Cause::Store)
+        .with_retry_after(UNAVAILABLE_RETRY_S)
+    }
 }
+
+/// What a client refused because a dependency is away is told to wait, in
+/// seconds, unless the refusal names its own wait.
+pub const UNAVAILABLE_RETRY_S: u32 = 5;
 
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
@@ -129,7 +148,11 @@ impl IntoResponse for Problem {
         )
             .into_response();
         response.extensions_mut().insert(RefusalReason(reason));
-        if let Some(seconds) = self.retry_after_s {
+        // Every 503 says when to come back.
+        let retry_after = self
+            .retry_after_s
+            .or((status == StatusCode::SERVICE_UNAVAILABLE).then_some(UNAVAILABLE_RETRY_S));
+        if let Some(seconds) = retry_after {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));

@@ -62,6 +62,7 @@ pub async fn submit(
     }
     let tenant = tenant.resolve(spec.tenant.as_deref())?;
     spec.tenant = Some(tenant.clone());
+    require_store(&state).await?;
     let mut submitted = state
         .submitter
         .submit(vec![spec], &tenant)
@@ -153,6 +154,7 @@ pub async fn submit_batch(
         spec.tenant = Some(resolved);
     }
     let tenant_name = tenant_name.unwrap_or_else(|| "default".to_owned());
+    require_store(&state).await?;
     let submitted = state
         .submitter
         .submit(specs, &tenant_name)
@@ -235,7 +237,7 @@ pub async fn cancel(
         .store
         .request_cancel(&id, "scheduler", &by)
         .await
-        .map_err(|e| unavailable(e.to_string()))?;
+        .map_err(|e| Problem::store_unavailable(&e))?;
     let status = match outcome {
         CancelOutcome::Cancelled => StatusCode::OK,
         CancelOutcome::Requested { .. } => StatusCode::ACCEPTED,
@@ -289,7 +291,7 @@ async fn own_record(state: &AppState, tenant: &Tenant, id: &TaskId) -> Result<Ta
         .store
         .get(id)
         .await
-        .map_err(|e| unavailable(e.to_string()))?
+        .map_err(|e| Problem::store_unavailable(&e))?
         .ok_or_else(|| not_found(id))?;
     if tenant
         .name
@@ -299,6 +301,19 @@ async fn own_record(state: &AppState, tenant: &Tenant, id: &TaskId) -> Result<Ta
         return Err(not_found(id));
     }
     Ok(record)
+}
+
+/// Refuses a submission while Redis does not answer (ADR 0032): a task
+/// published now could not be recorded, and a client told `201` could not
+/// read it back. One PING, bounded by `redis.command_timeout_ms`. Redis
+/// failing after it is ADR 0003's case: the task is queued, the worker
+/// records it.
+async fn require_store(state: &AppState) -> Result<(), Problem> {
+    state
+        .store
+        .ping()
+        .await
+        .map_err(|e| Problem::store_unavailable(&e))
 }
 
 pub(super) fn unavailable(detail: String) -> Problem {
@@ -348,9 +363,6 @@ fn problem_of(error: SubmitError) -> Problem {
             tracing::warn!(%error, "submission failed");
             unavailable(error.to_string()).with_cause(Cause::Broker)
         }
-        SubmitError::Store(_) => {
-            tracing::warn!(%error, "submission failed");
-            unavailable(error.to_string()).with_cause(Cause::Store)
-        }
+        SubmitError::Store(_) => Problem::store_unavailable(&error),
     }
 }

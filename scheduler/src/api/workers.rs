@@ -11,7 +11,6 @@
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::Json;
 use chrono::Utc;
 use lapin::options::QueueDeclareOptions;
@@ -166,10 +165,5 @@ async fn cost_last_minute(state: &AppState, tenant: &Tenant) -> Result<u64, Stor
 }
 
 fn store_problem(error: StoreError) -> Problem {
-    Problem::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
-        "Service unavailable",
-        format!("cannot read the worker heartbeats: {error}"),
-    )
+    Problem::store_unavailable(&format!("cannot read the worker heartbeats: {error}"))
 }

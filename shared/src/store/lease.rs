@@ -55,13 +55,17 @@ impl Store {
         }
     }
 
-    /// Extends a held lease; `false` means it was lost (expired and taken, or deleted).
+    /// Extends a held lease; `false` means it was lost (taken by another
+    /// holder, or given up). A lease that only expired while Redis was away
+    /// is taken back (ADR 0032).
     pub async fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
         let renewed: i64 = Script::new(scripts::LEASE_RENEW)
             .key(self.keys.lease(&lease.task_id))
+            .key(self.keys.task(&lease.task_id))
             .arg(&lease.holder)
             .arg(ttl.as_millis() as u64)
+            .arg(lease.fence)
             .invoke_async(&mut conn)
             .await?;
         Ok(renewed == 1)

@@ -60,12 +60,48 @@ redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
 return {1, tostring(fence)}
 "#;
 
-/// Extends the lease if still held by the caller. KEYS: lease. ARGV: value, ttl ms.
+/// Extends the lease if still held by the caller. A lease that expired
+/// while Redis was away (ADR 0032) is taken back when nobody took it since:
+/// the record's fencing token is still the caller's, so no other holder
+/// existed (and the task still runs). KEYS: lease, record. ARGV: value, ttl ms, fence.
 pub const LEASE_RENEW: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
+local state = redis.call('HGET', KEYS[2], 'state')
+if not holder and (state == 'leased' or state == 'running')
+    and redis.call('HGET', KEYS[2], 'fence') == ARGV[3] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
 return 0
+"#;
+
+/// Appends events to their tasks' streams at most once each: a task's
+/// `appended` hash keeps, per producer, the highest sequence written, and an
+/// event at or below it is skipped (a retry after a lost reply; ADR 0032).
+/// KEYS: firehose, then per event its stream and its `appended` hash.
+/// ARGV: 1 events maxlen, 2 firehose maxlen, 3 retention seconds, 4 producer,
+/// then per event: sequence, type, json. Returns the number written.
+pub const APPEND_SEQUENCED: &str = r#"
+local written = 0
+local n = (#ARGV - 4) / 3
+for i = 0, n - 1 do
+  local stream = KEYS[2 + 2 * i]
+  local seen = KEYS[3 + 2 * i]
+  local seq = tonumber(ARGV[5 + 3 * i])
+  local last = tonumber(redis.call('HGET', seen, ARGV[4]) or '0')
+  if seq > last then
+    local ev = cjson.decode(ARGV[7 + 3 * i])
+    redis.call('XADD', stream, 'MAXLEN', '~', ARGV[1], '*', 'event', ARGV[7 + 3 * i])
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'task', ev['task_id'], 'type', ARGV[6 + 3 * i])
+    redis.call('HSET', seen, ARGV[4], ARGV[5 + 3 * i])
+    if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', seen, ARGV[3]) end
+    written = written + 1
+  end
+end
+return written
 "#;
 
 /// Drops the lease if still held by the caller. KEYS: lease. ARGV: value.

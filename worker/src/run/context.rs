@@ -7,9 +7,9 @@ use shoal_shared::event::{Event, EventEnvelope};
 use shoal_shared::settings::Settings;
 use shoal_shared::store::Store;
 use shoal_shared::TaskMessage;
-use tracing::warn;
 
 use super::end::StopReason;
+use super::outbox::Outbox;
 use super::stop::RunStop;
 use crate::metrics::TaskMetrics;
 use crate::sandbox::Sandbox;
@@ -20,6 +20,8 @@ pub struct RunContext<'a> {
     pub sandbox: &'a dyn Sandbox,
     pub stop: &'a RunStop,
     pub store: &'a Store,
+    /// Where the run's events wait for Redis (ADR 0032).
+    pub outbox: &'a Outbox,
     pub settings: &'a Settings,
     pub metrics: &'a TaskMetrics,
     /// `worker:<id>`, the source of this worker's events.
@@ -27,36 +29,21 @@ pub struct RunContext<'a> {
 }
 
 impl RunContext<'_> {
-    /// Appends an informational event; a failure is logged, not fatal,
-    /// because the state transitions (the facts that matter) are written
-    /// separately.
+    /// Queues an informational event in the worker's outbox: it reaches
+    /// the task's stream in order, once, whenever Redis takes it (ADR 0032).
     pub async fn emit(&self, event: Event) {
-        emit(
-            self.store,
-            self.metrics,
-            EventEnvelope::now(self.message.id, self.source.to_owned(), event),
-        )
-        .await;
+        self.outbox
+            .push(EventEnvelope::now(
+                self.message.id,
+                self.source.to_owned(),
+                event,
+            ))
+            .await;
     }
 
     /// Why the run was stopped; an adapter asks once its work says it was
     /// interrupted, and the token is cancelled by then.
     pub fn stop_reason(&self) -> StopReason {
         self.stop.reason().unwrap_or(StopReason::Draining)
-    }
-}
-
-/// Appends `event`, logging (not failing) when Redis refuses it.
-pub async fn emit(store: &Store, metrics: &TaskMetrics, event: EventEnvelope) {
-    match store.append(&event).await {
-        Ok(()) => {
-            metrics.flow.events_published.inc();
-        }
-        Err(error) => {
-            metrics
-                .flow
-                .events_dropped(crate::agent::sink::DropReason::Redis, 1);
-            warn!(%error, event = event.event.type_name(), "event not recorded");
-        }
     }
 }

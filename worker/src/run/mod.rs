@@ -12,6 +12,8 @@ pub mod agent;
 pub mod context;
 pub mod end;
 pub mod exec;
+pub mod outbox;
+pub mod record;
 pub mod runner;
 pub mod stop;
 

@@ -14,8 +14,10 @@ use shoal_shared::TaskMessage;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn, Instrument};
 
-use super::context::{emit, RunContext};
+use super::context::RunContext;
 use super::end::{Cause, Disposition, RunEnd, RunError, StopReason};
+use super::outbox::{Bound, Outbox};
+use super::record::until_recorded;
 use super::stop::{renew_lease, watch_cancel, RunStop};
 use super::{agent, exec};
 use crate::metrics::{kind_of, RetryReason, TaskMetrics};
@@ -31,11 +33,25 @@ pub struct TaskRunner {
     pub source: String,
     /// The tasks running now, for the worker's heartbeat.
     pub activity: crate::heartbeat::Activity,
+    /// Where the runs' events wait for Redis (ADR 0032).
+    pub outbox: Outbox,
 }
 
 impl TaskRunner {
     pub fn new(store: Store, pool: Pool, settings: Settings, metrics: TaskMetrics) -> Self {
         let source = format!("worker:{}", settings.worker.id);
+        let written = metrics.flow.events_published.clone();
+        let outbox = Outbox::start(
+            store.clone(),
+            &settings.worker.id,
+            Bound {
+                events: settings.redis.outage_buffer_events,
+                bytes: settings.redis.outage_buffer_bytes,
+            },
+            Box::new(move |count| {
+                written.inc_by(count);
+            }),
+        );
         Self {
             store,
             pool,
@@ -43,6 +59,7 @@ impl TaskRunner {
             metrics,
             source,
             activity: crate::heartbeat::Activity::default(),
+            outbox,
         }
     }
 
@@ -211,7 +228,9 @@ impl TaskRunner {
                 result,
                 error,
             }) => {
-                let settled = self.finish(message, &lease, state, result, error).await;
+                let settled = self
+                    .finish(message, &lease, state, result, error, abort)
+                    .await;
                 if settled.is_ok() {
                     self.metrics.finished(kind, state, Some(started.elapsed()));
                 }
@@ -227,7 +246,9 @@ impl TaskRunner {
                     .fenced(&lease)
                     .releasing()
                     .reason("cancelled on request");
-                self.store.transition(&cancelled).await?;
+                if self.record_terminal(&cancelled, abort).await.is_none() {
+                    return Ok(unrecorded());
+                }
                 self.forget_checkpoint(message).await;
                 self.metrics
                     .finished(kind, TaskState::Cancelled, Some(started.elapsed()));
@@ -242,7 +263,11 @@ impl TaskRunner {
                         .releasing()
                         .reason("worker is shutting down")
                 };
-                self.store.transition(&back).await?;
+                // Redis away at the deadline: the message goes back all the
+                // same; the lease expires and the redelivery runs it.
+                if let Err(error) = self.store.transition(&back).await {
+                    warn!(%error, "requeue not recorded; the lease will expire");
+                }
                 Ok(Disposition::Requeue {
                     reason: "worker is shutting down".into(),
                 })
@@ -297,11 +322,17 @@ impl TaskRunner {
         let running = Transition::to(id, TaskState::Running, self.source.clone())
             .fenced(task_lease)
             .field("sandbox_id", sandbox.id().to_owned());
+        // The stream keeps the order of emission: what the outbox holds
+        // lands before the transition (bounded: a Redis that is away fails
+        // the transition below anyway).
+        let _ =
+            tokio::time::timeout(self.settings.redis.command_timeout, self.outbox.flush()).await;
         let ctx = RunContext {
             message,
             sandbox,
             stop,
             store: &self.store,
+            outbox: &self.outbox,
             settings: &self.settings,
             metrics: &self.metrics,
             source: &self.source,
@@ -318,7 +349,9 @@ impl TaskRunner {
         end
     }
 
-    /// Persists the terminal state (fenced, releasing the lease) before the ack.
+    /// Persists the terminal state (fenced, releasing the lease) before the
+    /// ack, after the run's events: while Redis is away it retries until the
+    /// drain deadline, the message unacked meanwhile (ADR 0032).
     async fn finish(
         &self,
         message: &TaskMessage,
@@ -326,6 +359,7 @@ impl TaskRunner {
         state: TaskState,
         result: TaskResult,
         error: Option<String>,
+        abort: &CancellationToken,
     ) -> Result<Disposition, RunError> {
         let mut transition = Transition::to(message.id, state, self.source.clone())
             .fenced(lease)
@@ -336,7 +370,9 @@ impl TaskRunner {
                 .field("last_error", error.clone())
                 .reason(error.clone());
         }
-        let outcome = self.store.transition(&transition).await?;
+        let Some(outcome) = self.record_terminal(&transition, abort).await else {
+            return Ok(unrecorded());
+        };
         self.forget_checkpoint(message).await;
         match outcome {
             TransitionOutcome::Applied { .. } => {
@@ -351,6 +387,38 @@ impl TaskRunner {
             }
             TransitionOutcome::Missing => Err(RunError::Retryable(Cause::RecordVanished)),
         }
+    }
+
+    /// Writes a terminal transition after every event queued before it,
+    /// retrying until `abort`; `None` when the deadline came first. A retry
+    /// of a write whose reply was lost finds the state already moved: that
+    /// counts as applied.
+    async fn record_terminal(
+        &self,
+        transition: &Transition,
+        abort: &CancellationToken,
+    ) -> Option<TransitionOutcome> {
+        let queued = self.outbox.last_queued();
+        tokio::select! {
+            biased;
+            _ = abort.cancelled() => return None,
+            _ = self.outbox.written_up_to(queued) => {}
+        }
+        let attempts = std::sync::atomic::AtomicU32::new(0);
+        let outcome = until_recorded(abort, "terminal state", || async {
+            let tried = attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            match self.store.transition(transition).await? {
+                TransitionOutcome::Refused { current } if tried > 0 && current == transition.to => {
+                    Ok(TransitionOutcome::Applied {
+                        from: current,
+                        attempts: 0,
+                    })
+                }
+                other => Ok(other),
+            }
+        })
+        .await?;
+        Some(outcome)
     }
 
     async fn finish_dead(
@@ -437,10 +505,20 @@ impl TaskRunner {
         .await;
     }
 
-    /// Appends an informational event; a failure is logged, not fatal, because
-    /// the state transitions (the facts that matter) are written separately.
+    /// Queues an informational event in the outbox (ADR 0032).
     async fn emit(&self, event: EventEnvelope) {
-        emit(&self.store, &self.metrics, event).await;
+        self.outbox.push(event).await;
+    }
+}
+
+/// The run ended but Redis did not take its end before the drain deadline:
+/// the message goes back to the broker unacked in effect (requeued), and
+/// its redelivery finds the task still running under an expiring lease.
+fn unrecorded() -> Disposition {
+    Disposition::Requeue {
+        reason:
+            "the task's end could not be recorded (redis unavailable) before the drain deadline"
+                .into(),
     }
 }
 

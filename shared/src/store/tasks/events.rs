@@ -84,6 +84,40 @@ impl Store {
         Ok(())
     }
 
+    /// Appends `events`, each numbered by `producer` with a sequence that
+    /// grows in the order they are given, at most once each: an event whose
+    /// sequence this producer already wrote for its task is skipped, so a
+    /// batch retried after a lost reply writes nothing twice (ADR 0032).
+    /// One atomic script; returns how many were written now.
+    pub async fn append_sequenced(
+        &self,
+        producer: &str,
+        events: &[(u64, &EventEnvelope)],
+    ) -> Result<usize, StoreError> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let script: &'static redis::Script = append_sequenced_script();
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(self.keys.firehose())
+            .arg(self.events_maxlen)
+            .arg(self.firehose_maxlen)
+            .arg(self.retention.as_secs())
+            .arg(producer);
+        for (seq, event) in events {
+            invocation
+                .key(self.keys.task_events(&event.task_id))
+                .key(appended_key(&self.keys, &event.task_id))
+                .arg(*seq)
+                .arg(event.event.type_name())
+                .arg(event.to_json());
+        }
+        let mut conn = self.conn.clone();
+        let written: usize = invocation.invoke_async(&mut conn).await?;
+        Ok(written)
+    }
+
     /// The task's events in order, up to `limit`.
     pub async fn events(
         &self,
@@ -116,4 +150,15 @@ impl Store {
         }
         Ok(events)
     }
+}
+
+/// Per producer, the highest sequence written to the task's stream; next to
+/// the stream, under the same hash tag.
+fn appended_key(keys: &super::super::Keys, id: &TaskId) -> String {
+    format!("{}:appended", keys.task_events(id))
+}
+
+fn append_sequenced_script() -> &'static redis::Script {
+    static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+    SCRIPT.get_or_init(|| redis::Script::new(super::super::scripts::APPEND_SEQUENCED))
 }

@@ -45,9 +45,16 @@ pub struct Store {
 impl Store {
     pub async fn connect(settings: &RedisSettings, namespace: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(settings.url.as_str())?;
+        // Every call is bounded (`redis.command_timeout_ms`): while Redis is
+        // away a caller gets an error it can answer or retry (ADR 0032).
         let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(Duration::from_secs(10)));
+            .set_connection_timeout(Some(settings.command_timeout))
+            .set_response_timeout(Some(settings.command_timeout))
+            // A call waits for a reconnection under way: keep one short
+            // (the default, 6 retries doubling from 100 ms, holds a caller
+            // 6 s and more); the next call tries again.
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_with_config(client, config).await?;
         Ok(Self {
             conn,
