@@ -290,9 +290,10 @@ impl Submitter {
     }
 
     /// Publishes task messages with publisher confirms (the one publish
-    /// path: submissions and the promotion of scheduled tasks), then rings
-    /// the doorbell. Traced with one `publish` span per message whose W3C
-    /// `traceparent` the message carries to the worker (ADR 0025).
+    /// path: submissions and the promotion of scheduled tasks), then puts
+    /// one wake ring in `{ns}.wake` for the batch (docs/adr/0031). Traced
+    /// with one `publish` span per message whose W3C `traceparent` the
+    /// message carries to the worker (ADR 0025).
     pub async fn publish(
         &self,
         messages: Vec<(&TaskMessage, Vec<u8>)>,
@@ -335,9 +336,7 @@ impl Submitter {
         }
         published?;
         drop(publish_spans);
-        self.publisher
-            .ring(&self.topology.doorbell_exchange())
-            .await;
+        self.publisher.ring(&self.topology.wake_queue()).await;
         Ok(())
     }
 

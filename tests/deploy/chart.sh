@@ -392,7 +392,7 @@ if not scaled:
 meta = scaled[0]["spec"]["triggers"][0]["metadata"]
 pattern = re.compile(meta["queueName"])
 want = [f"{ns}.work.{p}" for p in ("high", "normal", "low")]
-other = [f"{ns}.retry.{t}s" for t in tiers] + [f"{ns}.dead", f"{ns}.work", f"{ns}.doorbell",
+other = [f"{ns}.retry.{t}s" for t in tiers] + [f"{ns}.dead", f"{ns}.work", f"{ns}.doorbell", f"{ns}.wake",
          f"x{ns}.work.high", f"{ns}.work.high.x", "other.work.normal"]
 bad = [q for q in want if not pattern.search(q)] + [q for q in other if pattern.search(q)]
 if bad or meta.get("useRegex") != "true" or meta.get("operation") != "sum" \

@@ -217,7 +217,7 @@ redis.url = "$SHOAL__REDIS__URL"
 sandbox.root = "$work/sandboxes"
 scheduler.listen = "127.0.0.1:$api_port"
 worker.slots = 2
-worker.idle_poll_max_ms = 50
+worker.idle_sweep_ms = 50
 worker.drain_timeout_s = 2
 agent.default_model = "sim"
 

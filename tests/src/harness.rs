@@ -74,7 +74,7 @@ impl TestEnv {
              broker.url = \"{broker}\"\n\
              redis.url = \"{redis}\"\n\
              sandbox.root = \"{root}\"\n\
-             worker.idle_poll_max_ms = 50\n\
+             worker.idle_sweep_ms = 50\n\
              worker.metrics_listen = \"127.0.0.1:0\"\n",
             broker = service_url(BROKER_ENV),
             redis = service_url(REDIS_ENV),
@@ -411,8 +411,21 @@ impl WorkerProcess {
 }
 
 /// Joins configuration fragments written as root-level dotted keys
-/// (`worker.slots = 2`), which TOML lets us simply concatenate.
+/// (`worker.slots = 2`), which TOML lets us simply concatenate; a key of
+/// `extra` replaces the same key's line of `base` (TOML refuses a key set
+/// twice), e.g. a test's own `worker.idle_sweep_ms`.
 fn merge_toml(base: &str, extra: &str) -> String {
+    let key = |line: &str| line.split('=').next().map(|k| k.trim().to_owned());
+    let overridden: Vec<String> = extra
+        .lines()
+        .filter(|line| line.contains('='))
+        .filter_map(key)
+        .collect();
+    let base: String = base
+        .lines()
+        .filter(|line| !line.contains('=') || !key(line).is_some_and(|k| overridden.contains(&k)))
+        .map(|line| format!("{line}\n"))
+        .collect();
     format!("{base}\n{extra}\n")
 }
 

@@ -6,6 +6,7 @@
 //! On teardown the harness fails the test if anything is left behind: a live
 //! lease, a message still in a work queue, a sandbox process, or a workspace.
 
+pub mod broker_stats;
 pub mod daytona_fake;
 pub mod harness;
 pub mod llm_sim;

@@ -177,7 +177,7 @@ impl Fleet {
             env,
             "traced.toml",
             &format!(
-                "worker.idle_poll_max_ms = 50\n\
+                "worker.idle_sweep_ms = 50\n\
                  worker.id = \"traced\"\n\
                  worker.slots = 1\n\
                  scheduler.listen = \"127.0.0.1:{port}\"\n{extra}"

@@ -6,8 +6,12 @@
 //! message per queue per slot while a task runs, and releasing the extras with
 //! a requeue counts toward `x-delivery-limit`. Pulling high, then normal, then
 //! low, only when the slot is free, gives strict priority and holds nothing.
-//! Idle slots back off, and a doorbell from the scheduler wakes them at once
-//! (see docs/adr/0001).
+//!
+//! An idle slot does not poll: it waits in [`Wake::idle`] until a ring from
+//! `{ns}.wake` (one idle slot of one worker per ring), another slot that found
+//! more work (propagation by the get-ok's message count), or the worker's
+//! idle sweep (one slot every `worker.idle_sweep_ms`) wakes it; see
+//! docs/adr/0001 for the pull and docs/adr/0031 for the waiting.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -25,14 +29,11 @@ use shoal_shared::store::{DeadEntry, Transition, TransitionOutcome};
 use shoal_shared::task::{Priority, TaskId, TaskState};
 use shoal_shared::telemetry;
 use shoal_shared::TaskMessage;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::run::{panic_error, Disposition, TaskRunner};
-
-/// The shortest idle wait between polls; it doubles up to the configured max.
-const IDLE_POLL_MIN: Duration = Duration::from_millis(5);
+use crate::wake::Wake;
 
 /// On a copy sent to a retry tier: when its delay ends and it is back in its
 /// work queue (milliseconds since the Unix epoch, this worker's clock), so
@@ -48,15 +49,26 @@ pub struct Slot {
     pub broker: Broker,
     pub topology: Topology,
     pub runner: Arc<TaskRunner>,
-    pub doorbell: Arc<Notify>,
+    /// The worker's idle slots and its side of `{ns}.wake`, shared by its
+    /// slots; see [`crate::wake`].
+    pub wake: Arc<Wake>,
+}
+
+/// A message a get returned, with what the get-ok said of its queue.
+struct Fetched {
+    delivery: Delivery,
+    /// Messages left in the queue it came from.
+    remaining: u32,
+    /// It came from the lowest tier.
+    lowest: bool,
 }
 
 impl Slot {
     /// Pulls and runs tasks until `shutdown`; `abort` cuts a running task short.
     pub async fn run(self, shutdown: CancellationToken, abort: CancellationToken) {
         let mut channel: Option<Channel> = None;
-        let mut idle = IDLE_POLL_MIN;
-        let idle_max = self.runner.settings.worker.idle_poll_max;
+        // A starting slot is new capacity, like one that was idle.
+        let mut from_idle = true;
         while !shutdown.is_cancelled() {
             let current = match channel.take() {
                 Some(c) if c.status().connected() => c,
@@ -66,16 +78,16 @@ impl Slot {
                 },
             };
             match self.fetch(&current).await {
-                Ok(Some(delivery)) => {
-                    idle = IDLE_POLL_MIN;
-                    self.handle(&current, delivery, &abort).await;
+                Ok(Some(fetched)) => {
+                    self.wake
+                        .propagate(fetched.remaining, fetched.lowest, from_idle)
+                        .await;
+                    from_idle = false;
+                    self.handle(&current, fetched.delivery, &abort).await;
                 }
                 Ok(None) => {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => {}
-                        _ = self.doorbell.notified() => idle = IDLE_POLL_MIN,
-                        _ = tokio::time::sleep(idle) => idle = (idle * 2).min(idle_max),
-                    }
+                    self.wake.idle(&shutdown).await;
+                    from_idle = true;
                 }
                 Err(error) => {
                     warn!(slot = self.index, %error, "fetching failed; reopening the channel");
@@ -120,14 +132,18 @@ impl Slot {
     }
 
     /// The next message, highest priority first.
-    async fn fetch(&self, channel: &Channel) -> Result<Option<Delivery>, lapin::Error> {
-        for priority in Priority::ALL {
+    async fn fetch(&self, channel: &Channel) -> Result<Option<Fetched>, lapin::Error> {
+        for (index, priority) in Priority::ALL.into_iter().enumerate() {
             let queue = self.topology.work_queue(priority);
             if let Some(message) = channel
                 .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
                 .await?
             {
-                return Ok(Some(message.delivery));
+                return Ok(Some(Fetched {
+                    delivery: message.delivery,
+                    remaining: message.message_count,
+                    lowest: index + 1 == Priority::ALL.len(),
+                }));
             }
         }
         Ok(None)

@@ -14,6 +14,7 @@ mod panic;
 pub mod pool;
 pub mod run;
 pub mod sandbox;
+pub mod wake;
 mod worker;
 
 pub use worker::{run, Worker, POOL_DRAIN};

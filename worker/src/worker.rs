@@ -4,13 +4,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
 use shoal_shared::broker::{connect_and_declare, Broker, Topology};
 use shoal_shared::settings::Settings;
 use shoal_shared::store::Store;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -23,6 +20,7 @@ use crate::pool::{Pool, PoolMetrics};
 use crate::run::TaskRunner;
 use crate::sandbox::daytona::{DaytonaConfig, DaytonaProvider};
 use crate::sandbox::{LocalProvider, ProviderKind, SandboxProvider};
+use crate::wake::Wake;
 use prometheus_client::registry::Registry;
 
 /// A running worker's parts, built by [`Worker::connect`].
@@ -233,7 +231,9 @@ impl Worker {
             )
             .run(heartbeat_stop.clone()),
         );
-        let doorbell = Arc::new(Notify::new());
+        // Idle slots wait for a ring, a busier slot, or the sweep
+        // (docs/adr/0031).
+        let wake = Wake::new(self.broker.clone(), &self.topology);
         let tracker = TaskTracker::new();
         for index in 0..slots {
             let slot = Slot {
@@ -241,16 +241,12 @@ impl Worker {
                 broker: self.broker.clone(),
                 topology: self.topology.clone(),
                 runner: self.runner.clone(),
-                doorbell: doorbell.clone(),
+                wake: wake.clone(),
             };
             tracker.spawn(slot.run(shutdown.clone(), abort.clone()));
         }
-        tracker.spawn(listen_doorbell(
-            self.broker.clone(),
-            self.topology.clone(),
-            doorbell,
-            shutdown.clone(),
-        ));
+        tracker.spawn(wake.clone().listen(shutdown.clone()));
+        tracker.spawn(wake.sweep(self.settings.worker.idle_sweep, shutdown.clone()));
         tracker.close();
         self.phase.send_replace(Phase::Running);
 
@@ -320,93 +316,6 @@ fn pod_patcher_from_env(metrics: &KubeMetrics) -> Option<Arc<dyn CostSink>> {
         Err(error) => {
             warn!(%error, "the pod-deletion-cost updater is off");
             None
-        }
-    }
-}
-
-/// Wakes idle slots when the scheduler rings after publishing. Best effort: a
-/// missed ring costs at most one idle poll interval.
-async fn listen_doorbell(
-    broker: Broker,
-    topology: Topology,
-    doorbell: Arc<Notify>,
-    shutdown: CancellationToken,
-) {
-    while !shutdown.is_cancelled() {
-        match consume_doorbell(&broker, &topology, &doorbell, &shutdown).await {
-            Ok(()) => return,
-            Err(error) => {
-                warn!(%error, "doorbell unavailable; relying on polling");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                }
-            }
-        }
-    }
-}
-
-async fn consume_doorbell(
-    broker: &Broker,
-    topology: &Topology,
-    doorbell: &Notify,
-    shutdown: &CancellationToken,
-) -> Result<(), lapin::Error> {
-    let channel = broker.channel().await.map_err(|e| match e {
-        shoal_shared::broker::BrokerError::Connect(e)
-        | shoal_shared::broker::BrokerError::Amqp(e) => e,
-    })?;
-    // A private, self-deleting queue that keeps at most one ring.
-    let mut args = FieldTable::default();
-    args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
-    args.insert(
-        "x-overflow".into(),
-        AMQPValue::LongString("drop-head".into()),
-    );
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            args,
-        )
-        .await?;
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            topology.doorbell_exchange().as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let mut consumer = channel
-        .basic_consume(
-            queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => {
-                let _ = channel.close(200, "stopping".into()).await;
-                return Ok(());
-            }
-            ring = consumer.next() => match ring {
-                Some(Ok(_)) => doorbell.notify_waiters(),
-                Some(Err(error)) => return Err(error),
-                None => return Err(lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
-                    lapin::ChannelState::Closed, "doorbell consumer ended"
-                ))),
-            }
         }
     }
 }

@@ -82,16 +82,18 @@ impl Publisher {
 }
 
 impl Publisher {
-    /// Rings a doorbell exchange: a tiny transient message that wakes idle
-    /// workers. Best effort, not confirmed; failures are ignored.
-    pub async fn ring(&self, exchange: &str) {
+    /// Puts one wake ring in `queue` (`{ns}.wake`, through the default
+    /// exchange): a transient, empty message that wakes one idle slot of one
+    /// worker (docs/adr/0031). Best effort, not confirmed; failures are
+    /// ignored (a lost ring costs at most one idle sweep).
+    pub async fn ring(&self, queue: &str) {
         let Ok(channel) = self.channel().await else {
             return;
         };
         let _ = channel
             .basic_publish(
-                exchange.into(),
                 "".into(),
+                queue.into(),
                 BasicPublishOptions::default(),
                 b"",
                 BasicProperties::default(),

@@ -15,7 +15,13 @@ use crate::task::Priority;
 /// {ns}.retry (topic) --"*.5s"----> {ns}.retry.5s     quorum, TTL 5 s, DLX {ns}.work
 ///                    ...             (the routing key `normal.5s` routes back to work.normal)
 /// {ns}.dead  (fanout) -----------> {ns}.dead         quorum, kept for inspection and replay
+/// {ns}.work  (topic) --"*.*"-----> {ns}.wake         classic, max 64, drop-head: wake rings
+///                    (only retries coming back from a tier have a two-word key)
 /// ```
+///
+/// Rings for `{ns}.wake` are also published straight to it (default
+/// exchange): one per confirmed submission batch by the scheduler, and by a
+/// slot that found more work than its worker has idle slots (docs/adr/0031).
 #[derive(Debug, Clone)]
 pub struct Topology {
     namespace: String,
@@ -56,10 +62,11 @@ impl Topology {
         format!("{}.dead", self.namespace)
     }
 
-    /// The fanout exchange a scheduler rings after publishing, so idle workers
-    /// poll at once instead of at their next backoff tick.
-    pub fn doorbell_exchange(&self) -> String {
-        format!("{}.doorbell", self.namespace)
+    /// The shared queue of wake rings: each worker consumes it with
+    /// prefetch 1 only to learn there is work; one ring wakes one idle slot
+    /// of one worker (docs/adr/0031).
+    pub fn wake_queue(&self) -> String {
+        format!("{}.wake", self.namespace)
     }
 
     pub fn retry_tiers(&self) -> &[Duration] {
@@ -76,6 +83,7 @@ impl Topology {
         let mut queues: Vec<String> = Priority::ALL.iter().map(|p| self.work_queue(*p)).collect();
         queues.extend(self.retry_tiers.iter().map(|d| self.retry_queue(*d)));
         queues.push(self.dead_queue());
+        queues.push(self.wake_queue());
         queues
     }
 
@@ -85,7 +93,6 @@ impl Topology {
             self.work_exchange(),
             self.retry_exchange(),
             self.dead_exchange(),
-            self.doorbell_exchange(),
         ]
     }
 
@@ -99,7 +106,6 @@ impl Topology {
             (self.work_exchange(), ExchangeKind::Topic),
             (self.retry_exchange(), ExchangeKind::Topic),
             (self.dead_exchange(), ExchangeKind::Fanout),
-            (self.doorbell_exchange(), ExchangeKind::Fanout),
         ] {
             channel
                 .exchange_declare(name.as_str().into(), kind, durable, FieldTable::default())
@@ -163,6 +169,20 @@ impl Topology {
             .queue_declare(dead.as_str().into(), queue_options, quorum_args())
             .await?;
         self.bind(channel, &dead, &self.dead_exchange(), "").await?;
+
+        // Classic, not quorum: rings are transient hints, a lost one costs
+        // at most one idle sweep. Durable so the declaration (and the
+        // binding that makes the broker ring for returning retries) survives
+        // a broker restart.
+        let wake = self.wake_queue();
+        channel
+            .queue_declare(wake.as_str().into(), queue_options, wake_args())
+            .await?;
+        // Submissions are routed with a one-word key (`normal`); a retry
+        // dead-lettered back from its TTL tier keeps its two-word key
+        // (`normal.5s`), so this copy is the broker ringing for it.
+        self.bind(channel, &wake, &self.work_exchange(), WAKE_RETRY_PATTERN)
+            .await?;
         Ok(())
     }
 
@@ -183,6 +203,31 @@ impl Topology {
             )
             .await
     }
+}
+
+/// The most rings `{ns}.wake` keeps; older ones are dropped (a burst needs
+/// no more: each ring that wakes a slot leads to more wakes by propagation).
+pub const WAKE_MAX_LENGTH: i64 = 64;
+
+/// The binding from `{ns}.work` to `{ns}.wake`: two-word keys, which only
+/// retries returning from a retry tier carry.
+pub const WAKE_RETRY_PATTERN: &str = "*.*";
+
+fn wake_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("classic".into()),
+    );
+    args.insert(
+        "x-max-length".into(),
+        AMQPValue::LongLongInt(WAKE_MAX_LENGTH),
+    );
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("drop-head".into()),
+    );
+    args
 }
 
 fn quorum_args() -> FieldTable {
@@ -244,5 +289,30 @@ mod tests {
     fn retry_keys_route_back_to_their_priority() {
         let key = Topology::retry_routing_key(Priority::High, Duration::from_secs(30));
         assert_eq!(key, "high.30s");
+    }
+
+    /// `*.*` on the topic exchange matches exactly two words: every retry
+    /// key, and no submission key (the priority alone).
+    #[test]
+    fn only_retry_keys_match_the_wake_binding() {
+        assert_eq!(WAKE_RETRY_PATTERN, "*.*");
+        for priority in Priority::ALL {
+            assert_eq!(priority.as_str().split('.').count(), 1, "{priority:?}");
+            for delay in [5, 30, 120, 600] {
+                let key = Topology::retry_routing_key(priority, Duration::from_secs(delay));
+                assert_eq!(key.split('.').count(), 2, "{key}");
+                assert!(key.split('.').all(|word| !word.is_empty()), "{key}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_wake_queue_is_listed_and_the_doorbell_is_gone() {
+        let topology = Topology::new("ns", 5, vec![Duration::from_secs(5)]);
+        assert!(topology.all_queues().contains(&"ns.wake".to_owned()));
+        assert!(!topology
+            .all_exchanges()
+            .iter()
+            .any(|e| e.contains("doorbell")));
     }
 }

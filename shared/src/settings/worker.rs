@@ -19,8 +19,9 @@ pub struct WorkerSettings {
     pub drain_timeout: Duration,
     pub lease_ttl: Duration,
     pub lease_renew: Duration,
-    /// Longest wait between polls of empty queues.
-    pub idle_poll_max: Duration,
+    /// How often ONE idle slot of the worker polls the work queues when no
+    /// ring came (docs/adr/0031): the bound on a lost ring's delay.
+    pub idle_sweep: Duration,
     /// Where `/metrics` is served (default `127.0.0.1:9464`); `None` (empty
     /// in config) turns it off. `/healthz` and `/readyz` are served there too.
     pub metrics_listen: Option<SocketAddr>,
@@ -48,7 +49,10 @@ pub(super) struct RawWorker {
     drain_timeout_s: u64,
     lease_ttl_s: u64,
     lease_renew_s: u64,
-    idle_poll_max_ms: u64,
+    /// `idle_poll_max_ms` is its deprecated name (the per-slot backoff of
+    /// ADR 0001 that the sweep replaced); accepted, with the new meaning.
+    #[serde(alias = "idle_poll_max_ms")]
+    idle_sweep_ms: u64,
     metrics_listen: String,
     pod_deletion_cost: bool,
     metric_tenants: Vec<String>,
@@ -63,7 +67,7 @@ impl Default for RawWorker {
             drain_timeout_s: 60,
             lease_ttl_s: 30,
             lease_renew_s: 10,
-            idle_poll_max_ms: 200,
+            idle_sweep_ms: 2000,
             // Loopback: sandboxes with network and the LAN must not reach it;
             // a pod that is scraped sets `worker.metrics_listen = "0.0.0.0:9464"`.
             metrics_listen: "127.0.0.1:9464".into(),
@@ -91,8 +95,11 @@ impl RawWorker {
                 "must be between 100 and 300000 (5 minutes)",
             ));
         }
-        if self.idle_poll_max_ms == 0 {
-            return Err(invalid("worker.idle_poll_max_ms", "must be positive"));
+        if !(10..=600_000).contains(&self.idle_sweep_ms) {
+            return Err(invalid(
+                "worker.idle_sweep_ms",
+                "must be between 10 and 600000 (10 minutes)",
+            ));
         }
         let metrics_listen = match self.metrics_listen.trim() {
             "" => None,
@@ -126,7 +133,7 @@ impl RawWorker {
             drain_timeout: Duration::from_secs(self.drain_timeout_s),
             lease_ttl: Duration::from_secs(self.lease_ttl_s),
             lease_renew: Duration::from_secs(self.lease_renew_s),
-            idle_poll_max: Duration::from_millis(self.idle_poll_max_ms),
+            idle_sweep: Duration::from_millis(self.idle_sweep_ms),
             metrics_listen,
             pod_deletion_cost: self.pod_deletion_cost,
             metric_tenants,
@@ -216,6 +223,24 @@ mod tests {
                 .unwrap_err();
             assert!(
                 err.to_string().contains("worker.heartbeat_interval_ms"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_idle_sweep_defaults_to_2_s_is_bounded_and_takes_its_old_name() {
+        let default = Settings::from_toml("").expect("defaults");
+        assert_eq!(default.worker.idle_sweep, std::time::Duration::from_secs(2));
+        let set = Settings::from_toml("worker.idle_sweep_ms = 30000\n").expect("30 s");
+        assert_eq!(set.worker.idle_sweep, std::time::Duration::from_secs(30));
+        // The deprecated name of ADR 0001 still loads (with the new meaning).
+        let old = Settings::from_toml("worker.idle_poll_max_ms = 200\n").expect("old name");
+        assert_eq!(old.worker.idle_sweep, std::time::Duration::from_millis(200));
+        for bad in ["0", "9", "600001"] {
+            let err = Settings::from_toml(&format!("worker.idle_sweep_ms = {bad}\n")).unwrap_err();
+            assert!(
+                err.to_string().contains("worker.idle_sweep_ms"),
                 "{bad}: {err}"
             );
         }

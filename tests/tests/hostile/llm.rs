@@ -17,7 +17,7 @@ use shoal_worker::metrics::TaskMetrics;
 use shoal_worker::pool::{Pool, PoolMetrics};
 use shoal_worker::run::TaskRunner;
 use shoal_worker::sandbox::{OwnedSandbox, Sandbox, SandboxError, SandboxProvider, Template};
-use tokio::sync::Notify;
+use shoal_worker::wake::Wake;
 use tokio_util::sync::CancellationToken;
 
 fn agent(prompt: &str, model: &str) -> TaskSpec {
@@ -159,14 +159,17 @@ async fn a_panic_inside_a_run_fails_the_task_settles_the_message_and_keeps_the_s
         settings,
         metrics,
     ));
+    // A lone slot, woken by the scheduler's rings in `{ns}.wake`.
+    let wake = Wake::new(env.broker.clone(), &env.topology);
     let slot = Slot {
         index: 0,
         broker: env.broker.clone(),
         topology: env.topology.clone(),
         runner,
-        doorbell: Arc::new(Notify::new()),
+        wake: wake.clone(),
     };
     let shutdown = CancellationToken::new();
+    let listening = tokio::spawn(wake.listen(shutdown.clone()));
     let serving = tokio::spawn(slot.run(shutdown.clone(), CancellationToken::new()));
     let client = Client::new(&url, None);
 
@@ -187,6 +190,7 @@ async fn a_panic_inside_a_run_fails_the_task_settles_the_message_and_keeps_the_s
         .await
         .expect("the slot stops")
         .expect("the slot did not panic");
+    let _ = tokio::time::timeout(Duration::from_secs(30), listening).await;
     pool.drain(Duration::from_secs(5)).await;
     // Teardown fails on a live lease or an unacked message.
     env.teardown().await;

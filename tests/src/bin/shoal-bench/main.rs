@@ -3,6 +3,7 @@
 //! test: it prints numbers and ratios, it asserts nothing about speed.
 
 mod agent;
+mod idle;
 mod pool;
 mod stats;
 mod submit;
@@ -30,9 +31,13 @@ pub struct Args {
     /// Where the report goes.
     #[arg(long, default_value = "docs/BENCHMARKS.md")]
     pub out: PathBuf,
-    /// Run only these sections (`submit`, `pool`, `agent`); all when empty.
+    /// Run only these sections (`submit`, `pool`, `agent`, `idle`); all when empty.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
+    /// `idle`: a directory with the `shoal-worker` and `shoal-scheduler` of
+    /// the design to compare with ("before"); only this build when absent.
+    #[arg(long)]
+    pub idle_before: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -62,6 +67,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if wanted("agent") {
         agent::section(&args, &mut report).await?;
+    }
+    if wanted("idle") {
+        idle::section(&args, &mut report).await?;
     }
     // Same-run A/B measurements of single changes (`benches/ab.sh`, two
     // builds side by side) are recorded by hand in docs/ab-measurements.md
