@@ -68,20 +68,19 @@ struct Queue {
 }
 
 impl Queue {
-    /// Queues `event` if it fits in `bound` (an event alone always fits, so
-    /// one larger than the byte bound cannot wait forever); gives it back
-    /// otherwise.
-    fn try_push(&mut self, bound: Bound, event: EventEnvelope) -> Result<u64, EventEnvelope> {
-        let size = event.to_json().len();
-        let fits = self.items.is_empty()
-            || (self.items.len() < bound.events && self.bytes + size <= bound.bytes);
-        if !fits {
-            return Err(event);
-        }
+    /// Whether an event of `size` bytes fits in `bound` now (an event alone
+    /// always fits, so one larger than the byte bound cannot wait forever).
+    fn fits(&self, bound: Bound, size: usize) -> bool {
+        self.items.is_empty()
+            || (self.items.len() < bound.events && self.bytes + size <= bound.bytes)
+    }
+
+    /// Queues `event` (of `size` bytes) and returns its sequence.
+    fn push(&mut self, event: EventEnvelope, size: usize) -> u64 {
         self.last_seq += 1;
         self.items.push_back((self.last_seq, event, size));
         self.bytes += size;
-        Ok(self.last_seq)
+        self.last_seq
     }
 
     /// Drops the first `count` events (written).
@@ -151,18 +150,20 @@ impl Outbox {
     /// Queues `event` behind every event emitted before it and returns its
     /// sequence; waits while the outbox is full.
     pub async fn push(&self, event: EventEnvelope) -> u64 {
-        let mut event = event;
+        let size = event.to_json().len();
         let mut warned = false;
         loop {
             let room = self.shared.room.notified();
             tokio::pin!(room);
             room.as_mut().enable();
-            match self.shared.lock().try_push(self.shared.bound, event) {
-                Ok(seq) => {
+            {
+                let mut queue = self.shared.lock();
+                if queue.fits(self.shared.bound, size) {
+                    let seq = queue.push(event, size);
+                    drop(queue);
                     self.shared.queued.notify_one();
                     return seq;
                 }
-                Err(back) => event = back,
             }
             if !warned {
                 warned = true;
@@ -409,10 +410,12 @@ mod tests {
         };
         let mut queue = Queue::default();
         let task = TaskId::new();
-        assert_eq!(queue.try_push(bound, event(task, 0)).ok(), Some(1));
-        assert!(queue.try_push(bound, event(task, 1)).is_err());
+        assert!(queue.fits(bound, 100), "an empty queue takes any event");
+        assert_eq!(queue.push(event(task, 0), 100), 1);
+        assert!(!queue.fits(bound, 1));
         queue.pop(1);
         assert_eq!(queue.bytes, 0);
-        assert_eq!(queue.try_push(bound, event(task, 1)).ok(), Some(2));
+        assert!(queue.fits(bound, 100));
+        assert_eq!(queue.push(event(task, 1), 100), 2);
     }
 }
