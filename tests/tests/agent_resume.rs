@@ -378,3 +378,169 @@ async fn a_garbage_checkpoint_starts_the_task_again() {
     assert_eq!(env.store.load_checkpoint(&id).await.expect("redis"), None);
     env.teardown().await;
 }
+
+/// The loop on its own: resuming a reply of three calls whose first was
+/// answered in the stream after the last checkpoint, whose second was in
+/// flight and whose third never started. Each gets exactly one answer, the
+/// model is asked again with all three, and nothing of the prompt is
+/// announced twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_reply_answers_each_interrupted_call_once() {
+    use shoal_shared::cost::{MicroDollars, Prices};
+    use shoal_tests::local_fixture::OneSandbox;
+    use shoal_tests::scripted_llm::{call as scripted_call, ScriptedLlm, Turn as Scripted};
+    use shoal_worker::agent::checkpoint::{
+        Checkpoint, Pending, SandboxRef, Seen, Start, State, FORMAT_VERSION, INTERRUPTED,
+        NOT_STARTED,
+    };
+    use shoal_worker::agent::llm::{ChatMessage, Role, ToolCall};
+    use shoal_worker::agent::secrets::Masker;
+    use shoal_worker::agent::sink::MemorySink;
+    use shoal_worker::agent::tools::Toolbox;
+    use shoal_worker::agent::{AgentConfig, Billing, Conversation};
+
+    let bench = OneSandbox::new("resume", "resume", 371_000).await;
+    let task_id = TaskId::new();
+    let terminal_call = |id: &str, command: &str| ToolCall {
+        id: id.into(),
+        name: "terminal".into(),
+        arguments: json!({ "command": command }).to_string(),
+    };
+    let calls = vec![
+        terminal_call("a", "echo a"),
+        terminal_call("b", "sleep 30"),
+        terminal_call("c", "echo c"),
+    ];
+    let assistant = ChatMessage {
+        role: Role::Assistant,
+        content: String::new(),
+        tool_calls: calls.clone(),
+        ..ChatMessage::user("")
+    };
+    let checkpoint = Checkpoint {
+        v: FORMAT_VERSION,
+        task_id,
+        sandbox: SandboxRef {
+            provider: "local".into(),
+            id: bench.sandbox.id().into(),
+            template: "default".into(),
+        },
+        events: 9,
+        resumable: true,
+        state: State {
+            messages: vec![
+                ChatMessage::system("system"),
+                ChatMessage::user("do three things"),
+                assistant,
+            ],
+            stuck: Vec::new(),
+            usage: Default::default(),
+            cost_micros: 7_000,
+            calls: 2,
+            cut_off: false,
+            pending: Some(Pending {
+                calls,
+                answered: Vec::new(),
+                cut_off: false,
+            }),
+        },
+        written_at: chrono::Utc::now(),
+    };
+    let mut seen = Seen::default();
+    seen.acted.insert("a".into());
+    seen.acted.insert("b".into());
+    seen.answered.insert("a".into(), "a\n".into());
+    let llm = ScriptedLlm::new(vec![Scripted::Reply(scripted_call(
+        "fin",
+        "finish",
+        json!({ "message": "done" }),
+    ))]);
+    let sink = MemorySink::default();
+    let ended = Conversation {
+        llm: &llm,
+        sandbox: &*bench.sandbox,
+        sink: &sink,
+        toolbox: Toolbox::new(&[]).expect("tools"),
+        masker: Masker::new(Vec::new()),
+        env: Vec::new(),
+        config: AgentConfig {
+            max_iterations: 10,
+            max_cost: Some(MicroDollars(1_000_000)),
+            timeout: Duration::from_secs(30),
+            no_output_timeout: Duration::from_secs(5),
+            condense_chars: 1_000_000,
+            nudge_plain_text: false,
+            prices: Prices::default(),
+            max_tokens: None,
+            temperature: None,
+        },
+        billing: Billing {
+            task_id,
+            tenant: "acme".into(),
+        },
+        cancel: tokio_util::sync::CancellationToken::new(),
+    }
+    .run_from(
+        "do three things",
+        Start::Resume {
+            checkpoint: Box::new(checkpoint),
+            reason: "redelivered".into(),
+        },
+        &seen,
+        None,
+    )
+    .await;
+    assert_eq!(ended.result.outcome, "finished");
+    // The spend of the steps before is kept, the new call adds to it.
+    assert_eq!(ended.result.steps, 3);
+    assert!(ended.result.cost_micros >= 7_000);
+    let events = sink.events.lock().expect("events").clone();
+    assert!(matches!(
+        &events[0],
+        Event::Resumed { reason, from_step: 2, .. } if reason == "redelivered"
+    ));
+    assert!(!events
+        .iter()
+        .any(|e| matches!(e, Event::SystemPrompt { .. })));
+    let errors: Vec<(String, String)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::AgentError {
+                action_id: Some(id),
+                error,
+            } => Some((id.clone(), error.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        errors,
+        vec![
+            ("b".to_owned(), INTERRUPTED.to_owned()),
+            ("c".to_owned(), NOT_STARTED.to_owned()),
+        ]
+    );
+    // `c` is announced now (it never was); `a` and `b` were already.
+    let announced: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Action { action_id, .. } => Some(action_id.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(announced, vec!["c", "fin"]);
+    // The model saw one answer per call, in order.
+    let request = llm.seen().into_iter().next().expect("one request");
+    let results: Vec<(Option<String>, String)> = request.messages[3..]
+        .iter()
+        .map(|m| (m.tool_call_id.clone(), m.content.clone()))
+        .collect();
+    assert_eq!(
+        results,
+        vec![
+            (Some("a".into()), "a\n".into()),
+            (Some("b".into()), format!("ERROR: {INTERRUPTED}")),
+            (Some("c".into()), format!("ERROR: {NOT_STARTED}")),
+        ]
+    );
+    bench.finish().await;
+}
