@@ -20,6 +20,7 @@ set +a
 # A thousand concurrent conversations hold a thousand connections.
 ulimit -n 65536 2>/dev/null || ulimit -n 4096 2>/dev/null || true
 
-cargo build --release -p shoal-tests --bin shoal-bench --bin shoal-llm-sim -p shoal-worker --bin shoal-sandbox-exec
+# shoal-worker and shoal-scheduler: the `idle` section starts them as processes.
+cargo build --release -p shoal-tests --bin shoal-bench --bin shoal-llm-sim -p shoal-worker --bin shoal-sandbox-exec --bin shoal-worker -p shoal-scheduler --bin shoal-scheduler
 ./target/release/shoal-bench "$@"
 cat docs/BENCHMARKS.md

@@ -102,6 +102,10 @@ impl Management {
             .send()
             .await
             .map_err(|e| format!("GET {path}: {e}"))?;
+        // A queue that does not exist (yet, or in this design) has no counters.
+        if response.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(Value::Null);
+        }
         if !response.status().is_success() {
             return Err(format!("GET {path}: {}", response.status()));
         }

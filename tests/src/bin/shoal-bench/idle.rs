@@ -124,10 +124,12 @@ async fn measure(
          scheduler.listen = \"127.0.0.1:{port}\"\n",
         root.display()
     );
-    let mut children = Vec::new();
+    let mut children = Children(Vec::new());
     let scheduler_config = root.join("scheduler.toml");
     std::fs::write(&scheduler_config, &base)?;
-    children.push(spawn(&side.dir.join("shoal-scheduler"), &scheduler_config)?);
+    children
+        .0
+        .push(spawn(&side.dir.join("shoal-scheduler"), &scheduler_config)?);
     for w in 0..WORKERS {
         let config = root.join(format!("w{w}.toml"));
         std::fs::write(
@@ -137,7 +139,9 @@ async fn measure(
                 slots / WORKERS
             ),
         )?;
-        children.push(spawn(&side.dir.join("shoal-worker"), &config)?);
+        children
+            .0
+            .push(spawn(&side.dir.join("shoal-worker"), &config)?);
     }
     let url = format!("http://127.0.0.1:{port}");
     let client = Client::new(&url, None);
@@ -216,19 +220,7 @@ async fn measure(
     let per_submission = per(sub1.since(&sub0), idle_ns_total_per_s);
     let per_submission_overview = per(suball1.since(&suball0), idle_overview_per_s);
 
-    for child in &mut children {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-    }
-    for mut child in children {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while child.try_wait()?.is_none() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    children.stop().await;
     teardown(&namespace).await;
     let _ = std::fs::remove_dir_all(&root);
     Ok(Row {
@@ -240,6 +232,35 @@ async fn measure(
         per_submission,
         per_submission_overview,
     })
+}
+
+/// The fleet's processes: stopped with SIGTERM by [`Children::stop`], and
+/// killed when dropped (a failed measurement leaves nothing running).
+struct Children(Vec<std::process::Child>);
+
+impl Children {
+    async fn stop(&mut self) {
+        for child in &self.0 {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+        }
+        for child in &mut self.0 {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 fn spawn(binary: &Path, config: &Path) -> anyhow::Result<std::process::Child> {
