@@ -52,7 +52,7 @@ model=obj({
 config=obj({
  "namespace":{"type":"string","pattern":"^[a-z0-9_-]{1,48}$"},
  "broker":obj({"url":{"type":"string","pattern":"^amqps?://"},"delivery_limit":i(1),"max_message_bytes":i(1,maximum=512<<20),"retry_tiers_s":intlist}),
- "redis":obj({"url":{"type":"string","pattern":"^(rediss?|unix)://"},"task_events_maxlen":i(1),"firehose_maxlen":i(1),"retention_s":i(),"idempotency_ttl_s":i(1)}),
+ "redis":obj({"url":{"type":"string","pattern":"^(rediss?|unix)://"},"task_events_maxlen":i(1),"firehose_maxlen":i(1),"retention_s":i(),"idempotency_ttl_s":i(1),"command_timeout_ms":i(1),"outage_buffer_events":i(1),"outage_buffer_bytes":i(65536)}),
  "scheduler":obj({"listen":s,"max_body_bytes":i(),"max_batch":i(1),"tokens":{"type":"object","additionalProperties":{"type":"string"}},"tokens_file":s,"max_streams":i(1),"drain_timeout_s":i(1,maximum=3600)}),
  "worker":obj({"id":s,"slots":i(1,maximum=4096),"drain_timeout_s":i(),"lease_ttl_s":i(1),"lease_renew_s":i(1),"idle_sweep_ms":i(10,maximum=600000),"metrics_listen":s,
    "heartbeat_interval_ms":i(100,maximum=300000),
