@@ -5,7 +5,7 @@ SERVICES := deploy/local/services.sh
 ENV_FILE := .local/env
 CARGO ?= cargo
 
-.PHONY: help setup up down build image demo fleet demo-check llm test fuzz lint fmt bench clean-local
+.PHONY: help setup up down build image demo fleet demo-check llm test chaos fuzz lint fmt bench clean-local
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ llm: ## build llama-server and fetch the local model (make demo does this on fir
 
 test: setup ## build, start the services, run every suite, stop what it started
 	bash tests/run.sh
+
+chaos: setup ## fleet chaos (not in make test): 3 workers x 8 slots, 1,000 tasks, kill -9 every 5 s, RabbitMQ+Redis restarts; writes docs/RELIABILITY.md
+	bash tests/chaos.sh
 
 fuzz: ## fuzz the spec and LLM-response parsers, FUZZ_SECONDS (default 60) per target
 	bash fuzz/run.sh

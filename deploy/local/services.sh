@@ -6,6 +6,7 @@
 #   up                install, start Redis and RabbitMQ (no-op if running), write the env file
 #   down              stop both (idempotent); leaves no process behind
 #   restart-rabbitmq  stop the RabbitMQ node and start it again (data is kept)
+#   restart-redis     stop Redis (SHUTDOWN flushes its append-only file) and start it again
 #   status            print whether each service is up; exit 0 iff both are
 #   env               print the path of the env file
 #   rabbitmqctl ARGS  run rabbitmqctl against the local node with the right environment
@@ -467,6 +468,20 @@ cmd_restart_rabbitmq() {
   echo "rabbitmq: ready in $(fmt_since "$t1") (restart took $(fmt_since "$t0"))  $BROKER_URL"
 }
 
+# Redis runs with appendonly yes (see redis_start), so what it acknowledged
+# before SHUTDOWN is back after the restart.
+cmd_restart_redis() {
+  cmd_install
+  local t0 t1
+  t0="$(now_ms)"
+  redis_stop
+  log "redis: starting"
+  t1="$(now_ms)"
+  redis_start
+  redis_wait_ready
+  echo "redis: ready in $(fmt_since "$t1") (restart took $(fmt_since "$t0"))  $REDIS_URL"
+}
+
 cmd_status() {
   local rc=0 pid
   if redis_ping; then
@@ -489,7 +504,7 @@ cmd_status() {
 }
 
 usage() {
-  sed -n '2,12p' "$SCRIPT_PATH" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,13p' "$SCRIPT_PATH" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -511,6 +526,10 @@ main() {
   restart-rabbitmq)
     with_lock "$@"
     cmd_restart_rabbitmq
+    ;;
+  restart-redis)
+    with_lock "$@"
+    cmd_restart_redis
     ;;
   status) cmd_status ;;
   env) echo "$ENV_FILE" ;;

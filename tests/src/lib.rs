@@ -7,6 +7,7 @@
 //! lease, a message still in a work queue, a sandbox process, or a workspace.
 
 pub mod broker_stats;
+pub mod chaos;
 pub mod daytona_fake;
 pub mod harness;
 pub mod llm_sim;
