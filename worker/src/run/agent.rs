@@ -177,7 +177,12 @@ pub async fn run(
     let env: Vec<(String, String)> = found;
     // Every LLM attempt of the run is timed, failed ones too.
     let attempts = ctx.metrics.llm_attempts(llm.model());
-    let counting = CountingSink::new(&sink, 0);
+    // A resumed conversation's event count goes on from its checkpoint's.
+    let events_before = match &resume.start {
+        Start::Resume { checkpoint, .. } => checkpoint.events,
+        _ => 0,
+    };
+    let counting = CountingSink::new(&sink, events_before);
     let conversation = Conversation {
         llm: &*llm,
         sandbox,
