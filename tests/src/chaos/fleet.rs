@@ -124,7 +124,7 @@ fn cgroup_area(dir: &Path, namespace: &str) -> Option<(PathBuf, Vec<PathBuf>)> {
 
 /// Removes a cgroup folder and every cgroup below it, deepest first (a
 /// cgroup is removed with rmdir; its files go with it).
-fn remove_cgroup_tree(dir: &Path) {
+pub fn remove_cgroup_tree(dir: &Path) {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for entry in entries.flatten() {
             if entry.file_type().is_ok_and(|t| t.is_dir()) {

@@ -358,7 +358,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Outcome> {
     } else if let Some((_, real)) = &area.cgroups {
         // The report names the leftovers; cgroups are not files to keep.
         for dir in real {
-            let _ = std::fs::remove_dir(dir);
+            super::fleet::remove_cgroup_tree(dir);
         }
     }
     Ok(outcome)
