@@ -2,6 +2,12 @@
 //! them in a bounded channel drained by a background task that writes
 //! pipelined batches, so a slow Redis delays the loop only once the buffer is
 //! full; `flush` waits until everything sent so far is written.
+//!
+//! A worker's sink ([`RedisSink::with_outbox`]) puts the events in the
+//! worker's outbox instead (ADR 0032): they wait there, bounded, through a
+//! Redis outage and land once, in order. Its cost entries go through the
+//! channel and are retried until written, so an outage delays them (and,
+//! once the channel is full, the conversation) but loses none.
 
 use std::sync::{Arc, Mutex};
 
@@ -11,6 +17,8 @@ use shoal_shared::store::{CostEntry, Store};
 use shoal_shared::task::TaskId;
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
+
+use crate::run::outbox::Outbox;
 
 /// Events buffered before `emit` waits for Redis.
 const BUFFER: usize = 1024;
@@ -119,6 +127,8 @@ pub struct RedisSink {
     task_id: TaskId,
     source: String,
     tx: mpsc::Sender<Item>,
+    /// The worker's outbox, which takes the events when set.
+    outbox: Option<Outbox>,
     /// Counts LLM calls, steps, tool calls and events (the worker's metrics).
     metrics: Option<Arc<dyn SinkObserver>>,
 }
@@ -132,13 +142,61 @@ impl RedisSink {
         metrics: Option<Arc<dyn SinkObserver>>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(BUFFER);
-        tokio::spawn(write_loop(store, rx, metrics.clone()));
+        tokio::spawn(write_loop(store, rx, metrics.clone(), false));
         Self {
             task_id,
             source,
             tx,
+            outbox: None,
             metrics,
         }
+    }
+
+    /// A sink whose events go through the worker's `outbox` (which counts
+    /// them as published once written) and whose cost entries are written
+    /// by its own writer, retried until Redis takes them; `emit` waits
+    /// rather than drops while either is full.
+    pub fn with_outbox(
+        store: Store,
+        outbox: Outbox,
+        task_id: TaskId,
+        source: String,
+        metrics: Option<Arc<dyn SinkObserver>>,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(BUFFER);
+        tokio::spawn(write_loop(store, rx, metrics.clone(), true));
+        Self {
+            task_id,
+            source,
+            tx,
+            outbox: Some(outbox),
+            metrics,
+        }
+    }
+}
+
+/// Retries writing a batch of cost entries until it is written (the sink
+/// with an outbox: only cost entries come this way).
+async fn write_costs_until_written(store: &Store, costs: &[CostEntry]) {
+    let policy = shoal_shared::retry::Backoff {
+        max_retries: None,
+        total: None,
+        ..shoal_shared::retry::Backoff::exponential(
+            std::time::Duration::from_millis(100),
+            std::time::Duration::from_secs(2),
+        )
+    };
+    let mut waits = backon::BackoffBuilder::build(policy.builder());
+    let mut failures = 0u32;
+    while let Err(error) = store.append_batch(&[], costs).await {
+        failures += 1;
+        if failures == 1 {
+            warn!(%error, waiting = costs.len(), "writing cost entries failed; retrying until redis takes them");
+        }
+        tokio::time::sleep(waits.next().unwrap_or(std::time::Duration::from_secs(2))).await;
+    }
+    if failures > 0 {
+        tracing::info!(failures, "cost entries written again after redis came back");
     }
 }
 
@@ -146,6 +204,7 @@ async fn write_loop(
     store: Store,
     mut rx: mpsc::Receiver<Item>,
     metrics: Option<Arc<dyn SinkObserver>>,
+    until_written: bool,
 ) {
     let mut buffer = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut buffer, BATCH).await > 0 {
@@ -158,6 +217,17 @@ async fn write_loop(
                 Item::Cost(cost) => costs.push(cost),
                 Item::Flush(done) => flushes.push(done),
             }
+        }
+        if until_written {
+            // Events went to the outbox; cost entries wait here for Redis.
+            debug_assert!(events.is_empty());
+            if !costs.is_empty() {
+                write_costs_until_written(&store, &costs).await;
+            }
+            for done in flushes {
+                let _ = done.send(());
+            }
+            continue;
         }
         // Redis trouble: keep trying a while; events are the conversation log.
         let mut delay = std::time::Duration::from_millis(100);
@@ -192,6 +262,11 @@ async fn write_loop(
 impl EventSink for RedisSink {
     async fn event(&self, event: Event) {
         let envelope = EventEnvelope::now(self.task_id, self.source.clone(), event);
+        if let Some(outbox) = &self.outbox {
+            // Waits while the outbox is full; counted as published when written.
+            outbox.push(envelope).await;
+            return;
+        }
         if self.tx.send(Item::Event(envelope)).await.is_err() {
             if let Some(metrics) = &self.metrics {
                 metrics.events_dropped(DropReason::Closed, 1);
@@ -210,6 +285,9 @@ impl EventSink for RedisSink {
         let (done_tx, done_rx) = oneshot::channel();
         if self.tx.send(Item::Flush(done_tx)).await.is_ok() {
             let _ = done_rx.await;
+        }
+        if let Some(outbox) = &self.outbox {
+            outbox.flush().await;
         }
     }
 

@@ -156,8 +156,10 @@ pub async fn run(
             repo.url
         ));
     }
-    let sink = RedisSink::start(
+    // Events through the worker's outbox, like an exec run's (ADR 0032).
+    let sink = RedisSink::with_outbox(
         ctx.store.clone(),
+        ctx.outbox.clone(),
         message.id,
         ctx.source.to_owned(),
         Some(std::sync::Arc::new(ctx.metrics.clone())),
