@@ -21,7 +21,7 @@ use super::record::until_recorded;
 use super::stop::{renew_lease, watch_cancel, RunStop};
 use super::{agent, exec};
 use crate::metrics::{kind_of, RetryReason, TaskMetrics};
-use crate::pool::Pool;
+use crate::pool::{Pool, PoolLease};
 
 /// Everything a slot needs to run tasks; shared by all slots of a worker.
 pub struct TaskRunner {
@@ -215,13 +215,22 @@ impl TaskRunner {
         let running = self.metrics.start(kind);
         let entered = self.activity.enter(message);
         let started = std::time::Instant::now();
-        let end = fail_on_panic(self.run_sandboxed(message, &lease, &stop)).await;
+        // The sandbox is handed back here and released only once the outcome
+        // is recorded: a worker killed while a sandbox is destroyed must not
+        // leave a finished task to run again (the chaos suite caught that).
+        let mut sandbox = None;
+        let end = fail_on_panic(self.run_sandboxed(message, &lease, &stop, &mut sandbox)).await;
         drop(entered);
         drop(running);
         drop(done_guard);
         let _ = renewer.await;
         let _ = watcher.await;
 
+        if !matches!(end, Ok(RunEnd::Done { .. })) {
+            if let Some(sandbox) = sandbox.take() {
+                self.pool.release(sandbox).await;
+            }
+        }
         match end {
             Ok(RunEnd::Done {
                 state,
@@ -231,6 +240,9 @@ impl TaskRunner {
                 let settled = self
                     .finish(message, &lease, state, result, error, abort)
                     .await;
+                if let Some(sandbox) = sandbox.take() {
+                    self.pool.release(sandbox).await;
+                }
                 if settled.is_ok() {
                     self.metrics.finished(kind, state, Some(started.elapsed()));
                 }
@@ -279,12 +291,14 @@ impl TaskRunner {
         }
     }
 
-    /// Leases a sandbox, moves the task to running, runs it, destroys the sandbox.
+    /// Leases a sandbox, moves the task to running, runs it; the sandbox
+    /// goes to `held` for the caller to release once the outcome is recorded.
     async fn run_sandboxed(
         &self,
         message: &TaskMessage,
         task_lease: &Lease,
         stop: &RunStop,
+        held: &mut Option<PoolLease>,
     ) -> Result<RunEnd, RunError> {
         let id = message.id;
         // An agent task may have a checkpoint and a sandbox to reattach (ADR 0033).
@@ -345,7 +359,8 @@ impl TaskRunner {
             )))),
             Err(error) => Err(error.into()),
         };
-        self.pool.release(lease).await;
+        // Released by the caller after the outcome is recorded.
+        *held = Some(lease);
         end
     }
 
