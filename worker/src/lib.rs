@@ -10,6 +10,7 @@ pub mod heartbeat;
 pub mod http_response;
 pub mod kube;
 pub mod metrics;
+pub mod outbox;
 mod panic;
 pub mod pool;
 pub mod run;

@@ -18,7 +18,7 @@ use shoal_shared::task::TaskId;
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
-use crate::run::outbox::Outbox;
+use crate::outbox::Outbox;
 
 /// Events buffered before `emit` waits for Redis.
 const BUFFER: usize = 1024;

@@ -9,9 +9,9 @@ use shoal_shared::store::Store;
 use shoal_shared::TaskMessage;
 
 use super::end::StopReason;
-use super::outbox::Outbox;
 use super::stop::RunStop;
 use crate::metrics::TaskMetrics;
+use crate::outbox::Outbox;
 use crate::sandbox::Sandbox;
 
 /// One run's shared parts, borrowed for the length of the run.

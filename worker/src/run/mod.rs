@@ -12,7 +12,6 @@ pub mod agent;
 pub mod context;
 pub mod end;
 pub mod exec;
-pub mod outbox;
 pub mod record;
 pub mod runner;
 pub mod stop;

@@ -16,11 +16,11 @@ use tracing::{error, info, warn, Instrument};
 
 use super::context::RunContext;
 use super::end::{Cause, Disposition, RunEnd, RunError, StopReason};
-use super::outbox::{Bound, Outbox};
 use super::record::until_recorded;
 use super::stop::{renew_lease, watch_cancel, RunStop};
 use super::{agent, exec};
 use crate::metrics::{kind_of, RetryReason, TaskMetrics};
+use crate::outbox::{Bound, Outbox};
 use crate::pool::{Pool, PoolLease};
 
 /// Everything a slot needs to run tasks; shared by all slots of a worker.
