@@ -29,6 +29,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+/// The longest a slot spends putting one ring.
+const RING_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// What a slot that just got a message does for the others.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Plan {
@@ -140,6 +143,17 @@ impl Wake {
     /// Puts one transient, empty ring in `{ns}.wake`. Best effort: a lost
     /// ring costs at most one sweep.
     pub async fn ring(&self) {
+        // Bounded: a slot about to run a task never waits long on a ring.
+        if tokio::time::timeout(RING_TIMEOUT, self.ring_unbounded())
+            .await
+            .is_err()
+        {
+            debug!("ring not sent in time");
+            self.ring_channel.lock().await.take();
+        }
+    }
+
+    async fn ring_unbounded(&self) {
         let mut guard = self.ring_channel.lock().await;
         let channel = match guard.as_ref() {
             Some(channel) if channel.status().connected() => channel.clone(),
@@ -187,7 +201,13 @@ impl Wake {
     /// Consumes `{ns}.wake` until `shutdown`, reconnecting after errors.
     pub async fn listen(self: Arc<Self>, shutdown: CancellationToken) {
         while !shutdown.is_cancelled() {
-            match self.consume(&shutdown).await {
+            // Cancelled at shutdown wherever it waits (a connect, a declare),
+            // so a broker in a bad state never holds the worker's exit.
+            let consumed = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                consumed = self.consume(&shutdown) => consumed,
+            };
+            match consumed {
                 Ok(()) => return,
                 Err(error) => {
                     warn!(%error, "wake queue unavailable; relying on the idle sweep");

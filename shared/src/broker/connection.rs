@@ -16,6 +16,9 @@ pub enum BrokerError {
     Amqp(#[from] lapin::Error),
 }
 
+/// The longest a connection (TCP and AMQP handshake) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// One AMQP connection shared by a process, re-established on demand after the
 /// broker went away. Channels are cheap; the connection is not.
 #[derive(Clone)]
@@ -49,9 +52,23 @@ impl Broker {
         }
         let properties =
             ConnectionProperties::default().with_connection_name(self.name.as_ref().into());
-        let connection = Connection::connect(&self.url, properties)
-            .await
-            .map_err(BrokerError::Connect)?;
+        // Bounded: a broker that accepts the TCP connection while it is still
+        // starting may never answer the handshake, and a caller (holding
+        // this lock) must get an error it can retry, not wait forever.
+        let connection =
+            match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&self.url, properties))
+                .await
+            {
+                Ok(connected) => connected.map_err(BrokerError::Connect)?,
+                Err(_) => {
+                    return Err(BrokerError::Connect(lapin::Error::from(
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no AMQP handshake within {CONNECT_TIMEOUT:?}"),
+                        ),
+                    )))
+                }
+            };
         let connection = Arc::new(connection);
         *guard = Some(connection.clone());
         Ok(connection)
