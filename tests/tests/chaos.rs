@@ -98,33 +98,41 @@ async fn every_confirmed_task_completes_across_broker_restarts() {
     env.teardown().await;
 }
 
-/// Two worker processes of 4 slots, 120 exec tasks and a few agent tasks
-/// submitted at 3/s, a random worker `kill -9`ed and restarted every 5 s,
-/// RabbitMQ restarted once: every task ends succeeded with its output, none
-/// is lost, every stream has exactly one terminal state (a second completed
-/// run is a known failure here, printed, and fails `make chaos`),
-/// every stream is consistent (legal state order, one observation per
-/// action), and no sandbox process, workspace, mount, cgroup, uid claim,
-/// lease or message is left once the fleet stopped. The full size, with a
-/// Redis restart too, is `make chaos`.
+/// Two worker processes of 4 slots, 96 exec tasks and 24 agent tasks (three
+/// LLM calls, two terminal commands, `finish`) submitted at 3/s, a random
+/// worker `kill -9`ed and restarted every 5 s, RabbitMQ restarted once:
+/// every task ends succeeded with its output (an agent's conversation
+/// `finished`), none is lost, every stream has exactly one terminal state
+/// and at most one completed run (a second completed exec run is a known
+/// failure here, printed, and fails `make chaos`; a second completed
+/// conversation fails here too), every stream is consistent (legal state
+/// order, each action exactly one observation or error, also across an
+/// agent's resume or restart, ADR 0033), and no sandbox process, workspace,
+/// mount, cgroup, uid claim, lease or message is left once the fleet
+/// stopped. The full size, with a Redis restart too, is `make chaos`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_fleet_under_kill_9_loses_nothing_and_leaks_nothing() {
     let mut plan = shoal_tests::chaos::Plan::small();
     plan.services_script = Some(services_script().into());
-    // Known failure, checked by `make chaos` only until agent crash resume
-    // (issue 12, part 2) lands: an agent task killed while an action runs
-    // keeps that action without an observation or error in its stream
-    // (docs/RELIABILITY.md). A kill every 5 s hits one of a few agent tasks
-    // mid-action often enough to make this test flaky, so it runs exec
-    // tasks only; set `agent_tasks` back to the plan's when part 2 is in.
-    plan.agent_tasks = 0;
     let outcome = shoal_tests::chaos::run(&plan).await.expect("the chaos run");
     for known in &outcome.known {
         eprintln!(
-            "known failure (docs/RELIABILITY.md): task {}: {}\n    stream: {}",
-            known.task, known.problem, known.excerpt
+            "known failure (docs/RELIABILITY.md): task {} ({}): {}\n    stream: {}",
+            known.task, known.kind, known.problem, known.excerpt
         );
     }
+    let f = &outcome.figures;
+    eprintln!(
+        "small chaos: {:?}; {} kills, {} tasks hit {:?} ({} attempts cut); extra latency p50 {:?} max {:?}; all terminal after {:.0} s",
+        f.by_kind,
+        f.kills,
+        f.hit_by_kill,
+        f.hit_by_kind,
+        f.killed_attempts,
+        f.extra_p50,
+        f.extra_max,
+        f.wall.as_secs_f64()
+    );
     assert!(
         outcome.passed(),
         "{}\n(figures: {:?}; logs in {})",

@@ -45,6 +45,8 @@ pub struct Figures {
     pub leftovers: String,
     /// Tasks with at least one attempt cut short by a kill of its worker.
     pub hit_by_kill: usize,
+    /// [`Figures::hit_by_kill`] by kind.
+    pub hit_by_kind: BTreeMap<String, usize>,
     pub killed_attempts: usize,
     /// Extra latency of tasks hit by a kill (see [`Figures::compute`]).
     pub extra_p50: Option<Duration>,
@@ -132,6 +134,7 @@ impl Figures {
             let Some(time) = run_time(run) else { continue };
             if killed > 0 {
                 figures.hit_by_kill += 1;
+                *figures.hit_by_kind.entry(run.kind.clone()).or_default() += 1;
                 touched.push((run.kind.clone(), time));
             } else {
                 untouched.entry(run.kind.clone()).or_default().push(time);
@@ -206,11 +209,13 @@ impl Outcome {
                 }
                 Some(_) => problems.extend(super::run::result_problem(run)),
             }
+            // `exec` or `agent`, for known failures of one kind only.
+            let class = run.kind.split(' ').next().unwrap_or_default();
             for problem in problems {
-                let known = plan
-                    .known_failures
-                    .iter()
-                    .any(|prefix| problem.starts_with(prefix.as_str()));
+                let scoped = format!("{class}: {problem}");
+                let known = plan.known_failures.iter().any(|prefix| {
+                    problem.starts_with(prefix.as_str()) || scoped.starts_with(prefix.as_str())
+                });
                 let into = if known {
                     &mut known_violations
                 } else {
@@ -436,4 +441,52 @@ fn machine() -> String {
         })
         .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
     format!("{cores} cores, {mem_gib:.0} GiB RAM, shared with other work")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_of(kind: &str, problem: &str) -> TaskRun {
+        TaskRun {
+            id: TaskId::new(),
+            index: 0,
+            kind: kind.into(),
+            record: None,
+            story: TaskStory {
+                problems: vec![problem.into()],
+                ..TaskStory::default()
+            },
+            expected_stdout: None,
+        }
+    }
+
+    #[test]
+    fn a_known_failure_naming_a_kind_spares_that_kind_only() {
+        let mut plan = Plan::small();
+        plan.known_failures = vec!["exec: ran to completion".into(), "no record".into()];
+        let runs = [
+            run_of("exec 500 ms", "ran to completion 2 times"),
+            run_of("agent", "ran to completion 2 times"),
+        ];
+        let outcome = Outcome::new(plan, Figures::default(), &runs, Leftovers::default());
+        let problems = |list: &[Violation]| -> Vec<(String, String)> {
+            list.iter()
+                .map(|v| (v.kind.clone(), v.problem.clone()))
+                .collect()
+        };
+        assert_eq!(
+            problems(&outcome.violations),
+            [("agent".into(), "ran to completion 2 times".into())]
+        );
+        // A prefix without a kind applies to every kind.
+        assert_eq!(
+            problems(&outcome.known),
+            [
+                ("exec 500 ms".into(), "ran to completion 2 times".into()),
+                ("exec 500 ms".into(), "no record: lost".into()),
+                ("agent".into(), "no record: lost".into()),
+            ]
+        );
+    }
 }
