@@ -162,6 +162,16 @@ pub enum Event {
         #[serde(default)]
         carried_cost_micros: u64,
     },
+    /// An LLM call waited for the fleet-wide rate limit of its model
+    /// (ADR 0037): one event per wait episode, written when the call goes.
+    RateLimited {
+        /// The model profile.
+        model: String,
+        waited_ms: u64,
+        /// `requests`, `tokens` (the bucket is empty) or `provider` (the
+        /// provider answered 429 and every worker waits out its Retry-After).
+        reason: String,
+    },
     /// The conversation ended.
     ConversationFinished {
         /// `finished`, `answered`, `max_iterations`, `budget_exceeded`,
@@ -196,6 +206,7 @@ impl Event {
             Self::ConversationError { .. } => "conversation_error",
             Self::Resumed { .. } => "resumed",
             Self::Restarted { .. } => "restarted",
+            Self::RateLimited { .. } => "rate_limited",
             Self::ConversationFinished { .. } => "conversation_finished",
         }
     }

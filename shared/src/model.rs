@@ -65,6 +65,8 @@ pub struct ModelProfile {
     pub prompt_caching: bool,
     /// `None`: the built-in table by model name, else zero.
     pub prices: Option<Prices>,
+    /// Fleet-wide rate limits (ADR 0037); `None`: unlimited, no Redis call.
+    pub rate_limit: Option<crate::store::RateSpec>,
 }
 
 impl ModelProfile {
@@ -85,6 +87,7 @@ impl ModelProfile {
                     max_retries: 5,
                     prompt_caching: true,
                     prices: None,
+                    rate_limit: None,
                 }
             };
         let mut local = base(

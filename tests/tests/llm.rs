@@ -33,6 +33,7 @@ fn profile(provider: LlmProvider, base_url: &str, calling: FunctionCalling) -> M
         max_retries: 3,
         prompt_caching: true,
         prices: None,
+        rate_limit: None,
     }
 }
 

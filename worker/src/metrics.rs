@@ -56,6 +56,14 @@ pub struct AttemptLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateWaitLabels {
+    /// The model profile.
+    pub model: String,
+    /// `requests`, `tokens` or `provider` (ADR 0037).
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenLabels {
     pub model: String,
     /// `prompt`, `completion`, `cache_read`, `cache_write`, `reasoning`.
@@ -73,6 +81,9 @@ pub struct TaskMetrics {
     pub llm_tokens: Family<TokenLabels, Counter>,
     pub llm_cost_microdollars: Family<CostLabels, Counter>,
     pub llm_call_seconds: Family<AttemptLabels, Histogram>,
+    /// Waits for the fleet-wide rate limit, one per wait episode (ADR 0037).
+    pub llm_rate_limit_wait_seconds: Family<RateWaitLabels, Histogram>,
+    pub llm_rate_limited: Family<RateWaitLabels, Counter>,
     /// Runs in progress, all kinds together, for whoever must react when the
     /// number changes (the pod-deletion-cost updater); moves with `running`.
     busy: watch::Sender<usize>,
@@ -126,6 +137,11 @@ impl TaskMetrics {
             llm_call_seconds: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.01, 2.0, 15))
             }),
+            // 10 ms .. ~3 min.
+            llm_rate_limit_wait_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.01, 2.0, 15))
+            }),
+            llm_rate_limited: Family::default(),
             busy: watch::Sender::new(0),
             tenants: std::sync::Arc::new(tenants),
             flow: FlowMetrics::new(registry),
@@ -167,6 +183,16 @@ impl TaskMetrics {
             "call_seconds",
             "Time of each LLM HTTP attempt, failed ones included, by outcome (ok or the error class)",
             metrics.llm_call_seconds.clone(),
+        );
+        llm.register(
+            "rate_limit_wait_seconds",
+            "Time LLM calls waited for the fleet-wide rate limit of their model, per wait episode, by reason (requests, tokens, provider)",
+            metrics.llm_rate_limit_wait_seconds.clone(),
+        );
+        llm.register(
+            "rate_limited",
+            "LLM calls that had to wait for the fleet-wide rate limit, by model and reason",
+            metrics.llm_rate_limited.clone(),
         );
         metrics
     }

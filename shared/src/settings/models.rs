@@ -10,6 +10,7 @@ use super::{invalid, SettingsError};
 use crate::cost::Prices;
 use crate::model::{FunctionCalling, LlmProvider, ModelProfile};
 use crate::name::Name;
+use crate::store::RateSpec;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -40,6 +41,20 @@ pub(super) struct RawModel {
     price_cache_read: Option<f64>,
     #[serde(default)]
     price_cache_write: Option<f64>,
+    /// Fleet-wide limits shared by every worker (ADR 0037).
+    #[serde(default)]
+    rate_limit: Option<RawRateLimit>,
+}
+
+/// `rate_limit = { requests_per_minute = N, tokens_per_minute = M }`; either
+/// may be left out (that dimension is then unlimited), not both.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRateLimit {
+    #[serde(default)]
+    requests_per_minute: Option<u32>,
+    #[serde(default)]
+    tokens_per_minute: Option<u32>,
 }
 
 mod d {
@@ -122,6 +137,36 @@ impl RawModel {
             prices
                 .push(per_mtok(usd).map_err(|why| invalid(format!("models.{name}.{field}"), why))?);
         }
+        let rate_limit = match self.rate_limit {
+            None => None,
+            Some(RawRateLimit {
+                requests_per_minute,
+                tokens_per_minute,
+            }) => {
+                if requests_per_minute.is_none() && tokens_per_minute.is_none() {
+                    return Err(invalid(
+                        format!("models.{name}.rate_limit"),
+                        "give requests_per_minute, tokens_per_minute or both (leave rate_limit \
+                         out for no limit)",
+                    ));
+                }
+                for (field, value) in [
+                    ("requests_per_minute", requests_per_minute),
+                    ("tokens_per_minute", tokens_per_minute),
+                ] {
+                    if value == Some(0) {
+                        return Err(invalid(
+                            format!("models.{name}.rate_limit.{field}"),
+                            "must be positive (leave it out for no limit)",
+                        ));
+                    }
+                }
+                Some(RateSpec {
+                    requests_per_minute: requests_per_minute.unwrap_or(0),
+                    tokens_per_minute: tokens_per_minute.unwrap_or(0),
+                })
+            }
+        };
         let any_price = prices.iter().any(Option::is_some);
         let price = |index: usize| prices[index].unwrap_or(0);
         Ok(ModelProfile {
@@ -141,6 +186,7 @@ impl RawModel {
                 cache_read: price(2),
                 cache_write: price(3),
             }),
+            rate_limit,
             name,
         })
     }
@@ -203,6 +249,32 @@ mod tests {
         assert!(err.to_string().contains("models.vllm.timeout_s"), "{err}");
         let ok = Settings::from_toml(&format!("{VLLM}timeout_s = 1\n")).unwrap();
         assert_eq!(ok.models["vllm"].timeout.as_secs(), 1);
+    }
+
+    #[test]
+    fn rate_limits_are_read_and_bad_ones_refused() {
+        let plain = Settings::from_toml(VLLM).unwrap();
+        assert_eq!(plain.models["vllm"].rate_limit, None);
+        let limited = Settings::from_toml(&format!(
+            "{VLLM}rate_limit = {{ requests_per_minute = 60, tokens_per_minute = 90000 }}\n"
+        ))
+        .unwrap();
+        let spec = limited.models["vllm"].rate_limit.unwrap();
+        assert_eq!(spec.requests_per_minute, 60);
+        assert_eq!(spec.tokens_per_minute, 90000);
+        assert_eq!(spec.request_capacity(), 10);
+        for bad in [
+            "rate_limit = {}",
+            "rate_limit = { requests_per_minute = 0 }",
+            "rate_limit = { requests_per_minute = -1 }",
+            "rate_limit = { rpm = 5 }",
+        ] {
+            let err = Settings::from_toml(&format!("{VLLM}{bad}\n")).unwrap_err();
+            assert!(
+                err.to_string().contains("rate_limit") || err.to_string().contains("rpm"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -90,6 +90,12 @@ impl Keys {
         format!("{}:dead:task:{id}", self.namespace)
     }
 
+    /// The fleet-wide LLM rate bucket of a provider and model (hash,
+    /// ADR 0037).
+    pub fn rate_limit(&self, provider: &str, model: &str) -> String {
+        format!("{}:ratelimit:{provider}:{model}", self.namespace)
+    }
+
     /// A pattern matching every key of the namespace (for teardown).
     pub fn pattern(&self) -> String {
         format!("{}:*", self.namespace)

@@ -10,6 +10,7 @@ mod costs;
 pub mod dead_letters;
 mod keys;
 mod lease;
+pub mod ratelimit;
 mod scripts;
 mod tasks;
 mod workers;
@@ -18,6 +19,7 @@ pub use checkpoint::MAX_CHECKPOINT_BYTES;
 pub use costs::CostRecord;
 pub use keys::Keys;
 pub use lease::{Lease, LeaseAttempt};
+pub use ratelimit::{RateFeedback, RateSpec, RateTake};
 pub use tasks::{
     CancelOutcome, Claim, CostEntry, DeadEntry, Store, TaskFilter, TaskPage, Transition,
     TransitionOutcome,

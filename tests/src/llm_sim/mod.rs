@@ -17,6 +17,14 @@
 //! answered 400, as the real API would. Tests end with
 //! [`LlmSim::assert_no_violations`].
 //!
+//! Rate-limit mode ([`SimBuilder::rate_limit`], [`LlmSim::set_rate_limit`],
+//! or `rate_limit_per_minute` in a script file) answers at most N requests
+//! per sliding minute, like a provider's requests-per-minute limit, and 429
+//! with `Retry-After` (whole seconds until a slot frees) beyond it, before
+//! the script is consulted (a refused request uses up no turn).
+//! [`LlmSim::rate_stats`] counts what it saw and refused per minute since
+//! the start.
+//!
 //! The base URL handed out ends in `/v1`, which suits OpenAI-style clients
 //! (`{base}/chat/completions`) and Anthropic clients that accept a base with
 //! or without `/v1`. [`LlmSim::root_url`] is the bare origin.
@@ -26,10 +34,11 @@ mod script;
 mod validate;
 mod wire;
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::{to_bytes, Body};
 use axum::extract::{Request, State};
@@ -48,6 +57,7 @@ struct SimState {
     violations: Mutex<Vec<String>>,
     thinking: Mutex<validate::IssuedThinking>,
     latency: Mutex<Duration>,
+    rate: Mutex<RateLimiter>,
     api_key: Option<String>,
     strict: bool,
     serial: AtomicUsize,
@@ -64,11 +74,13 @@ pub struct SimBuilder {
     api_key: Option<String>,
     strict: bool,
     addr: SocketAddr,
+    rate_limit: Option<u32>,
 }
 
 impl Default for SimBuilder {
     fn default() -> Self {
         Self {
+            rate_limit: None,
             latency: Duration::ZERO,
             api_key: None,
             strict: true,
@@ -97,6 +109,13 @@ impl SimBuilder {
         self
     }
 
+    /// Rate-limit mode: at most `per_minute` requests answered per sliding
+    /// minute, 429 with `Retry-After` beyond (overrides the script's).
+    pub fn rate_limit(mut self, per_minute: u32) -> Self {
+        self.rate_limit = Some(per_minute);
+        self
+    }
+
     /// Where to listen (default `127.0.0.1:0`).
     pub fn bind(mut self, addr: SocketAddr) -> Self {
         self.addr = addr;
@@ -111,12 +130,14 @@ impl SimBuilder {
             .latency_ms
             .take()
             .map_or(self.latency, Duration::from_millis);
+        let rate_limit = self.rate_limit.or(script.rate_limit_per_minute.take());
         let state = Arc::new(SimState {
             script: Mutex::new(script),
             requests: Mutex::new(Vec::new()),
             violations: Mutex::new(Vec::new()),
             thinking: Mutex::new(validate::IssuedThinking::default()),
             latency: Mutex::new(latency),
+            rate: Mutex::new(RateLimiter::new(rate_limit)),
             api_key: self.api_key,
             strict: self.strict,
             serial: AtomicUsize::new(0),
@@ -226,6 +247,143 @@ impl LlmSim {
     pub fn set_latency(&self, latency: Duration) {
         *lock(&self.state.latency) = latency;
     }
+
+    /// Rate-limit mode on (`Some(per_minute)`) or off; the counts go on.
+    pub fn set_rate_limit(&self, per_minute: Option<u32>) {
+        lock(&self.state.rate).limit = per_minute;
+    }
+
+    /// What rate-limit mode saw: per minute since the start, requests seen,
+    /// answered and refused with 429.
+    pub fn rate_stats(&self) -> RateStats {
+        let rate = lock(&self.state.rate);
+        RateStats {
+            limit: rate.limit,
+            windows: rate.windows.clone(),
+            answered_at: rate.answered_at.clone(),
+            refused_at: rate.refused_at.clone(),
+        }
+    }
+}
+
+/// The requests one minute of the simulator's life saw.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateWindow {
+    pub seen: usize,
+    /// Let through to the script.
+    pub answered: usize,
+    /// Answered 429 by rate-limit mode.
+    pub refused: usize,
+}
+
+/// Counts of rate-limit mode (all requests are counted, mode on or off).
+#[derive(Debug, Clone, Default)]
+pub struct RateStats {
+    pub limit: Option<u32>,
+    /// Minute `i` covers `[i, i+1)` minutes after the simulator started.
+    pub windows: Vec<RateWindow>,
+    /// When each request let through arrived (since the start).
+    pub answered_at: Vec<Duration>,
+    /// When each refused (429) request arrived (since the start).
+    pub refused_at: Vec<Duration>,
+}
+
+impl RateStats {
+    pub fn refused(&self) -> usize {
+        self.refused_at.len()
+    }
+
+    pub fn seen(&self) -> usize {
+        self.answered_at.len() + self.refused_at.len()
+    }
+
+    /// The most requests let through in any sliding window of `span`.
+    pub fn max_answered_in(&self, span: Duration) -> usize {
+        max_in(&self.answered_at, span)
+    }
+
+    /// The most requests (answered or refused) seen in any sliding window.
+    pub fn max_seen_in(&self, span: Duration) -> usize {
+        let mut all: Vec<Duration> = self
+            .answered_at
+            .iter()
+            .chain(&self.refused_at)
+            .copied()
+            .collect();
+        all.sort();
+        max_in(&all, span)
+    }
+}
+
+/// The most of the sorted `times` within any window of `span`.
+fn max_in(times: &[Duration], span: Duration) -> usize {
+    let mut best = 0;
+    let mut start = 0;
+    for (end, t) in times.iter().enumerate() {
+        while *t - times[start] >= span {
+            start += 1;
+        }
+        best = best.max(end + 1 - start);
+    }
+    best
+}
+
+/// Rate-limit mode's state: a sliding minute of answered requests.
+struct RateLimiter {
+    limit: Option<u32>,
+    started: Instant,
+    recent: VecDeque<Instant>,
+    windows: Vec<RateWindow>,
+    answered_at: Vec<Duration>,
+    refused_at: Vec<Duration>,
+}
+
+impl RateLimiter {
+    fn new(limit: Option<u32>) -> Self {
+        Self {
+            limit,
+            started: Instant::now(),
+            recent: VecDeque::new(),
+            windows: Vec::new(),
+            answered_at: Vec::new(),
+            refused_at: Vec::new(),
+        }
+    }
+
+    /// Counts a request; `Some(retry_after_seconds)` when it is refused.
+    fn admit(&mut self) -> Option<u64> {
+        const MINUTE: Duration = Duration::from_secs(60);
+        let now = Instant::now();
+        let since = now - self.started;
+        let index = (since.as_secs() / 60) as usize;
+        if self.windows.len() <= index {
+            self.windows.resize(index + 1, RateWindow::default());
+        }
+        self.windows[index].seen += 1;
+        while self
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= MINUTE)
+        {
+            self.recent.pop_front();
+        }
+        let full = self
+            .limit
+            .is_some_and(|limit| self.recent.len() >= limit as usize);
+        if full {
+            self.windows[index].refused += 1;
+            self.refused_at.push(since);
+            let frees = self
+                .recent
+                .front()
+                .map_or(MINUTE, |t| MINUTE - now.duration_since(*t));
+            return Some(frees.as_secs_f64().ceil().max(1.0) as u64);
+        }
+        self.windows[index].answered += 1;
+        self.answered_at.push(since);
+        self.recent.push_back(now);
+        None
+    }
 }
 
 async fn handle(State(state): State<Arc<SimState>>, request: Request) -> Response {
@@ -279,6 +437,14 @@ async fn handle(State(state): State<Arc<SimState>>, request: Request) -> Respons
         record_problems(&state, index, &path, &problems);
         sim_request.answered = "invalid".into();
         wire::invalid_request(format, &problems.join("; "))
+    } else if let Some(seconds) = lock(&state.rate).admit() {
+        record_problems(&state, index, &path, &problems);
+        sim_request.answered = "rate_limited".into();
+        let turn = Turn::RateLimit {
+            retry_after: Some(seconds.to_string()),
+            retry_after_ms: None,
+        };
+        wire::render(&turn, &sim_request, index)
     } else {
         record_problems(&state, index, &path, &problems);
         let turn = lock(&state.script).next(&sim_request);

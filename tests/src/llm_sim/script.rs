@@ -330,6 +330,10 @@ pub struct Script {
     /// source is consulted, and uses up no queued turn.
     #[serde(default)]
     pub context_window: Option<u64>,
+    /// Rate-limit mode: at most this many requests answered per sliding
+    /// minute; beyond it, 429 with `Retry-After` (see [`crate::llm_sim::RateStats`]).
+    #[serde(default)]
+    pub rate_limit_per_minute: Option<u32>,
     #[serde(skip)]
     pub responder: Option<Responder>,
 }

@@ -55,6 +55,7 @@ fn profile(provider: LlmProvider, base_url: &str, calling: FunctionCalling) -> M
         max_retries: 2,
         prompt_caching: true,
         prices: None,
+        rate_limit: None,
     }
 }
 

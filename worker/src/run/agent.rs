@@ -15,7 +15,7 @@ use crate::agent::checkpoint::{
 };
 use crate::agent::conversation::{AgentConfig, Billing, Conversation, Outcome};
 use crate::agent::llm::retry::observing_attempts;
-use crate::agent::llm::{client_for, LlmErrorKind};
+use crate::agent::llm::{client_for_fleet, ratelimit::WaitReport, LlmErrorKind};
 use crate::agent::secrets::{self, Masker};
 use crate::agent::sink::RedisSink;
 use crate::agent::tools::Toolbox;
@@ -109,10 +109,17 @@ pub async fn run(
                 .join(", ")
         )))
     })?;
-    let llm = client_for(profile).map_err(|error| match error.kind {
-        LlmErrorKind::Auth | LlmErrorKind::BadRequest => RunError::fatal(error),
-        _ => RunError::retryable(error),
-    })?;
+    // Through the fleet-wide rate limit of the profile, if any (ADR 0037).
+    let waits = WaitReport {
+        task: message.id,
+        source: ctx.source.to_owned(),
+        metrics: Some(ctx.metrics.clone()),
+    };
+    let llm =
+        client_for_fleet(profile, ctx.store, Some(waits)).map_err(|error| match error.kind {
+            LlmErrorKind::Auth | LlmErrorKind::BadRequest => RunError::fatal(error),
+            _ => RunError::retryable(error),
+        })?;
     let (found, missing) = secrets::resolve(&message.spec.secrets);
     if !missing.is_empty() {
         return Err(RunError::fatal(Cause::Refused(format!(

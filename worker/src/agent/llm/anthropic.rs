@@ -25,6 +25,8 @@ pub struct AnthropicClient {
     model: String,
     key: ApiKey,
     policy: RetryPolicy,
+    /// The fleet-wide rate limit (ADR 0037), when the profile has one.
+    gate: Option<std::sync::Arc<super::ratelimit::RateGate>>,
     max_tokens: u32,
     temperature: Option<f32>,
     prompt_caching: bool,
@@ -47,6 +49,7 @@ impl AnthropicClient {
             model: profile.model.clone(),
             key,
             policy: RetryPolicy::new(profile.max_retries, profile.timeout),
+            gate: None,
             max_tokens: profile.max_tokens,
             temperature: profile.temperature,
             prompt_caching: profile.prompt_caching,
@@ -56,6 +59,15 @@ impl AnthropicClient {
     /// Replaces the backoff settings (tests shorten the delays).
     pub fn with_retry_policy(mut self, policy: RetryPolicy) -> Self {
         self.policy = policy;
+        self
+    }
+
+    /// Every attempt goes through the fleet-wide rate limit `gate`.
+    pub fn with_rate_gate(
+        mut self,
+        gate: Option<std::sync::Arc<super::ratelimit::RateGate>>,
+    ) -> Self {
+        self.gate = gate;
         self
     }
 
@@ -308,8 +320,18 @@ impl LlmClient for AnthropicClient {
             body,
             key: &self.key,
             provider: "anthropic",
+            gate: self.gate.as_deref(),
+            estimate: super::ratelimit::RateGate::estimate(request, self.max_tokens),
         };
         let answer = retry::send(&exchange, &self.policy, cancel, parse_response).await?;
+        if let Some(gate) = &self.gate {
+            let u = &answer.value.usage;
+            gate.settle(
+                exchange.estimate,
+                u.prompt_tokens + u.completion_tokens + u.cache_read_tokens + u.cache_write_tokens,
+            )
+            .await;
+        }
         Ok(answer
             .value
             .into_response(answer.latency, answer.attempts, &self.model))

@@ -6,6 +6,7 @@ pub mod anthropic;
 pub mod constrained;
 pub mod emulated;
 pub mod openai;
+pub mod ratelimit;
 pub mod retry;
 
 use std::sync::Arc;
@@ -246,10 +247,34 @@ pub fn client_for(profile: &ModelProfile) -> Result<Arc<dyn LlmClient>, LlmError
     )
 }
 
+/// As [`client_for`], with every attempt through the fleet-wide rate limit
+/// of the profile (ADR 0037) when it has one; `report` says where waits are
+/// counted and noted.
+pub fn client_for_fleet(
+    profile: &ModelProfile,
+    store: &shoal_shared::store::Store,
+    report: Option<ratelimit::WaitReport>,
+) -> Result<Arc<dyn LlmClient>, LlmError> {
+    client_with_gate(
+        profile,
+        RetryPolicy::new(profile.max_retries, profile.timeout),
+        ratelimit::RateGate::for_profile(profile, store, report),
+    )
+}
+
 /// As [`client_for`], with explicit backoff settings.
 pub fn client_with_policy(
     profile: &ModelProfile,
     policy: RetryPolicy,
+) -> Result<Arc<dyn LlmClient>, LlmError> {
+    client_with_gate(profile, policy, None)
+}
+
+/// As [`client_with_policy`], through `gate` when given.
+pub fn client_with_gate(
+    profile: &ModelProfile,
+    policy: RetryPolicy,
+    gate: Option<Arc<ratelimit::RateGate>>,
 ) -> Result<Arc<dyn LlmClient>, LlmError> {
     let key = match profile.api_key_env.as_deref().filter(|v| !v.is_empty()) {
         None => None,
@@ -267,10 +292,16 @@ pub fn client_with_policy(
         },
     };
     let client: Arc<dyn LlmClient> = match profile.provider {
-        LlmProvider::OpenAi => Arc::new(OpenAiClient::new(profile, key)?.with_retry_policy(policy)),
-        LlmProvider::Anthropic => {
-            Arc::new(AnthropicClient::new(profile, key)?.with_retry_policy(policy))
-        }
+        LlmProvider::OpenAi => Arc::new(
+            OpenAiClient::new(profile, key)?
+                .with_retry_policy(policy)
+                .with_rate_gate(gate),
+        ),
+        LlmProvider::Anthropic => Arc::new(
+            AnthropicClient::new(profile, key)?
+                .with_retry_policy(policy)
+                .with_rate_gate(gate),
+        ),
     };
     Ok(match profile.function_calling {
         FunctionCalling::Native => client,

@@ -22,6 +22,8 @@ pub struct OpenAiClient {
     model: String,
     key: ApiKey,
     policy: RetryPolicy,
+    /// The fleet-wide rate limit (ADR 0037), when the profile has one.
+    gate: Option<std::sync::Arc<super::ratelimit::RateGate>>,
     max_tokens: u32,
     temperature: Option<f32>,
 }
@@ -40,6 +42,7 @@ impl OpenAiClient {
             model: profile.model.clone(),
             key,
             policy: RetryPolicy::new(profile.max_retries, profile.timeout),
+            gate: None,
             max_tokens: profile.max_tokens,
             temperature: profile.temperature,
         })
@@ -48,6 +51,15 @@ impl OpenAiClient {
     /// Replaces the backoff settings (tests shorten the delays).
     pub fn with_retry_policy(mut self, policy: RetryPolicy) -> Self {
         self.policy = policy;
+        self
+    }
+
+    /// Every attempt goes through the fleet-wide rate limit `gate`.
+    pub fn with_rate_gate(
+        mut self,
+        gate: Option<std::sync::Arc<super::ratelimit::RateGate>>,
+    ) -> Self {
+        self.gate = gate;
         self
     }
 
@@ -271,8 +283,18 @@ impl LlmClient for OpenAiClient {
             body,
             key: &self.key,
             provider: "openai",
+            gate: self.gate.as_deref(),
+            estimate: super::ratelimit::RateGate::estimate(request, self.max_tokens),
         };
         let answer = retry::send(&exchange, &self.policy, cancel, parse_response).await?;
+        if let Some(gate) = &self.gate {
+            let u = &answer.value.usage;
+            gate.settle(
+                exchange.estimate,
+                u.prompt_tokens + u.completion_tokens + u.cache_read_tokens + u.cache_write_tokens,
+            )
+            .await;
+        }
         Ok(answer
             .value
             .into_response(answer.latency, answer.attempts, &self.model))

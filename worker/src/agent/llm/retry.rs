@@ -138,6 +138,10 @@ pub struct Exchange<'a> {
     pub key: &'a ApiKey,
     /// For log lines: `openai` or `anthropic`.
     pub provider: &'static str,
+    /// The fleet-wide rate limit every attempt goes through (ADR 0037).
+    pub gate: Option<&'a super::ratelimit::RateGate>,
+    /// The request's estimated tokens, taken from the gate's token bucket.
+    pub estimate: u32,
 }
 
 /// A successful, parsed answer.
@@ -162,9 +166,15 @@ pub async fn send<T>(
     let attempts = AtomicU32::new(0);
     let backoff = policy.backoff();
     let run = (|| async {
+        if let Some(gate) = exchange.gate {
+            gate.acquire(exchange.estimate, cancel).await?;
+        }
         attempts.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let result = attempt(exchange, policy, &parse).await;
+        if let Some(gate) = exchange.gate {
+            gate.observed(result.as_ref().map(|_| ())).await;
+        }
         report(AttemptReport::Attempt {
             class: result.as_ref().err().map(|e| e.kind),
             took: started.elapsed(),
