@@ -457,15 +457,12 @@ async fn a_token_sees_only_its_own_tenant() {
         .await;
         assert_eq!(same, body);
     }
-    // Another tenant by name: refused, as submitting for it is.
+    // Another tenant by name, or its task: a 404, as an unknown one is (ADR 0036).
     let (status, body, media) = get(&cost("tenant=beta"), Some("tok-acme")).await;
-    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     assert_eq!(media, "application/problem+json");
-    // Another tenant's task: nothing of it is visible.
     let (status, body, _) = get(&cost(&format!("task={b}&by=task")), Some("tok-acme")).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body["groups"], serde_json::json!([]));
-    assert_eq!(body["total"], sums(std::iter::empty()));
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     let (_, body, _) = get(&cost(&format!("task={b}&by=task")), Some("tok-beta")).await;
     assert_eq!(body["total"], sums(of("beta")));
 

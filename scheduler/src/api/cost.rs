@@ -1,8 +1,9 @@
 //! `GET /v1/cost?since=&until=&tenant=&model=&task=&by=`: the cost stream
 //! summed by tenant, model, day or task (docs/adr/0024-cost-summary.md).
 //!
-//! A token sees its own tenant's costs only; naming another tenant is a 403,
-//! as submitting for one is (`Tenant::resolve`).
+//! A token sees its own tenant's costs only (ADR 0036): naming another
+//! tenant is a 404, as naming one that does not exist is, and so is naming
+//! a task that is not the caller's. An admin token sees every tenant's.
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
@@ -27,7 +28,7 @@ pub struct CostQuery {
     since: Option<String>,
     /// Entries recorded before this (same forms as `since`). Default: now.
     until: Option<String>,
-    /// Only this tenant's costs (a token sees its own tenant's only).
+    /// Only this tenant's costs (a token sees its own tenant's only; another is 404).
     tenant: Option<String>,
     /// Only this model profile's costs.
     model: Option<String>,
@@ -54,7 +55,7 @@ fn bad(field: &str, detail: String) -> Problem {
         (status = 200, description = "The summary", body = CostSummary),
         (status = 400, description = "A bad parameter (`field` names it) or an unknown one", body = Problem, content_type = PROBLEM),
         (status = 401, description = "Missing or unknown token (tokens configured)", body = Problem, content_type = PROBLEM),
-        (status = 403, description = "The token may not read another tenant's costs", body = Problem, content_type = PROBLEM),
+        (status = 404, description = "`tenant` names another tenant than the token's, or `task` a task that is not the token's tenant's (or none)", body = Problem, content_type = PROBLEM),
         (status = 500, description = "Stored data is damaged", body = Problem, content_type = PROBLEM),
         (status = 503, description = "Redis is unavailable", body = Problem, content_type = PROBLEM),
     )
@@ -78,22 +79,22 @@ pub async fn summary(
         return Err(bad("since", "is after until".to_owned()));
     }
     let by = cost::parse_by(query.by.as_deref().unwrap_or(DEFAULT_BY)).map_err(|e| bad("by", e))?;
+    // Under a tenant token, `task=` must name a task of the caller's: its
+    // record, or (the record expired) its own cost entries. Another tenant's
+    // task and one that does not exist are the same 404.
+    let mut unseen_task = None;
     if let Some(task) = &query.task {
-        task.parse::<TaskId>()
+        let id = task
+            .parse::<TaskId>()
             .map_err(|e| bad("task", e.to_string()))?;
-    }
-    let tenant_filter = match (&tenant.name, query.tenant) {
-        (Some(own), Some(asked)) if *own != asked => {
-            return Err(Problem::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                "Forbidden",
-                format!("this token may not read the costs of tenant {asked:?}"),
-            ))
+        if let Some(own) = &tenant.name {
+            let record = state.store.get(&id).await.map_err(store_problem)?;
+            if record.is_none_or(|r| r.tenant != *own) {
+                unseen_task = Some(id);
+            }
         }
-        (Some(own), _) => Some(own.clone()),
-        (None, asked) => asked,
-    };
+    }
+    let tenant_filter = tenant.scope(query.tenant)?;
     let filter = Filter {
         tenant: tenant_filter,
         model: query.model,
@@ -114,7 +115,16 @@ pub async fn summary(
         .map_err(store_problem)?
         .and_then(|ms| i64::try_from(ms).ok())
         .and_then(chrono::DateTime::from_timestamp_millis);
-    Ok(Json(summer.finish(since, until, retained_since)))
+    let summary = summer.finish(since, until, retained_since);
+    if let Some(id) = unseen_task.filter(|_| summary.total.calls == 0) {
+        return Err(Problem::new(
+            StatusCode::NOT_FOUND,
+            "task-not-found",
+            "Task not found",
+            format!("no task {id}"),
+        ));
+    }
+    Ok(Json(summary))
 }
 
 fn store_problem(error: StoreError) -> Problem {

@@ -5,7 +5,9 @@
 //! is taken, the id of the task it names works too. With tokens configured a
 //! token sees its own tenant's dead letters only: another tenant's is a 404,
 //! and one whose tenant is unknown (a message that could not be read) is
-//! visible only when the API is open.
+//! visible only when the API is open or to an admin token (ADR 0036).
+//! Naming another tenant in a listing or a bulk action is a 404, as naming
+//! one that does not exist is.
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
@@ -37,7 +39,7 @@ const MAX_BULK: usize = 1000;
 pub struct DeadQuery {
     /// Only dead letters with this reason (`attempts_exhausted`, `malformed`, ...).
     reason: Option<String>,
-    /// Only this tenant's (a token sees its own tenant's only).
+    /// Only this tenant's (a token sees its own tenant's only; another is 404).
     tenant: Option<String>,
     /// At most this many (1..=500, default 50).
     limit: Option<usize>,
@@ -51,7 +53,7 @@ pub struct DeadQuery {
 pub struct BulkRequest {
     /// Every dead letter with this reason (required: a bulk action names what it acts on).
     reason: String,
-    /// Only this tenant's (a token acts on its own tenant's only).
+    /// Only this tenant's (a token acts on its own tenant's only; another is 404).
     #[serde(default)]
     tenant: Option<String>,
     /// At most this many, newest first (1..=1000, default 100).
@@ -102,6 +104,7 @@ pub struct BulkPurged {
         (status = 200, description = "A page of dead letters, newest first", body = DeadPage),
         (status = 400, description = "A bad parameter (`field` names it)", body = Problem, content_type = PROBLEM),
         (status = 401, description = "Missing or unknown token (tokens configured)", body = Problem, content_type = PROBLEM),
+        (status = 404, description = "`tenant` names another tenant than the token's (`tenant-not-found`, as for one that does not exist)", body = Problem, content_type = PROBLEM),
         (status = 503, description = "Redis is unavailable", body = Problem, content_type = PROBLEM),
     )
 )]
@@ -123,9 +126,7 @@ pub async fn list(
             ));
         }
     }
-    let Some(filter) = filter_for(&tenant, Some(query.reason), query.tenant) else {
-        return Ok(Json(DeadPage::default()));
-    };
+    let filter = filter_for(&tenant, Some(query.reason), query.tenant)?;
     let page = state
         .store
         .list_dead(&filter, limit, query.cursor.as_deref())
@@ -228,6 +229,7 @@ pub async fn purge(
         (status = 200, description = "What was replayed, and what was skipped and why", body = BulkReplayed),
         (status = 400, description = "Malformed body", body = Problem, content_type = PROBLEM),
         (status = 401, description = "Missing or unknown token (tokens configured)", body = Problem, content_type = PROBLEM),
+        (status = 404, description = "`tenant` names another tenant than the token's (`tenant-not-found`, as for one that does not exist)", body = Problem, content_type = PROBLEM),
         (status = 422, description = "A bad field (`field` names it)", body = Problem, content_type = PROBLEM),
         (status = 503, description = "Redis or RabbitMQ is unavailable", body = Problem, content_type = PROBLEM),
     )
@@ -278,6 +280,7 @@ pub async fn replay_bulk(
         (status = 200, description = "The ids purged", body = BulkPurged),
         (status = 400, description = "Malformed body", body = Problem, content_type = PROBLEM),
         (status = 401, description = "Missing or unknown token (tokens configured)", body = Problem, content_type = PROBLEM),
+        (status = 404, description = "`tenant` names another tenant than the token's (`tenant-not-found`, as for one that does not exist)", body = Problem, content_type = PROBLEM),
         (status = 422, description = "A bad field (`field` names it)", body = Problem, content_type = PROBLEM),
         (status = 503, description = "Redis is unavailable", body = Problem, content_type = PROBLEM),
     )
@@ -320,9 +323,7 @@ async fn bulk_letters(
             Problem::unprocessable(format!("`limit` must be 1..={MAX_BULK}")).with_field("limit"),
         );
     }
-    let Some(filter) = filter_for(tenant, Some(Some(request.reason)), request.tenant) else {
-        return Ok(Vec::new());
-    };
+    let filter = filter_for(tenant, Some(Some(request.reason)), request.tenant)?;
     let mut letters = Vec::new();
     let mut cursor: Option<String> = None;
     while letters.len() < limit {
@@ -386,19 +387,16 @@ async fn replay_one(state: &AppState, letter: DeadLetter) -> Result<Replayed, Pr
     })
 }
 
-/// The listing filter for the caller, or `None` when it can see nothing
-/// (a token naming another tenant). `reason`: `Some(None)` is no filter.
+/// The listing filter for the caller; a token naming another tenant is a
+/// 404 (`tenant-not-found`), as one naming no tenant at all is (ADR 0036).
+/// `reason`: `Some(None)` is no filter.
 fn filter_for(
     tenant: &Tenant,
     reason: Option<Option<String>>,
     asked: Option<String>,
-) -> Option<DeadFilter> {
-    let tenant = match (&tenant.name, asked) {
-        (Some(own), Some(asked)) if *own != asked => return None,
-        (Some(own), _) => Some(own.clone()),
-        (None, asked) => asked,
-    };
-    Some(DeadFilter {
+) -> Result<DeadFilter, Problem> {
+    let tenant = tenant.scope(asked)?;
+    Ok(DeadFilter {
         reason: reason.flatten(),
         tenant,
     })
@@ -412,10 +410,8 @@ async fn own_letter(state: &AppState, tenant: &Tenant, id: &str) -> Result<DeadL
         .await
         .map_err(store_problem)?
         .ok_or_else(|| not_found(id))?;
-    if let Some(own) = &tenant.name {
-        if letter.tenant.as_ref() != Some(own) {
-            return Err(not_found(id));
-        }
+    if tenant.name.is_some() && !letter.tenant.as_deref().is_some_and(|t| tenant.sees(t)) {
+        return Err(not_found(id));
     }
     Ok(letter)
 }

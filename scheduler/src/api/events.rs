@@ -174,7 +174,7 @@ pub async fn events(
         .get(&id)
         .await
         .map_err(unavailable)?
-        .filter(|r| tenant.name.as_ref().is_none_or(|own| *own == r.tenant))
+        .filter(|r| tenant.sees(&r.tenant))
         .ok_or_else(|| {
             Problem::new(
                 StatusCode::NOT_FOUND,

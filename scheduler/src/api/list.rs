@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use axum::extract::{RawQuery, State};
-use axum::http::StatusCode;
+
 use axum::Json;
 use shoal_shared::store::{TaskFilter, TaskPage};
 use shoal_shared::task::{TaskId, TaskState};
@@ -56,18 +56,7 @@ pub async fn list(
     RawQuery(raw): RawQuery,
 ) -> Result<Json<TaskPage>, Problem> {
     let query = ListQuery::parse(raw.as_deref().unwrap_or(""))?;
-    let scope = match (&tenant.name, query.tenant) {
-        (Some(own), Some(asked)) if *own != asked => {
-            return Err(Problem::new(
-                StatusCode::NOT_FOUND,
-                "tenant-not-found",
-                "Tenant not found",
-                format!("no tenant {asked:?} visible to this token"),
-            ))
-        }
-        (Some(own), _) => Some(own.clone()),
-        (None, asked) => asked,
-    };
+    let scope = tenant.scope(query.tenant)?;
     let filter = TaskFilter {
         tenant: scope,
         states: query.states,
@@ -207,7 +196,11 @@ mod tests {
         ] {
             let problem = ListQuery::parse(raw).unwrap_err();
             assert_eq!(problem.field.as_deref(), Some(field), "{raw}");
-            assert_eq!(problem.status, StatusCode::BAD_REQUEST.as_u16(), "{raw}");
+            assert_eq!(
+                problem.status,
+                axum::http::StatusCode::BAD_REQUEST.as_u16(),
+                "{raw}"
+            );
         }
     }
 }

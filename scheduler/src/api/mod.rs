@@ -21,7 +21,7 @@ use axum::Router;
 use shoal_shared::settings::Settings;
 use shoal_shared::store::Store;
 
-pub use auth::{Tokens, TokensError};
+pub use auth::{digest as token_digest, digest_line as token_digest_line, Tokens, TokensError};
 pub use problem::Problem;
 
 use crate::metrics::{Endpoint, SchedulerMetrics};

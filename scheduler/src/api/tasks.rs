@@ -232,7 +232,7 @@ pub async fn cancel(
 ) -> Result<Response, Problem> {
     let id = parse_id(&id)?;
     own_record(&state, &tenant, &id).await?;
-    let by = format!("tenant {}", tenant.name.as_deref().unwrap_or("default"));
+    let by = tenant.actor();
     let outcome = state
         .store
         .request_cancel(&id, "scheduler", &by)
@@ -293,11 +293,7 @@ async fn own_record(state: &AppState, tenant: &Tenant, id: &TaskId) -> Result<Ta
         .await
         .map_err(|e| Problem::store_unavailable(&e))?
         .ok_or_else(|| not_found(id))?;
-    if tenant
-        .name
-        .as_ref()
-        .is_some_and(|own| *own != record.tenant)
-    {
+    if !tenant.sees(&record.tenant) {
         return Err(not_found(id));
     }
     Ok(record)

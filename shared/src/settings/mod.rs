@@ -33,7 +33,7 @@ pub use daytona::{DaytonaSettings, DEFAULT_DAYTONA_API_URL};
 pub use limits::MESSAGE_ENVELOPE_BYTES;
 pub use redis::RedisSettings;
 pub use sandbox::{CgroupMode, NetworkIsolation, SandboxSettings};
-pub use scheduler::SchedulerSettings;
+pub use scheduler::{SchedulerSettings, ADMIN_TENANT};
 pub use telemetry::{LogFormat, TelemetrySettings};
 pub use worker::WorkerSettings;
 

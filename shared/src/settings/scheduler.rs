@@ -16,8 +16,13 @@ pub struct SchedulerSettings {
     pub listen: SocketAddr,
     pub max_body_bytes: usize,
     pub max_batch: usize,
-    /// Bearer token -> tenant. Empty means no authentication (single tenant `default`).
+    /// Bearer token (or `sha256:<64 hex>`, its digest) -> tenant. Empty
+    /// (with no `admin_tokens` and no file) means no authentication (single
+    /// tenant `default`).
     pub tokens: BTreeMap<String, Name>,
+    /// The tokens of `scheduler.tokens` whose tenant is `*` (ADR 0036): admin
+    /// tokens, which see and act on every tenant.
+    pub admin_tokens: Vec<String>,
     /// A file of `<token> <tenant>` lines, read by the scheduler at start and
     /// added to `tokens` (environment keys are lower-cased; a file keeps case).
     pub tokens_file: Option<PathBuf>,
@@ -28,6 +33,10 @@ pub struct SchedulerSettings {
     /// connection and exits anyway (`scheduler.drain_timeout_s`, ADR 0026).
     pub drain_timeout: Duration,
 }
+
+/// The tenant of an admin token, in `scheduler.tokens` and the tokens file:
+/// not a valid tenant name, so it never names a real tenant.
+pub const ADMIN_TENANT: &str = "*";
 
 /// Longest `scheduler.drain_timeout_s` taken: an hour.
 const MAX_DRAIN_TIMEOUT_S: u64 = 3600;
@@ -78,19 +87,29 @@ impl RawScheduler {
                 format!("must be between 1 and {MAX_DRAIN_TIMEOUT_S} seconds"),
             ));
         }
-        let tokens = self
-            .tokens
-            .into_iter()
-            .map(|(token, tenant)| match Name::parse(tenant) {
-                Ok(tenant) => Ok((token, tenant)),
-                Err(e) => Err(invalid("scheduler.tokens", format!("bad tenant name: {e}"))),
-            })
-            .collect::<Result<_, _>>()?;
+        let mut tokens = BTreeMap::new();
+        let mut admin_tokens = Vec::new();
+        for (token, tenant) in self.tokens {
+            if tenant == ADMIN_TENANT {
+                admin_tokens.push(token);
+                continue;
+            }
+            match Name::parse(tenant) {
+                Ok(tenant) => tokens.insert(token, tenant),
+                Err(e) => {
+                    return Err(invalid(
+                        "scheduler.tokens",
+                        format!("bad tenant name: {e} (or `*` for an admin token)"),
+                    ))
+                }
+            };
+        }
         Ok(SchedulerSettings {
             listen,
             max_body_bytes: self.max_body_bytes,
             max_batch: self.max_batch,
             tokens,
+            admin_tokens,
             tokens_file: self.tokens_file,
             max_streams: self.max_streams,
             drain_timeout: Duration::from_secs(self.drain_timeout_s),

@@ -3,6 +3,7 @@
 mod dead;
 mod fleet;
 mod ls;
+mod token;
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -101,6 +102,10 @@ enum Command {
     /// purge ID | purge --all --reason X.
     #[command(subcommand)]
     Dead(dead::DeadCommand),
+    /// Bearer tokens for the scheduler's configuration: `token hash` prints
+    /// a token's `sha256:` digest (stdin, or `--generate` a new token).
+    #[command(subcommand)]
+    Token(token::TokenCommand),
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
 }
@@ -290,6 +295,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Workers => fleet::workers(&client, cli.output).await,
         Command::Top(args) => fleet::top(&client, cli.output, args).await,
         Command::Dead(command) => dead::dead(&client, cli.output, command).await,
+        Command::Token(command) => token::token(cli.output, command),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "shoal", &mut std::io::stdout());
             Ok(())
