@@ -7,13 +7,15 @@
 //! rlimits and, where the host offers it, a cgroup of its own capping the
 //! memory and processes of the whole sandbox. Sandboxes live under `<root>/<owner>/<id>/`; a provider starting
 //! up destroys what a dead predecessor left behind (processes by uid, mounts,
-//! directories, uid claims).
+//! directories, uid claims). A provider holds the lock `<root>/.locks/<owner>`
+//! for its whole life: an owner whose lock is free is dead (owner_lock.rs).
 
 mod cgroup;
 mod command;
 mod dirs;
 mod files;
 mod network;
+mod owner_lock;
 mod process;
 mod sandbox;
 mod shell;
@@ -34,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use self::cgroup::Cgroups;
+use self::owner_lock::OwnerLock;
 use self::sandbox::LocalSandbox;
 use self::uids::UidAllocator;
 use super::{OwnedSandbox, Sandbox, SandboxError, SandboxErrorKind, SandboxProvider};
@@ -41,8 +44,14 @@ use super::{OwnedSandbox, Sandbox, SandboxError, SandboxErrorKind, SandboxProvid
 /// How long a setup command or the readiness probe may run.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(600);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
-/// The file in an owner directory naming the live process that owns it.
+/// The file in an owner directory naming the process that owns it. The owner
+/// lock decides liveness; this file only keeps a free lock from being taken
+/// for a dead owner while the process it names runs (a worker of a release
+/// before the lock, during a rollout).
 const OWNER_FILE: &str = "owner";
+/// How long a starting provider waits for its owner lock while a previous
+/// process with the same owner name exits (or a reaper cleans up after it).
+pub const OWNER_LOCK_WAIT: Duration = Duration::from_secs(30);
 /// The file in a sandbox directory describing it.
 const META_FILE: &str = "sandbox.json";
 /// The resolver file of a sandbox with a network namespace.
@@ -75,12 +84,32 @@ pub struct LocalProvider {
     network: Option<network::NetworkTools>,
     /// The live network (slirp4netns) of each sandbox that has one, by id.
     nets: std::sync::Mutex<std::collections::HashMap<String, network::SandboxNet>>,
+    /// Held for the provider's life: tells other providers this owner lives.
+    _owner_lock: OwnerLock,
 }
 
 impl LocalProvider {
     /// Prepares `<root>/<owner>/`, first destroying whatever an earlier
     /// process with the same owner name, or any dead owner, left behind.
+    /// Waits up to [`OWNER_LOCK_WAIT`] for a previous process with the same
+    /// owner name to exit.
     pub async fn new(settings: SandboxSettings, owner: &str) -> Result<Self, SandboxError> {
+        Self::with_owner_wait(settings, owner, OWNER_LOCK_WAIT).await
+    }
+
+    /// As [`LocalProvider::new`], waiting up to `wait` for the owner lock.
+    pub async fn with_owner_wait(
+        settings: SandboxSettings,
+        owner: &str,
+        wait: Duration,
+    ) -> Result<Self, SandboxError> {
+        if owner.is_empty() || owner.starts_with('.') || owner.contains('/') || owner.contains('\0')
+        {
+            return Err(SandboxError::new(
+                SandboxErrorKind::Create,
+                format!("sandbox owner {owner:?} (the worker id) cannot name a folder in sandbox.root: it must be non-empty, not start with '.' and hold no '/'"),
+            ));
+        }
         let launcher = find_launcher(settings.launcher.as_deref())?;
         // Traversable (bubblewrap runs as the sandbox's uid and binds paths
         // below it), writable by us alone.
@@ -100,7 +129,11 @@ impl LocalProvider {
         }
         let cgroups = Self::cgroups(&settings, can_mount)?;
         let network = Self::network(&settings)?;
+        // Ours before anything is reaped: from here on no other provider
+        // takes this owner for dead, and none is reaping it.
+        let owner_lock = OwnerLock::acquire(&root, owner, wait).await?;
         let provider = Self {
+            _owner_lock: owner_lock,
             network,
             nets: Default::default(),
             launcher,
@@ -460,7 +493,9 @@ impl LocalProvider {
             return 0;
         };
         let mut reaped = 0;
-        for entry in entries.flatten() {
+        // Collected first: reaping removes entries from the folder we walk.
+        let entries: Vec<_> = entries.flatten().collect();
+        for entry in entries {
             let path = entry.path();
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with('.') || path == self.owner_dir {
@@ -475,16 +510,29 @@ impl LocalProvider {
             if !entry.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
             }
+            // Held: a live provider (here or in another process). Taken: the
+            // owner is dead, and stays ours while we reap, so an owner
+            // restarting right now waits for the reap instead of racing it.
+            let lock = match OwnerLock::try_acquire(&self.settings.root, &name) {
+                Ok(Some(lock)) => lock,
+                Ok(None) => continue,
+                Err(error) => {
+                    warn!(%error, owner = %name, "cannot tell whether this sandbox owner lives; left alone");
+                    continue;
+                }
+            };
             // A regular file only: a FIFO planted here would block the read.
             let owner_file = path.join(OWNER_FILE);
-            let alive = std::fs::symlink_metadata(&owner_file).is_ok_and(|m| m.is_file())
+            let named_alive = std::fs::symlink_metadata(&owner_file).is_ok_and(|m| m.is_file())
                 && std::fs::read_to_string(&owner_file)
                     .is_ok_and(|identity| process::is_alive(&identity));
-            if alive {
+            if named_alive {
+                // A live process without the lock: a worker of an earlier release.
                 continue;
             }
             reaped += self.reap_owner_dir(&path).await;
             let _ = std::fs::remove_dir_all(&path);
+            lock.remove();
         }
         for (uid, claimant) in self.uids.claimed() {
             if !process::is_alive(&claimant) {
