@@ -566,15 +566,19 @@ async fn a_real_agent_task_costs_what_its_record_says() {
     assert_eq!(summary["groups"].as_array().unwrap().len(), 1, "{summary}");
     assert_eq!(summary["groups"][0]["tenant"], "acme");
     assert_eq!(summary["total"]["cost_microdollars"], result.cost_micros);
-    // The other tenant's token sees none of it.
-    let printed = shoal(
-        &base,
-        Some("tok-beta"),
-        &["cost", "--task", &id, "-o", "json"],
-    )
-    .await;
-    let summary: Value = serde_json::from_str(&printed).expect("json");
-    assert_eq!(summary["total"]["calls"], 0, "{summary}");
-    assert_eq!(summary["total"]["cost_usd"], "0.000000");
+    // The other tenant's token sees none of it: the task is not found
+    // (ADR 0036), as an unknown one is.
+    let output = tokio::process::Command::new(shoal_binary())
+        .args([
+            "--server", &base, "--token", "tok-beta", "cost", "--task", &id,
+        ])
+        .env_remove("SHOAL_TOKEN")
+        .env_remove("SHOAL_SERVER")
+        .output()
+        .await
+        .expect("shoal runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(&format!("no task {id}")), "{stderr}");
     env.teardown().await;
 }
