@@ -47,7 +47,8 @@ model=obj({
  "function_calling":{"enum":["native","emulated","constrained"]},"max_tokens":i(1),"temperature":num,
  "timeout_s":i(1),"max_retries":i(),"prompt_caching":b,
  "price_input":{"type":"number","minimum":0},"price_output":{"type":"number","minimum":0},
- "price_cache_read":{"type":"number","minimum":0},"price_cache_write":{"type":"number","minimum":0}},
+ "price_cache_read":{"type":"number","minimum":0},"price_cache_write":{"type":"number","minimum":0},
+ "rate_limit":dict(obj({"requests_per_minute":i(1),"tokens_per_minute":i(1)}),minProperties=1)},
  ["provider","base_url","model"])
 config=obj({
  "namespace":{"type":"string","pattern":"^[a-z0-9_-]{1,48}$"},
@@ -85,7 +86,8 @@ root=obj({
  "config":config,
  "secrets":obj({"broker":secretRef(),"redis":secretRef(),"rabbitmqManagement":secretRef(),"daytona":secretRef(),
    "llm":{"type":"array","items":obj({"env":{"type":"string","pattern":"^[A-Za-z_][A-Za-z0-9_]*$"},"existingSecret":{"type":"string","minLength":1},"key":{"type":"string","minLength":1}},["env","existingSecret","key"])},
-   "schedulerTokens":secretRef()}),
+   "schedulerTokens":dict(secretRef(), description="An existing Secret whose key holds the scheduler's tokens file: "
+     "`sha256:<64 hex> <tenant>` lines (`shoal token hash`), tenant `*` for an admin token (ADR 0036).")}),
  "serviceAccount":obj({"create":b,"name":s,"annotations":{"type":"object","additionalProperties":{"type":"string"}}}),
  "rbac":obj({"create":b}),
  "scheduler":obj(dict(podCommon, replicas=i(0), preStopSleepSeconds=i(0), terminationGracePeriodSeconds=i(0),
