@@ -124,6 +124,20 @@ mod tests {
     use super::super::Settings;
 
     #[test]
+    fn tenant_star_makes_an_admin_token() {
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let settings = Settings::from_toml(&format!(
+            "[scheduler.tokens]\n\"{digest}\" = \"*\"\nplain = \"acme\"\n"
+        ))
+        .expect("valid");
+        assert_eq!(settings.scheduler.admin_tokens, vec![digest.clone()]);
+        assert_eq!(settings.scheduler.tokens.len(), 1);
+        assert_eq!(settings.scheduler.tokens["plain"].as_str(), "acme");
+        let err = Settings::from_toml("[scheduler.tokens]\nt = \"**\"\n").unwrap_err();
+        assert!(err.to_string().contains("`*` for an admin token"), "{err}");
+    }
+
+    #[test]
     fn the_drain_timeout_defaults_to_20_s_and_is_bounded() {
         let default = Settings::from_toml("").expect("defaults");
         assert_eq!(default.scheduler.drain_timeout, Duration::from_secs(20));
