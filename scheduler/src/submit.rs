@@ -31,6 +31,8 @@ pub enum SubmitError {
         size: usize,
         limit: usize,
     },
+    /// No longer returned: a key whose task has no record yet is answered
+    /// with that task, republished (ADR 0039). Kept while the API maps it.
     #[error("idempotency key {key:?} is in use by a submission still in progress")]
     InProgress { key: String },
     #[error(
@@ -160,22 +162,39 @@ impl Submitter {
             prepared.push((message, body));
         }
 
-        // Claim idempotency keys first; replays return the existing task.
+        // Claim idempotency keys first; replays return the existing task. A
+        // key is released only while nothing under its id can have reached
+        // the broker or the due set; after that it names its task for good
+        // (ADR 0039), so a retry answers the same id and never mints a second.
         let mut slots: Vec<Result<(TaskMessage, Vec<u8>), TaskRecord>> =
             Vec::with_capacity(prepared.len());
-        let mut claimed: Vec<String> = Vec::new();
-        for (index, (message, body)) in prepared.into_iter().enumerate() {
-            let id = message.id;
+        let mut claimed: Vec<(TaskId, String)> = Vec::new();
+        let mut keys_seen: Vec<(String, usize)> = Vec::new();
+        for (index, (mut message, mut body)) in prepared.into_iter().enumerate() {
             if let Some(key) = message.spec.idempotency_key.clone() {
+                if let Some(&(_, earlier)) = keys_seen.iter().find(|(seen, _)| *seen == key) {
+                    self.release_all(tenant, &claimed).await;
+                    return Err(SubmitError::Invalid {
+                        index,
+                        error: SpecError {
+                            field: "idempotency_key".into(),
+                            message: format!(
+                                "{key:?} is also the key of task {earlier} of this batch; \
+                                 one key names one task: give each task its own key"
+                            ),
+                        },
+                    });
+                }
+                keys_seen.push((key.clone(), index));
                 let fingerprint = fingerprint(&message.spec);
                 match self
                     .store
-                    .claim_idempotency(tenant, &key, &id, &fingerprint)
+                    .claim_idempotency(tenant, &key, &message.id, &fingerprint)
                     .await
                 {
-                    Ok(Claim::Claimed) => claimed.push(key),
+                    Ok(Claim::Claimed) => claimed.push((message.id, key)),
                     Ok(Claim::Conflict(existing)) => {
-                        self.release_keys(tenant, &claimed).await;
+                        self.release_all(tenant, &claimed).await;
                         return Err(SubmitError::Conflict {
                             index,
                             key,
@@ -188,16 +207,25 @@ impl Submitter {
                             continue;
                         }
                         Ok(None) => {
-                            self.release_keys(tenant, &claimed).await;
-                            return Err(SubmitError::InProgress { key });
+                            // The key names a task with no record yet: an
+                            // earlier submission whose publish failed (maybe
+                            // half-way, maybe only its confirm was lost), one
+                            // whose record write failed, or one still in
+                            // flight. The same body under the same id is
+                            // (re)published: a copy that did reach the
+                            // broker is a duplicate delivery the worker
+                            // settles, and the answer names the id the key
+                            // holds — never a second task.
+                            message.id = existing;
+                            body = message.to_bytes();
                         }
                         Err(error) => {
-                            self.release_keys(tenant, &claimed).await;
+                            self.release_all(tenant, &claimed).await;
                             return Err(error.into());
                         }
                     },
                     Err(error) => {
-                        self.release_keys(tenant, &claimed).await;
+                        self.release_all(tenant, &claimed).await;
                         return Err(error.into());
                     }
                 }
@@ -231,7 +259,8 @@ impl Submitter {
                 .map(|(record, (_, body))| (record, body.as_slice()))
                 .collect();
             if let Err(error) = self.store.schedule_many(&waiting).await {
-                self.release_keys(tenant, &claimed).await;
+                // One MULTI: none of them was scheduled, nothing published.
+                self.release_all(tenant, &claimed).await;
                 return Err(error.into());
             }
         }
@@ -242,13 +271,24 @@ impl Submitter {
             })
             .collect();
         if let Err(error) = self.publish(due).await {
+            // Some of the batch may be in the broker all the same: a publish
+            // that failed half-way had others confirmed, and a confirm lost
+            // with the connection may follow a message the broker kept. Those
+            // tasks will run, so their keys stay claimed: a retry under the
+            // same keys answers these ids (ADR 0039). Only a scheduled task
+            // taken back frees its key.
+            let mut released: Vec<(TaskId, String)> = Vec::new();
             for record in &scheduled {
-                if let Err(store_error) = self.store.unschedule(&record.id).await {
-                    warn!(%store_error, task_id = %record.id,
-                        "a scheduled task of a failed submission was not taken back; it will run");
+                match self.store.unschedule(&record.id).await {
+                    Ok(_) => {
+                        released.extend(claimed.iter().filter(|(id, _)| *id == record.id).cloned())
+                    }
+                    Err(store_error) => warn!(%store_error, task_id = %record.id,
+                        "a scheduled task of a failed submission was not taken back; it will run, \
+                         and a retry under its idempotency key answers it"),
                 }
             }
-            self.release_keys(tenant, &claimed).await;
+            self.release_all(tenant, &released).await;
             return Err(error.into());
         }
 
@@ -340,8 +380,8 @@ impl Submitter {
         Ok(())
     }
 
-    async fn release_keys(&self, tenant: &str, keys: &[String]) {
-        for key in keys {
+    async fn release_all(&self, tenant: &str, keys: &[(TaskId, String)]) {
+        for (_, key) in keys {
             if let Err(error) = self.store.release_idempotency(tenant, key).await {
                 warn!(%error, key, "idempotency key not released; it expires on its own");
             }
