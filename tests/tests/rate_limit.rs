@@ -84,8 +84,12 @@ async fn run_fleet(
         let events = env.store.events(id, 1000).await.expect("events");
         streams.push(events.into_iter().map(|(_, e)| e.event).collect());
     }
+    // Stopped and waited for, so they clean up their warm sandboxes.
     for worker in &fleet {
         worker.terminate().await;
+    }
+    for worker in fleet {
+        assert_eq!(worker.wait(Duration::from_secs(90)).await, Some(0));
     }
     sim.assert_no_violations();
     (sim.rate_stats(), streams, env)

@@ -75,13 +75,17 @@ local op = ARGV[1]
 local rpm, tpm = tonumber(ARGV[2]), tonumber(ARGV[3])
 local rcap, tcap = tonumber(ARGV[4]), tonumber(ARGV[5])
 local cost = tonumber(ARGV[6])
-local h = redis.call('HMGET', KEYS[1], 'r', 't', 'ts', 'f', 'blocked', 'cut')
+local h = redis.call('HMGET', KEYS[1], 'r', 't', 'ts', 'f', 'blocked', 'cut', 'rec')
 local r, tk, ts = tonumber(h[1]), tonumber(h[2]), tonumber(h[3])
 local f = tonumber(h[4]) or 1
 local blocked = tonumber(h[5]) or 0
 local cut = tonumber(h[6]) or 0
+local rec = tonumber(h[7]) or now
 if not ts then r = 1; tk = tcap; ts = now end
-local elapsed = math.max(0, now - ts)
+-- Nothing refills while the provider's Retry-After blocks the bucket: the
+-- fleet comes back at the cut rate, not with a burst saved up meanwhile.
+local from = math.max(ts, blocked)
+local elapsed = math.max(0, now - from)
 r = math.min(rcap, r + elapsed * rpm * f / 60000)
 tk = math.min(tcap, tk + elapsed * tpm * f / 60000)
 ts = now
@@ -101,7 +105,9 @@ if op == 'take' then
     else wait = tw; reason = 'tokens' end
   end
 elseif op == 'ok' then
-  f = math.min(1, f + elapsed * tonumber(ARGV[9]) / 60000)
+  -- Additive recovery for the time since the last recovery or cut.
+  f = math.min(1, f + math.max(0, now - rec) * tonumber(ARGV[9]) / 60000)
+  rec = now
 elseif op == 'throttle' then
   if now - cut >= 1000 then
     f = math.max(tonumber(ARGV[8]), f / 2); cut = now
@@ -109,11 +115,13 @@ elseif op == 'throttle' then
   end
   local ra = tonumber(ARGV[7])
   if ra > 0 then blocked = math.max(blocked, now + ra) end
+  -- The rate comes back from the end of the block, not during it.
+  rec = math.max(now, blocked)
 elseif op == 'settle' then
   if tpm > 0 then tk = math.min(tcap, tk - cost) end
 end
 redis.call('HSET', KEYS[1], 'r', tostring(r), 't', tostring(tk), 'ts', ts, 'f', tostring(f),
-  'blocked', blocked, 'cut', cut)
+  'blocked', blocked, 'cut', cut, 'rec', rec)
 redis.call('PEXPIRE', KEYS[1], 600000)
 return {wait, reason, tostring(f)}
 "#;

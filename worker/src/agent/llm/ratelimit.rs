@@ -293,7 +293,11 @@ impl LocalBucket {
 
     fn refill(&mut self) {
         let now = Instant::now();
-        let minutes = now.duration_since(self.at).as_secs_f64() / 60.0;
+        // Nothing refills while blocked by the provider's Retry-After.
+        let from = self
+            .blocked_until
+            .map_or(self.at, |until| until.max(self.at));
+        let minutes = now.saturating_duration_since(from).as_secs_f64() / 60.0;
         self.at = now;
         let rpm = f64::from(self.spec.requests_per_minute) * self.factor;
         let tpm = f64::from(self.spec.tokens_per_minute) * self.factor;
