@@ -292,3 +292,47 @@ async fn a_429_cuts_the_rate_and_blocks_every_taker_until_retry_after() {
     assert!((0.5..=1.0).contains(&after), "{after}");
     cleanup(&store, &key).await;
 }
+
+#[tokio::test]
+async fn with_redis_away_the_gate_fails_open_onto_a_local_bucket() {
+    use shoal_tests::wait::wait_until;
+    use shoal_worker::agent::llm::ratelimit::RateGate;
+    let port = shoal_tests::process::free_port();
+    let mut command = tokio::process::Command::new("redis-server");
+    let mut redis = shoal_tests::harness::die_with_test(&mut command)
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start redis-server (deploy/local/services.sh installs it)");
+    let settings = Settings::from_toml(&format!(
+        "namespace = \"t-rate-away\"\nredis.url = \"redis://127.0.0.1:{port}/\"\nredis.command_timeout_ms = 500\n"
+    ))
+    .expect("settings");
+    let store = wait_until("the private Redis", Duration::from_secs(30), || {
+        let settings = settings.clone();
+        async move {
+            Store::connect(&settings.redis, &settings.namespace)
+                .await
+                .ok()
+        }
+    })
+    .await;
+    let mut profile = settings.models["openai"].clone();
+    profile.rate_limit = Some(RateSpec {
+        requests_per_minute: 600,
+        tokens_per_minute: 0,
+    });
+    let gate = RateGate::for_profile(&profile, &store, None).expect("a gate");
+    let cancel = tokio_util::sync::CancellationToken::new();
+    gate.acquire(10, &cancel).await.expect("granted by Redis");
+    redis.kill().await.expect("kill redis-server");
+    // Redis is gone: calls still go, paced by the local bucket (10/s).
+    for _ in 0..3 {
+        tokio::time::timeout(Duration::from_secs(30), gate.acquire(10, &cancel))
+            .await
+            .expect("the gate does not hang without Redis")
+            .expect("granted locally");
+    }
+}
