@@ -250,7 +250,7 @@ async fn a_daytona_task_resumes_in_its_sandbox_without_repeating_a_call() {
     let fourth = sim.requests()[4].last_tool_result().unwrap_or_default();
     assert!(fourth.contains("one") && fourth.contains("two"), "{fourth}");
     // The task ended: its checkpoint is gone.
-    assert_eq!(env.store.load_checkpoint(&id).await.expect("redis"), None);
+    checkpoint_forgotten(&env, &id).await;
     stop(second).await;
     env.teardown().await;
     fake.assert_no_violations();
@@ -332,7 +332,7 @@ async fn a_local_task_restarts_in_a_fresh_sandbox_and_its_budget_counts_both_run
     // The first run's command in flight died with its sandbox: it gets its
     // one error from the new worker too, so no action is left unanswered.
     assert_one_answer_each(&stream);
-    assert_eq!(env.store.load_checkpoint(&id).await.expect("redis"), None);
+    checkpoint_forgotten(&env, &id).await;
     stop(second).await;
     env.teardown().await;
 }
@@ -375,7 +375,7 @@ async fn a_garbage_checkpoint_starts_the_task_again() {
     assert_eq!(restarted, vec!["checkpoint_unreadable".to_owned()]);
     assert_eq!(sim.request_count(), 2);
     assert_one_answer_each(&stream);
-    assert_eq!(env.store.load_checkpoint(&id).await.expect("redis"), None);
+    checkpoint_forgotten(&env, &id).await;
     env.teardown().await;
 }
 
@@ -543,4 +543,18 @@ async fn a_resumed_reply_answers_each_interrupted_call_once() {
         ]
     );
     bench.finish().await;
+}
+
+/// Waits for a finished task's checkpoint to go: the runner forgets it right
+/// after the terminal state is written, not in the same step.
+async fn checkpoint_forgotten(env: &TestEnv, id: &TaskId) {
+    wait_until(
+        "the checkpoint forgotten",
+        Duration::from_secs(10),
+        || async {
+            let kept = env.store.load_checkpoint(id).await.expect("redis");
+            kept.is_none().then_some(())
+        },
+    )
+    .await;
 }

@@ -19,7 +19,8 @@ return 1
 /// ARGV: 1 allowed states (comma separated), 2 new state, 3 event json,
 /// 4 events maxlen, 5 firehose maxlen, 6 fence ('' = unchecked), 7 attempts delta,
 /// 8 retention seconds applied when 9 = '1' (terminal), 10 release lease holder
-/// ('' = keep), then field/value pairs.
+/// ('' = keep), 11 completion event json written just before the state
+/// change ('' = none; ADR 0035), 12 its type, then field/value pairs.
 pub const TRANSITION: &str = r#"
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {'missing', ''} end
@@ -33,7 +34,12 @@ if ARGV[6] ~= '' and redis.call('HGET', KEYS[1], 'fence') ~= ARGV[6] then
 end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', tonumber(ARGV[7]))
 redis.call('HSET', KEYS[1], 'state', ARGV[2])
-if #ARGV >= 11 then redis.call('HSET', KEYS[1], unpack(ARGV, 11)) end
+if #ARGV >= 13 then redis.call('HSET', KEYS[1], unpack(ARGV, 13)) end
+if ARGV[11] ~= '' then
+  local done = cjson.decode(ARGV[11])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[11])
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'task', done['task_id'], 'type', ARGV[12])
+end
 local ev = cjson.decode(ARGV[3])
 ev['from'] = cur
 ev['attempt'] = attempts

@@ -2,8 +2,10 @@
 //! repository, run the conversation in the leased sandbox, and turn its
 //! outcome into the task's terminal state.
 
+use async_trait::async_trait;
 use shoal_shared::cost::MicroDollars;
-use shoal_shared::store::Store;
+use shoal_shared::event::Event;
+use shoal_shared::store::{CostEntry, Store};
 use shoal_shared::task::{AgentResult, AgentSpec, TaskResult, TaskState};
 use shoal_shared::TaskMessage;
 use tracing::{info, warn};
@@ -17,7 +19,7 @@ use crate::agent::conversation::{AgentConfig, Billing, Conversation, Outcome};
 use crate::agent::llm::retry::observing_attempts;
 use crate::agent::llm::{client_for_fleet, ratelimit::WaitReport, LlmErrorKind};
 use crate::agent::secrets::{self, Masker};
-use crate::agent::sink::RedisSink;
+use crate::agent::sink::{EventSink, RedisSink, ToolOutcome};
 use crate::agent::tools::Toolbox;
 use crate::pool::{Pool, PoolLease};
 
@@ -191,7 +193,10 @@ pub async fn run(
         Start::Resume { checkpoint, .. } => checkpoint.events,
         _ => 0,
     };
-    let counting = CountingSink::new(&sink, events_before);
+    // `conversation_finished` is held back and written with the terminal
+    // state, in one step (ADR 0035).
+    let held = HoldCompletion::new(&sink);
+    let counting = CountingSink::new(&held, events_before);
     let conversation = Conversation {
         llm: &*llm,
         sandbox,
@@ -237,29 +242,86 @@ pub async fn run(
         conversation.run_from(&prompt, resume.start, &seen, Some(&checkpoints)),
     )
     .await;
-    Ok(end_of(
+    let completion = held.take();
+    let end = end_of(
         ended.outcome,
         ended.result,
         spec.limits.timeout_s,
         ctx.stop_reason(),
-    ))
+        completion.clone(),
+    );
+    if let (RunEnd::Stopped(_), Some(finished)) = (&end, completion) {
+        // No terminal state of the run's own to carry it: written now.
+        sink.event(finished).await;
+        sink.flush().await;
+    }
+    Ok(end)
+}
+
+/// Passes events through to `inner`, except `conversation_finished`, which
+/// it keeps for the runner to write with the terminal state: a worker killed
+/// between the two must not leave a completed conversation on record whose
+/// task then runs again (ADR 0035).
+struct HoldCompletion<'a> {
+    inner: &'a dyn EventSink,
+    held: std::sync::Mutex<Option<Event>>,
+}
+
+impl<'a> HoldCompletion<'a> {
+    fn new(inner: &'a dyn EventSink) -> Self {
+        Self {
+            inner,
+            held: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn take(&self) -> Option<Event> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+#[async_trait]
+impl EventSink for HoldCompletion<'_> {
+    async fn event(&self, event: Event) {
+        if matches!(event, Event::ConversationFinished { .. }) {
+            *self.held.lock().unwrap_or_else(|e| e.into_inner()) = Some(event);
+        } else {
+            self.inner.event(event).await;
+        }
+    }
+
+    async fn cost(&self, entry: CostEntry) {
+        self.inner.cost(entry).await;
+    }
+
+    async fn flush(&self) {
+        self.inner.flush().await;
+    }
+
+    fn step(&self) {
+        self.inner.step();
+    }
+
+    fn tool_call(&self, tool: &'static str, outcome: ToolOutcome) {
+        self.inner.tool_call(tool, outcome);
+    }
 }
 
 /// The most events read from the task's stream to settle an interrupted reply.
 const STREAM_READ: usize = 100_000;
 
 /// The task's end for a conversation's `outcome`; `stopped` is why the run
-/// was stopped, for an outcome of [`Outcome::Cancelled`].
+/// was stopped, for an outcome of [`Outcome::Cancelled`]; `completion` is
+/// the conversation's `conversation_finished`, written with the terminal state.
 pub fn end_of(
     outcome: Outcome,
     result: AgentResult,
     timeout_s: u64,
     stopped: StopReason,
+    completion: Option<Event>,
 ) -> RunEnd {
-    let done = |state, result: AgentResult, error| RunEnd::Done {
-        state,
-        result: TaskResult::Agent(result),
-        error,
+    let done = |state, result: AgentResult, error| {
+        RunEnd::done(state, TaskResult::Agent(result), error, completion.clone())
     };
     match outcome {
         Outcome::Finished | Outcome::Answered => done(TaskState::Succeeded, result, None),
@@ -306,7 +368,7 @@ mod tests {
 
     fn state_and_error(end: &RunEnd) -> (TaskState, Option<&str>) {
         match end {
-            RunEnd::Done { state, error, .. } => (*state, error.as_deref()),
+            RunEnd::Done(done) => (done.state, done.error.as_deref()),
             RunEnd::Stopped(reason) => panic!("stopped: {reason:?}"),
         }
     }
@@ -314,7 +376,13 @@ mod tests {
     #[test]
     fn a_finish_call_and_a_plain_answer_both_succeed_without_an_error() {
         for outcome in [Outcome::Finished, Outcome::Answered] {
-            let end = end_of(outcome, result(Some("done")), 60, StopReason::Draining);
+            let end = end_of(
+                outcome,
+                result(Some("done")),
+                60,
+                StopReason::Draining,
+                None,
+            );
             assert_eq!(state_and_error(&end), (TaskState::Succeeded, None));
         }
     }
@@ -326,14 +394,20 @@ mod tests {
             StopReason::CancelRequested,
             StopReason::LeaseLost,
         ] {
-            let end = end_of(Outcome::Cancelled, result(None), 60, reason);
+            let end = end_of(Outcome::Cancelled, result(None), 60, reason, None);
             assert_eq!(end, RunEnd::Stopped(reason));
         }
     }
 
     #[test]
     fn a_timeout_names_the_limit_and_limits_fail_naming_the_outcome() {
-        let end = end_of(Outcome::TimedOut, result(None), 90, StopReason::Draining);
+        let end = end_of(
+            Outcome::TimedOut,
+            result(None),
+            90,
+            StopReason::Draining,
+            None,
+        );
         assert_eq!(
             state_and_error(&end),
             (TaskState::TimedOut, Some("timed out after 90 s"))
@@ -343,6 +417,7 @@ mod tests {
             result(None),
             90,
             StopReason::Draining,
+            None,
         );
         assert_eq!(
             state_and_error(&end),
@@ -353,6 +428,7 @@ mod tests {
             result(Some("LLM call failed: x")),
             90,
             StopReason::Draining,
+            None,
         );
         assert_eq!(
             state_and_error(&end),
@@ -363,6 +439,7 @@ mod tests {
             result(Some("too long")),
             90,
             StopReason::Draining,
+            None,
         );
         assert_eq!(
             state_and_error(&end),

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use shoal_shared::event::Event;
 use shoal_shared::store::StoreError;
 use shoal_shared::task::{TaskResult, TaskState};
 
@@ -30,15 +31,38 @@ pub enum StopReason {
 /// agent) give the runner.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RunEnd {
-    /// The task reached a terminal state, with its result and, for a
-    /// failure, the error recorded as `last_error`.
-    Done {
+    /// The task reached a terminal state of its own.
+    Done(Box<Verdict>),
+    /// The run was cut short from outside, for `reason`.
+    Stopped(StopReason),
+}
+
+/// A run's own terminal state and what is recorded with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub state: TaskState,
+    pub result: TaskResult,
+    /// For a failure, the error recorded as `last_error`.
+    pub error: Option<String>,
+    /// The run's completion event (`exec_finished`, `conversation_finished`),
+    /// written with the terminal state in one step (ADR 0035).
+    pub completion: Option<Event>,
+}
+
+impl RunEnd {
+    pub fn done(
         state: TaskState,
         result: TaskResult,
         error: Option<String>,
-    },
-    /// The run was cut short from outside, for `reason`.
-    Stopped(StopReason),
+        completion: Option<Event>,
+    ) -> Self {
+        Self::Done(Box::new(Verdict {
+            state,
+            result,
+            error,
+            completion,
+        }))
+    }
 }
 
 /// How a delivery is settled with the broker.

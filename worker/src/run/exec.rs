@@ -21,21 +21,22 @@ pub async fn run(ctx: &RunContext<'_>, spec: &ExecSpec) -> Result<RunEnd, RunErr
     if output.cancelled {
         return Ok(RunEnd::Stopped(ctx.stop_reason()));
     }
-    ctx.emit(Event::ExecFinished {
+    // Written with the terminal state, not before it (ADR 0035).
+    let finished = Event::ExecFinished {
         exit_code: output.exit_code,
         duration_ms: output.duration.as_millis() as u64,
         stdout_bytes: output.stdout.total,
         stderr_bytes: output.stderr.total,
         timed_out: output.timed_out,
         memory_exceeded: output.memory_exceeded,
-    })
-    .await;
+    };
     let (state, error) = verdict(&output, spec.timeout_s);
-    Ok(RunEnd::Done {
+    Ok(RunEnd::done(
         state,
-        result: TaskResult::Exec(result_of(&output)),
+        TaskResult::Exec(result_of(&output)),
         error,
-    })
+        Some(finished),
+    ))
 }
 
 /// The terminal state of a finished (not cancelled) command, and the error

@@ -9,13 +9,13 @@ use futures::FutureExt;
 use shoal_shared::event::{Event, EventEnvelope};
 use shoal_shared::settings::Settings;
 use shoal_shared::store::{Lease, LeaseAttempt, Store, Transition, TransitionOutcome};
-use shoal_shared::task::{format_time, TaskKind, TaskRecord, TaskResult, TaskState};
+use shoal_shared::task::{format_time, TaskKind, TaskRecord, TaskState};
 use shoal_shared::TaskMessage;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn, Instrument};
 
 use super::context::RunContext;
-use super::end::{Cause, Disposition, RunEnd, RunError, StopReason};
+use super::end::{Cause, Disposition, RunEnd, RunError, StopReason, Verdict};
 use super::record::until_recorded;
 use super::stop::{renew_lease, watch_cancel, RunStop};
 use super::{agent, exec};
@@ -226,20 +226,15 @@ impl TaskRunner {
         let _ = renewer.await;
         let _ = watcher.await;
 
-        if !matches!(end, Ok(RunEnd::Done { .. })) {
+        if !matches!(end, Ok(RunEnd::Done(_))) {
             if let Some(sandbox) = sandbox.take() {
                 self.pool.release(sandbox).await;
             }
         }
         match end {
-            Ok(RunEnd::Done {
-                state,
-                result,
-                error,
-            }) => {
-                let settled = self
-                    .finish(message, &lease, state, result, error, abort)
-                    .await;
+            Ok(RunEnd::Done(verdict)) => {
+                let state = verdict.state;
+                let settled = self.finish(message, &lease, *verdict, abort).await;
                 if let Some(sandbox) = sandbox.take() {
                     self.pool.release(sandbox).await;
                 }
@@ -371,15 +366,26 @@ impl TaskRunner {
         &self,
         message: &TaskMessage,
         lease: &Lease,
-        state: TaskState,
-        result: TaskResult,
-        error: Option<String>,
+        verdict: Verdict,
         abort: &CancellationToken,
     ) -> Result<Disposition, RunError> {
+        let Verdict {
+            state,
+            result,
+            error,
+            completion,
+        } = verdict;
         let mut transition = Transition::to(message.id, state, self.source.clone())
             .fenced(lease)
             .releasing()
             .field("result", serde_json::to_string(&result).unwrap_or_default());
+        if let Some(event) = completion {
+            transition = transition.with_completion(EventEnvelope::now(
+                message.id,
+                self.source.clone(),
+                event,
+            ));
+        }
         if let Some(error) = &error {
             transition = transition
                 .field("last_error", error.clone())
@@ -391,6 +397,9 @@ impl TaskRunner {
         self.forget_checkpoint(message).await;
         match outcome {
             TransitionOutcome::Applied { .. } => {
+                if transition.completion.is_some() {
+                    self.metrics.flow.events_published.inc();
+                }
                 info!(%state, "task finished");
                 Ok(Disposition::Ack)
             }

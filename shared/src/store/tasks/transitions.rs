@@ -24,6 +24,11 @@ pub struct Transition {
     pub fields: Vec<(&'static str, String)>,
     /// Who is making the change (`worker:<id>`, `scheduler`).
     pub source: String,
+    /// An event written just before the state change, in the same atomic
+    /// step and only if the move is applied: a run's completion
+    /// (`exec_finished`, `conversation_finished`), so that a run is on
+    /// record as completed exactly when its terminal state is (ADR 0035).
+    pub completion: Option<EventEnvelope>,
 }
 
 impl Transition {
@@ -39,6 +44,7 @@ impl Transition {
             reason: None,
             fields: Vec::new(),
             source: source.into(),
+            completion: None,
         }
     }
 
@@ -54,6 +60,12 @@ impl Transition {
 
     pub fn reason(mut self, reason: impl Into<String>) -> Self {
         self.reason = Some(reason.into());
+        self
+    }
+
+    /// Writes `event` with the state change, just before it (ADR 0035).
+    pub fn with_completion(mut self, event: EventEnvelope) -> Self {
+        self.completion = Some(event);
         self
     }
 
@@ -121,6 +133,18 @@ impl Store {
                 (Some(lease), true) => lease.holder.clone(),
                 _ => String::new(),
             })
+            .arg(
+                t.completion
+                    .as_ref()
+                    .map(EventEnvelope::to_json)
+                    .unwrap_or_default(),
+            )
+            .arg(
+                t.completion
+                    .as_ref()
+                    .map(|e| e.event.type_name())
+                    .unwrap_or_default(),
+            )
             .arg("updated_at")
             .arg(&now);
         if t.to.is_terminal() {
