@@ -25,6 +25,7 @@ mod redis;
 mod sandbox;
 mod scheduler;
 mod telemetry;
+mod tenants;
 mod worker;
 
 pub use agent::{AgentSettings, MIN_CONDENSE_CHARS};
@@ -35,6 +36,7 @@ pub use redis::RedisSettings;
 pub use sandbox::{CgroupMode, NetworkIsolation, SandboxSettings};
 pub use scheduler::{SchedulerSettings, ADMIN_TENANT};
 pub use telemetry::{LogFormat, TelemetrySettings};
+pub use tenants::{TenantLimits, TenantsSettings, DEFAULT_TENANT};
 pub use worker::WorkerSettings;
 
 /// Configuration could not be loaded.
@@ -72,6 +74,8 @@ pub struct Settings {
     pub models: BTreeMap<Name, ModelProfile>,
     /// The Daytona API, for templates with `provider = "daytona"`.
     pub daytona: DaytonaSettings,
+    /// What each tenant may use of the fleet (`[tenants.<name>]`, issue 16).
+    pub tenants: TenantsSettings,
 }
 
 // ---- stage one: the raw shape --------------------------------------------------
@@ -101,6 +105,8 @@ struct Raw {
     models: BTreeMap<String, models::RawModel>,
     #[serde(default)]
     daytona: daytona::RawDaytona,
+    #[serde(default)]
+    tenants: BTreeMap<String, tenants::RawTenant>,
 }
 
 fn default_namespace() -> String {
@@ -155,6 +161,7 @@ impl Settings {
         let models = models::validate(raw.models)?;
         let agent = raw.agent.validate(&models)?;
         let daytona = raw.daytona.validate(|var| std::env::var(var).ok())?;
+        let tenants = tenants::validate(raw.tenants)?;
         Ok(Self {
             namespace,
             broker,
@@ -167,6 +174,7 @@ impl Settings {
             agent,
             models,
             daytona,
+            tenants,
         })
     }
 }
