@@ -172,6 +172,13 @@ pub enum Event {
         /// provider answered 429 and every worker waits out its Retry-After).
         reason: String,
     },
+    /// A delivery of the task was turned away because its tenant was at a
+    /// concurrency cap (ADR 0040); the task waits in a retry tier without
+    /// using an attempt. One event per wait episode.
+    Throttled {
+        /// What was full, e.g. `tenant a at its cap of 2 running`.
+        reason: String,
+    },
     /// The conversation ended.
     ConversationFinished {
         /// `finished`, `answered`, `max_iterations`, `budget_exceeded`,
@@ -207,6 +214,7 @@ impl Event {
             Self::Resumed { .. } => "resumed",
             Self::Restarted { .. } => "restarted",
             Self::RateLimited { .. } => "rate_limited",
+            Self::Throttled { .. } => "throttled",
             Self::ConversationFinished { .. } => "conversation_finished",
         }
     }

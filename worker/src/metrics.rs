@@ -432,12 +432,15 @@ pub enum RetryReason {
     RecordVanished,
     /// The task could not move to running.
     CannotStart,
+    /// The task's tenant was at a concurrency cap (ADR 0040); no attempt
+    /// was used.
+    TenantCap,
     /// Anything else.
     Other,
 }
 
 impl RetryReason {
-    pub const ALL: [RetryReason; 9] = [
+    pub const ALL: [RetryReason; 10] = [
         Self::LeasedElsewhere,
         Self::StateRefused,
         Self::Store,
@@ -446,6 +449,7 @@ impl RetryReason {
         Self::Llm,
         Self::RecordVanished,
         Self::CannotStart,
+        Self::TenantCap,
         Self::Other,
     ];
 
@@ -459,6 +463,7 @@ impl RetryReason {
             Self::Llm => "llm",
             Self::RecordVanished => "record_vanished",
             Self::CannotStart => "cannot_start",
+            Self::TenantCap => "tenant_cap",
             Self::Other => "other",
         }
     }

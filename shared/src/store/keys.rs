@@ -96,6 +96,25 @@ impl Keys {
         format!("{}:ratelimit:{provider}:{model}", self.namespace)
     }
 
+    /// The tenant's running task ids under its `max_running` cap, scored by
+    /// when each slot expires (ms, ADR 0040). The `{tenant}` hash tag keeps
+    /// a tenant's cap sets on one cluster slot, for the one script.
+    pub fn tenant_running(&self, tenant: &str) -> String {
+        format!("{}:caps:{{{tenant}}}:running", self.namespace)
+    }
+
+    /// The tenant's running agent task ids of one model profile, under its
+    /// `max_running_per_model` cap (ADR 0040).
+    pub fn tenant_model_running(&self, tenant: &str, model: &str) -> String {
+        format!("{}:caps:{{{tenant}}}:model:{model}", self.namespace)
+    }
+
+    /// The tenant's tasks turned away by a cap and not run since, scored by
+    /// when the mark lapses (ms, ADR 0040): one note per wait episode.
+    pub fn tenant_waiting(&self, tenant: &str) -> String {
+        format!("{}:caps:{{{tenant}}}:waiting", self.namespace)
+    }
+
     /// A pattern matching every key of the namespace (for teardown).
     pub fn pattern(&self) -> String {
         format!("{}:*", self.namespace)

@@ -5,6 +5,7 @@
 //! the caller's fencing token), writes the new state, appends the event to the
 //! task's stream and the firehose, all atomically.
 
+mod caps;
 mod checkpoint;
 mod costs;
 pub mod dead_letters;
@@ -15,6 +16,7 @@ mod scripts;
 mod tasks;
 mod workers;
 
+pub use caps::{Cap, CapSlot, CapTake};
 pub use checkpoint::MAX_CHECKPOINT_BYTES;
 pub use costs::CostRecord;
 pub use keys::Keys;

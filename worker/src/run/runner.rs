@@ -8,7 +8,9 @@ use chrono::Utc;
 use futures::FutureExt;
 use shoal_shared::event::{Event, EventEnvelope};
 use shoal_shared::settings::Settings;
-use shoal_shared::store::{Lease, LeaseAttempt, Store, Transition, TransitionOutcome};
+use shoal_shared::store::{
+    CapSlot, CapTake, Lease, LeaseAttempt, Store, Transition, TransitionOutcome,
+};
 use shoal_shared::task::{format_time, TaskKind, TaskRecord, TaskState};
 use shoal_shared::TaskMessage;
 use tokio_util::sync::CancellationToken;
@@ -151,6 +153,86 @@ impl TaskRunner {
             }
         };
 
+        // A tenant at its concurrency cap (ADR 0040): the task goes back to
+        // a retry tier before its attempt is counted.
+        let limits = self.settings.tenants.limits(&message.tenant);
+        let model = match &message.spec.kind {
+            TaskKind::Agent(agent) => Some(agent.model.as_str()),
+            TaskKind::Exec(_) => None,
+        };
+        let slot = self.store.cap_slot(id, &message.tenant, limits, model);
+        let capped = !slot.caps.is_empty();
+        if capped {
+            let ttl = self.settings.worker.lease_ttl;
+            let take = match self.store.take_cap(&slot, ttl).await {
+                Ok(take) => take,
+                Err(error) => {
+                    self.release(&lease).await;
+                    warn!(%error, "tenant cap not checked; retrying later");
+                    return Ok(Disposition::Retry {
+                        delay: self.settings.broker.retry_tiers[0],
+                        reason: format!("tenant cap not checked: {error}"),
+                        why: RetryReason::Store,
+                    });
+                }
+            };
+            if let CapTake::Full {
+                label,
+                max,
+                first_wait,
+            } = take
+            {
+                self.release(&lease).await;
+                let reason = format!("{label} at its cap of {max} running");
+                info!(%reason, "task waits for its tenant's cap");
+                if first_wait {
+                    self.emit(EventEnvelope::now(
+                        id,
+                        self.source.clone(),
+                        Event::Throttled {
+                            reason: reason.clone(),
+                        },
+                    ))
+                    .await;
+                }
+                return Ok(Disposition::Retry {
+                    delay: self.settings.broker.retry_tiers[0],
+                    reason,
+                    why: RetryReason::TenantCap,
+                });
+            }
+        }
+        let renewing = CancellationToken::new();
+        let cap_renewer = capped.then(|| {
+            tokio::spawn(renew_cap(
+                self.store.clone(),
+                slot.clone(),
+                self.settings.worker.lease_ttl,
+                self.settings.worker.lease_renew,
+                renewing.clone(),
+            ))
+        });
+        let result = self.run_leased(message, &lease, abort).await;
+        if let Some(renewer) = cap_renewer {
+            renewing.cancel();
+            let _ = renewer.await;
+            if let Err(error) = self.store.release_cap(&slot).await {
+                warn!(%error, "tenant cap slot not released; it expires with the lease ttl");
+            }
+        }
+        result
+    }
+
+    /// The run once the task's lease is held (and its tenant's cap slot):
+    /// counts the attempt, runs, records the end.
+    async fn run_leased(
+        &self,
+        message: &TaskMessage,
+        lease: &Lease,
+        abort: &CancellationToken,
+    ) -> Result<Disposition, RunError> {
+        let id = message.id;
+        let lease = lease.clone();
         let leased = Transition::to(id, TaskState::Leased, self.source.clone())
             .fenced(&lease)
             .field("worker", self.settings.worker.id.clone())
@@ -532,6 +614,27 @@ impl TaskRunner {
     /// Queues an informational event in the outbox (ADR 0032).
     async fn emit(&self, event: EventEnvelope) {
         self.outbox.push(event).await;
+    }
+}
+
+/// Keeps a running task's cap slots alive (ADR 0040) every `every` until
+/// `done`, like its lease: a worker killed with -9 stops renewing and the
+/// slots lapse after `ttl`.
+async fn renew_cap(
+    store: Store,
+    slot: CapSlot,
+    ttl: std::time::Duration,
+    every: std::time::Duration,
+    done: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = done.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if let Err(error) = store.renew_cap(&slot, ttl).await {
+            warn!(%error, "tenant cap slot not renewed; trying again");
+        }
     }
 }
 
