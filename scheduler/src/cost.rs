@@ -201,6 +201,47 @@ pub struct CostSummary {
     /// Sorted by the grouping keys in order.
     pub groups: Vec<CostGroup>,
     pub total: Totals,
+    /// The tenant's spend budgets (ADR 0038), when the summary is of one
+    /// tenant that has any: a tenant token's, or the one an admin named.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub budgets: Vec<BudgetLeft>,
+}
+
+/// One spend budget of a tenant: its UTC day's or month's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BudgetLeft {
+    /// `day` or `month` (UTC).
+    pub period: String,
+    pub limit_microdollars: u64,
+    pub spent_microdollars: u64,
+    /// The limit less the spend, clipped at zero.
+    pub left_microdollars: u64,
+    /// The same three as decimal strings with 6 places.
+    pub limit_usd: String,
+    pub spent_usd: String,
+    pub left_usd: String,
+    /// When the period ends and the spend counts from zero again.
+    pub resets_at: String,
+}
+
+impl BudgetLeft {
+    pub fn of(line: &shoal_shared::store::spend::BudgetLine) -> Self {
+        let left = line.left().0;
+        Self {
+            period: match line.period {
+                shoal_shared::store::spend::Period::Day => "day",
+                shoal_shared::store::spend::Period::Month => "month",
+            }
+            .to_owned(),
+            limit_microdollars: line.limit.0,
+            spent_microdollars: line.spent.0,
+            left_microdollars: left,
+            limit_usd: usd(line.limit.0),
+            spent_usd: usd(line.spent.0),
+            left_usd: usd(left),
+            resets_at: format_time(line.resets_at),
+        }
+    }
 }
 
 /// Filters a summary applies to each entry.
@@ -303,6 +344,7 @@ impl Summer {
             retained_since: retained_since.map(format_time),
             groups,
             total: self.total.finish(),
+            budgets: Vec::new(),
         }
     }
 }
@@ -409,6 +451,13 @@ pub fn render_table(summary: &CostSummary) -> String {
             line(&mut out, row);
         }
     }
+    for budget in &summary.budgets {
+        let _ = writeln!(
+            out,
+            "budget {}: {} of {} USD spent, {} left (resets {})",
+            budget.period, budget.spent_usd, budget.limit_usd, budget.left_usd, budget.resets_at
+        );
+    }
     out
 }
 
@@ -470,6 +519,7 @@ mod tests {
             retained_since: Some("2026-12-02T00:00:00.000Z".into()),
             groups: vec![group("acme", 1_500_000), group("a-longer-name", 7)],
             total: totals(2, 1_500_007),
+            budgets: Vec::new(),
         };
         let table = render_table(&summary);
         let lines: Vec<&str> = table.lines().collect();

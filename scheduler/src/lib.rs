@@ -146,5 +146,6 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<api::AppState> {
         max_batch: settings.scheduler.max_batch,
         streams: Arc::new(tokio::sync::Semaphore::new(settings.scheduler.max_streams)),
         metrics,
+        tenants: Arc::new(settings.tenants.clone()),
     })
 }

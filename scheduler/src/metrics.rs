@@ -30,8 +30,9 @@ pub const OTHER_REASON: &str = "other";
 /// The refusal reasons a submit endpoint can give (the problem types of
 /// `api/problem.rs`, `api/body.rs`, `api/auth.rs` and `api/tasks.rs`, 503s
 /// split by what failed), each counted from 0 at startup.
-pub const SUBMIT_REASONS: [&str; 14] = [
+pub const SUBMIT_REASONS: [&str; 15] = [
     "malformed-request",
+    "budget-exceeded",
     "unsupported-media-type",
     "body-too-large",
     "invalid-task",

@@ -75,6 +75,7 @@ async fn converse(
             tenant: "acme".into(),
         },
         cancel,
+        tenant_budget: None,
     }
     .run("Write hello.py that prints hello, run it, and report the output.")
     .await

@@ -479,6 +479,7 @@ async fn a_resumed_reply_answers_each_interrupted_call_once() {
             tenant: "acme".into(),
         },
         cancel: tokio_util::sync::CancellationToken::new(),
+        tenant_budget: None,
     }
     .run_from(
         "do three things",

@@ -16,7 +16,8 @@ use shoal_shared::task::TaskId;
 use super::auth::Tenant;
 use super::openapi::PROBLEM;
 use super::{AppState, Problem};
-use crate::cost::{self, CostSummary, Filter, Summer, DEFAULT_BY};
+use crate::cost::{self, BudgetLeft, CostSummary, Filter, Summer, DEFAULT_BY};
+use shoal_shared::store::spend;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -115,7 +116,20 @@ pub async fn summary(
         .map_err(store_problem)?
         .and_then(|ms| i64::try_from(ms).ok())
         .and_then(chrono::DateTime::from_timestamp_millis);
-    let summary = summer.finish(since, until, retained_since);
+    let mut summary = summer.finish(since, until, retained_since);
+    // The budgets left, for one tenant: the token's, or the one named.
+    if let Some(name) = &summary.tenant {
+        let limits = state.tenants.limits(name);
+        let spend = state
+            .store
+            .tenant_spend(name, now)
+            .await
+            .map_err(store_problem)?;
+        summary.budgets = spend::lines(limits, spend, now)
+            .iter()
+            .map(BudgetLeft::of)
+            .collect();
+    }
     if let Some(id) = unseen_task.filter(|_| summary.total.calls == 0) {
         return Err(Problem::new(
             StatusCode::NOT_FOUND,

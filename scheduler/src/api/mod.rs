@@ -39,6 +39,8 @@ pub struct AppState {
     pub streams: Arc<tokio::sync::Semaphore>,
     /// Served on `/metrics`.
     pub metrics: Arc<SchedulerMetrics>,
+    /// `[tenants]`: the spend budgets submissions are checked against.
+    pub tenants: Arc<shoal_shared::settings::TenantsSettings>,
 }
 
 /// The API's routes.

@@ -39,6 +39,7 @@ const IDEMPOTENCY_KEY: &str = "idempotency-key";
          headers(("Location" = String, description = "The task's URL"))),
         (status = 400, description = "Malformed JSON or header", body = Problem, content_type = PROBLEM),
         (status = 401, description = "Missing or unknown token (tokens configured)", body = Problem, content_type = PROBLEM),
+        (status = 402, description = "The tenant's daily or monthly spend budget is spent (`budget-exceeded`; `Retry-After` is when it resets)", body = Problem, content_type = PROBLEM),
         (status = 403, description = "The token may not submit for the tenant named", body = Problem, content_type = PROBLEM),
         (status = 409, description = "Idempotency key reused with a different body, or its first submission still in progress", body = Problem, content_type = PROBLEM),
         (status = 413, description = "Body or task too large", body = Problem, content_type = PROBLEM),
@@ -63,6 +64,7 @@ pub async fn submit(
     let tenant = tenant.resolve(spec.tenant.as_deref())?;
     spec.tenant = Some(tenant.clone());
     require_store(&state).await?;
+    within_budget(&state, &tenant).await?;
     let mut submitted = state
         .submitter
         .submit(vec![spec], &tenant)
@@ -104,6 +106,7 @@ pub struct BatchResponse {
         (status = 201, description = "Every task queued (or replayed), in submission order", body = BatchResponse),
         (status = 400, description = "Malformed JSON", body = Problem, content_type = PROBLEM),
         (status = 401, description = "Missing or unknown token (tokens configured)", body = Problem, content_type = PROBLEM),
+        (status = 402, description = "The tenant's daily or monthly spend budget is spent (`budget-exceeded`; `Retry-After` is when it resets)", body = Problem, content_type = PROBLEM),
         (status = 403, description = "The token may not submit for the tenant named", body = Problem, content_type = PROBLEM),
         (status = 409, description = "Idempotency key reused with a different body, or in progress; `index` names the task", body = Problem, content_type = PROBLEM),
         (status = 413, description = "Body, batch or one task too large", body = Problem, content_type = PROBLEM),
@@ -155,6 +158,7 @@ pub async fn submit_batch(
     }
     let tenant_name = tenant_name.unwrap_or_else(|| "default".to_owned());
     require_store(&state).await?;
+    within_budget(&state, &tenant_name).await?;
     let submitted = state
         .submitter
         .submit(specs, &tenant_name)
@@ -304,6 +308,36 @@ async fn own_record(state: &AppState, tenant: &Tenant, id: &TaskId) -> Result<Ta
 /// read it back. One PING, bounded by `redis.command_timeout_ms`. Redis
 /// failing after it is ADR 0003's case: the task is queued, the worker
 /// records it.
+/// Refuses a submission of a tenant whose daily or monthly spend budget is
+/// spent (ADR 0038): every task, exec ones too.
+async fn within_budget(state: &AppState, tenant: &str) -> Result<(), Problem> {
+    let limits = state.tenants.limits(tenant);
+    let line = state
+        .store
+        .budget_exceeded(tenant, limits)
+        .await
+        .map_err(|e| Problem::store_unavailable(&e))?;
+    let Some(line) = line else {
+        return Ok(());
+    };
+    tracing::info!(
+        tenant,
+        period = line.period.name(),
+        limit_micros = line.limit.0,
+        spent_micros = line.spent.0,
+        "submission refused: the tenant's budget is spent"
+    );
+    let wait = (line.resets_at - chrono::Utc::now()).num_seconds().max(1);
+    let mut problem = Problem::new(
+        StatusCode::PAYMENT_REQUIRED,
+        "budget-exceeded",
+        "Budget exceeded",
+        format!("{}; no new tasks until then", line.describe(tenant)),
+    );
+    problem.retry_after_s = Some(u32::try_from(wait).unwrap_or(u32::MAX));
+    Err(problem)
+}
+
 async fn require_store(state: &AppState) -> Result<(), Problem> {
     state
         .store

@@ -54,6 +54,17 @@ impl Keys {
         format!("{}:costs", self.namespace)
     }
 
+    /// A tenant's LLM spend (micro-dollars) on one UTC day, `YYYYMMDD`
+    /// (ADR 0038).
+    pub fn spend_day(&self, tenant: &str, day: &str) -> String {
+        format!("{}:spend:{tenant}:day:{day}", self.namespace)
+    }
+
+    /// A tenant's LLM spend (micro-dollars) in one UTC month, `YYYYMM`.
+    pub fn spend_month(&self, tenant: &str, month: &str) -> String {
+        format!("{}:spend:{tenant}:month:{month}", self.namespace)
+    }
+
     /// Idempotency key -> task id, per tenant.
     pub fn idempotency(&self, tenant: &str, key: &str) -> String {
         format!("{}:idem:{tenant}:{key}", self.namespace)

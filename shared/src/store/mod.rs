@@ -13,6 +13,7 @@ mod keys;
 mod lease;
 pub mod ratelimit;
 mod scripts;
+pub mod spend;
 mod tasks;
 mod workers;
 

@@ -111,6 +111,7 @@ async fn converse(
             tenant: "acme".into(),
         },
         cancel: CancellationToken::new(),
+        tenant_budget: None,
     }
     .run("Print the answer with the terminal, then finish with it.")
     .await;

@@ -90,6 +90,18 @@ pub struct Billing {
     pub tenant: String,
 }
 
+/// The tenant's spend budgets (ADR 0038): asked before each LLM call, after
+/// the conversation's own cost entries are flushed; `Some(reason)` when a
+/// budget is spent, naming it.
+#[async_trait::async_trait]
+pub trait SpendGuard: Send + Sync {
+    async fn exceeded(&self, tenant: &str) -> Option<String>;
+}
+
+/// How long a step waits for its cost entries to be written before the
+/// tenant budget is read (a Redis outage does not stall the run).
+const SPEND_FLUSH_WAIT: Duration = Duration::from_secs(2);
+
 /// One conversation's parts.
 pub struct Conversation<'a> {
     pub llm: &'a dyn LlmClient,
@@ -102,6 +114,8 @@ pub struct Conversation<'a> {
     pub config: AgentConfig,
     pub billing: Billing,
     pub cancel: CancellationToken,
+    /// The tenant's budgets, if it has any.
+    pub tenant_budget: Option<&'a dyn SpendGuard>,
 }
 
 /// The state a run accumulates.
@@ -382,6 +396,15 @@ impl Conversation<'_> {
             }
             if let Some(limit) = self.config.max_cost {
                 if run.cost >= limit {
+                    return Outcome::BudgetExceeded;
+                }
+            }
+            if let Some(guard) = self.tenant_budget {
+                // This run's calls so far are on the counters before they
+                // are read: each running task overshoots by one call at most.
+                let _ = tokio::time::timeout(SPEND_FLUSH_WAIT, self.sink.flush()).await;
+                if let Some(reason) = guard.exceeded(&self.billing.tenant).await {
+                    run.final_message = Some(reason);
                     return Outcome::BudgetExceeded;
                 }
             }

@@ -8,6 +8,7 @@ pub mod llm;
 pub mod prompt;
 pub mod secrets;
 pub mod sink;
+pub mod spend_guard;
 pub mod stuck;
 pub mod tools;
 

@@ -197,7 +197,14 @@ pub async fn run(
     // state, in one step (ADR 0035).
     let held = HoldCompletion::new(&sink);
     let counting = CountingSink::new(&held, events_before);
+    let guard = crate::agent::spend_guard::RedisSpendGuard::new(
+        ctx.store.clone(),
+        settings.tenants.limits(&message.tenant),
+    );
     let conversation = Conversation {
+        tenant_budget: guard
+            .as_ref()
+            .map(|g| g as &dyn crate::agent::conversation::SpendGuard),
         llm: &*llm,
         sandbox,
         sink: &counting,

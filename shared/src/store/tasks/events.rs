@@ -78,6 +78,12 @@ impl Store {
                 .arg("ts")
                 .arg(crate::task::format_time(cost.ts))
                 .ignore();
+            // The tenant's day and month counters, in the same MULTI as the
+            // entry (ADR 0038).
+            super::super::spend::count(&mut pipe, &self.keys, cost);
+        }
+        if !costs.is_empty() {
+            pipe.atomic();
         }
         let mut conn = self.conn.clone();
         let _: () = pipe.query_async(&mut conn).await?;

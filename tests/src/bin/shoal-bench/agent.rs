@@ -230,6 +230,7 @@ pub async fn section(_args: &Args, report: &mut String) -> anyhow::Result<()> {
             tenant: "bench".into(),
         },
         cancel: CancellationToken::new(),
+        tenant_budget: None,
     }
     .run("benchmark")
     .await;
@@ -333,6 +334,7 @@ pub async fn section(_args: &Args, report: &mut String) -> anyhow::Result<()> {
                     tenant: format!("t{i}"),
                 },
                 cancel: CancellationToken::new(),
+                tenant_budget: None,
             }
             .run("think, then finish")
             .await
