@@ -274,6 +274,20 @@ impl TaskMetrics {
 }
 
 impl TaskMetrics {
+    /// Counts the fleet-wide rate limit's wait episodes (ADR 0037).
+    pub fn rate_waits(&self) -> crate::agent::llm::ratelimit::WaitObserver {
+        let counted = self.llm_rate_limited.clone();
+        let waited = self.llm_rate_limit_wait_seconds.clone();
+        std::sync::Arc::new(move |model: &str, reason: &str, took: Duration| {
+            let labels = RateWaitLabels {
+                model: model.to_owned(),
+                reason: reason.to_owned(),
+            };
+            counted.get_or_create(&labels).inc();
+            waited.get_or_create(&labels).observe(took.as_secs_f64());
+        })
+    }
+
     /// An observer for [`crate::agent::llm::retry::observing_attempts`]
     /// that times every attempt on `model`, by outcome.
     pub fn llm_attempts(&self, model: &str) -> crate::agent::llm::retry::AttemptObserver {

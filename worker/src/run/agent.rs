@@ -115,7 +115,7 @@ pub async fn run(
     let waits = WaitReport {
         task: message.id,
         source: ctx.source.to_owned(),
-        metrics: Some(ctx.metrics.clone()),
+        observer: Some(ctx.metrics.rate_waits()),
     };
     let llm =
         client_for_fleet(profile, ctx.store, Some(waits)).map_err(|error| match error.kind {

@@ -27,7 +27,6 @@ use shoal_shared::task::TaskId;
 use tokio_util::sync::CancellationToken;
 
 use super::{LlmError, LlmErrorKind, LlmRequest};
-use crate::metrics::{RateWaitLabels, TaskMetrics};
 
 /// The longest one Redis round trip of the limiter may take before the
 /// process-local bucket decides instead.
@@ -35,13 +34,18 @@ const REDIS_BUDGET: Duration = Duration::from_secs(2);
 /// The longest single sleep before asking the bucket again.
 const MAX_SLEEP: Duration = Duration::from_secs(30);
 
+/// Counts one wait episode: the model profile, why (`requests`, `tokens`,
+/// `provider`) and how long it took. The worker's metrics give one
+/// (`TaskMetrics::rate_waits`); the agent module does not know them.
+pub type WaitObserver = Arc<dyn Fn(&str, &str, Duration) + Send + Sync>;
+
 /// Where a task's waits are reported.
 #[derive(Clone)]
 pub struct WaitReport {
     pub task: TaskId,
     /// The event source (`worker:<id>`).
     pub source: String,
-    pub metrics: Option<TaskMetrics>,
+    pub observer: Option<WaitObserver>,
 }
 
 /// One model's fleet-wide limiter, as seen by one client.
@@ -223,16 +227,8 @@ impl RateGate {
 
     async fn waited(&self, took: Duration, reason: &str) {
         let Some(report) = &self.report else { return };
-        if let Some(metrics) = &report.metrics {
-            let labels = RateWaitLabels {
-                model: self.model.clone(),
-                reason: reason.to_owned(),
-            };
-            metrics.llm_rate_limited.get_or_create(&labels).inc();
-            metrics
-                .llm_rate_limit_wait_seconds
-                .get_or_create(&labels)
-                .observe(took.as_secs_f64());
+        if let Some(observe) = &report.observer {
+            observe(&self.model, reason, took);
         }
         let event = EventEnvelope::now(
             report.task,
