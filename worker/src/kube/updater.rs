@@ -40,27 +40,57 @@ impl Default for Timing {
     }
 }
 
+/// The longest a stop waits for the drain's PATCH to be answered.
+pub const DRAIN_SEND_BOUND: Duration = Duration::from_secs(5);
+
 /// Runs until `stop`: keeps the cost at `sink` in step with `busy` (the
 /// number of running tasks), and sends it at once when `phase` turns
-/// [`Phase::Draining`].
+/// [`Phase::Draining`]. A stop never cuts the drain's PATCH: a worker that
+/// drains with nothing running stops right after the drain starts, and its
+/// pod must still say so (bounded by [`DRAIN_SEND_BOUND`]).
 pub async fn run_updater(
     sink: Arc<dyn CostSink>,
+    busy: watch::Receiver<usize>,
+    phase: watch::Receiver<Phase>,
+    timing: Timing,
+    stop: CancellationToken,
+) {
+    let mut drain_sent = false;
+    keep_in_step(
+        &*sink,
+        busy.clone(),
+        phase.clone(),
+        timing,
+        &stop,
+        &mut drain_sent,
+    )
+    .await;
+    if *phase.borrow() == Phase::Draining && !drain_sent {
+        let cost = deletion_cost(*busy.borrow());
+        let _ = tokio::time::timeout(DRAIN_SEND_BOUND, sink.set_cost(cost)).await;
+    }
+}
+
+/// The updater's loop, until `stop`; `drain_sent` is set once the drain's
+/// PATCH was answered (whatever the answer).
+async fn keep_in_step(
+    sink: &dyn CostSink,
     mut busy: watch::Receiver<usize>,
     mut phase: watch::Receiver<Phase>,
     timing: Timing,
-    stop: CancellationToken,
+    stop: &CancellationToken,
+    drain_sent: &mut bool,
 ) {
     // What the API server holds, as far as we know (None: not known).
     let mut sent: Option<i32> = None;
     let mut last_attempt: Option<Instant> = None;
     let mut failed = false;
-    let mut drain_sent = false;
     let mut busy_open = true;
     let mut phase_open = true;
     loop {
         let draining = *phase.borrow_and_update() == Phase::Draining;
         let wanted = deletion_cost(*busy.borrow());
-        let drain_due = draining && !drain_sent;
+        let drain_due = draining && !*drain_sent;
         if drain_due || sent != Some(wanted) {
             // The first update and the drain's go at once; others wait.
             if !drain_due {
@@ -88,15 +118,15 @@ pub async fn run_updater(
                 // Back to what the server holds while we waited.
                 continue;
             }
-            if drain_due {
-                drain_sent = true;
-            }
             last_attempt = Some(Instant::now());
             let result = tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
                 result = sink.set_cost(cost) => result,
             };
+            if drain_due {
+                *drain_sent = true;
+            }
             failed = result.is_err();
             if !failed {
                 sent = Some(cost);
@@ -313,6 +343,18 @@ mod tests {
         rig.phase.send_replace(Phase::Draining);
         settle().await;
         run_for(secs(60)).await;
+        assert_eq!(rig.finish().await, vec![(secs(0), 0), (secs(60), 0)]);
+    }
+
+    /// A worker with nothing running stops right after its drain starts:
+    /// the stop comes before the updater has seen the phase change, and the
+    /// drain's PATCH is still sent.
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_right_after_the_drain_starts_still_sends_the_drain() {
+        let rig = start_rig();
+        settle().await;
+        run_for(secs(60)).await;
+        rig.phase.send_replace(Phase::Draining);
         assert_eq!(rig.finish().await, vec![(secs(0), 0), (secs(60), 0)]);
     }
 
