@@ -44,6 +44,12 @@ pub const HEADER_READY_AT: &str = "x-shoal-ready-at";
 
 /// A task slot. Each slot owns one channel, so a broker `consumer_timeout`
 /// closing a channel affects one task only.
+/// The longest a slot waits for the broker to answer one call (a get, a
+/// publisher confirm, an ack, a close): after a broker restart a channel can
+/// stay open yet never answer, and a slot waiting on it would never see the
+/// worker's shutdown.
+const BROKER_CALL: Duration = Duration::from_secs(15);
+
 pub struct Slot {
     pub index: usize,
     pub broker: Broker,
@@ -77,7 +83,19 @@ impl Slot {
                     None => break,
                 },
             };
-            match self.fetch(&current).await {
+            let fetched = match tokio::time::timeout(BROKER_CALL, self.fetch(&current)).await {
+                Ok(fetched) => fetched,
+                Err(_) => {
+                    // A channel of a half-restarted broker can leave a get
+                    // unanswered for good: drop it and open another.
+                    warn!(
+                        slot = self.index,
+                        "fetching got no answer in time; reopening the channel"
+                    );
+                    continue;
+                }
+            };
+            match fetched {
                 Ok(Some(fetched)) => {
                     self.wake
                         .propagate(fetched.remaining, fetched.lowest, from_idle)
@@ -101,7 +119,8 @@ impl Slot {
             channel = Some(current);
         }
         if let Some(channel) = channel {
-            let _ = channel.close(200, "slot stopped".into()).await;
+            let _ =
+                tokio::time::timeout(BROKER_CALL, channel.close(200, "slot stopped".into())).await;
         }
         // A stopped slot takes no more work: it is not free.
         self.runner.metrics.flow.slots_free.dec();
@@ -284,20 +303,29 @@ impl Slot {
                 if let Disposition::Requeue { reason } = &disposition {
                     info!(%reason, "task requeued");
                 }
-                return log_settle(
-                    delivery
-                        .acker
-                        .reject(BasicRejectOptions { requeue: true })
-                        .await,
-                );
+                let rejected = tokio::time::timeout(
+                    BROKER_CALL,
+                    delivery.acker.reject(BasicRejectOptions { requeue: true }),
+                )
+                .await;
+                return match rejected {
+                    Ok(rejected) => log_settle(rejected),
+                    Err(_) => warn!("requeue got no answer in time; the broker redelivers after the channel closes"),
+                };
             }
             SettlePlan::PublishThenAck(outgoing) => {
                 if let Disposition::Retry { delay, reason, .. } = &disposition {
                     info!(delay_s = delay.as_secs(), %reason, "task scheduled for retry");
                 }
-                let published = publish_confirmed(channel, &[outgoing])
-                    .await
-                    .map_err(|e| e.to_string());
+                let published = match tokio::time::timeout(
+                    BROKER_CALL,
+                    publish_confirmed(channel, &[outgoing]),
+                )
+                .await
+                {
+                    Ok(published) => published.map_err(|e| e.to_string()),
+                    Err(_) => Err(format!("no publisher confirm within {BROKER_CALL:?}")),
+                };
                 if let Disposition::Dead {
                     reason,
                     error,
@@ -331,12 +359,24 @@ impl Slot {
                     Disposition::Dead { reason, .. } => flow.dead_letter(reason),
                     Disposition::Ack | Disposition::Requeue { .. } => {}
                 }
-                log_settle(delivery.acker.ack(BasicAckOptions::default()).await)
+                match tokio::time::timeout(
+                    BROKER_CALL,
+                    delivery.acker.ack(BasicAckOptions::default()),
+                )
+                .await
+                {
+                    Ok(acked) => log_settle(acked),
+                    Err(_) => {
+                        warn!("ack got no answer in time; the broker redelivers if it was lost")
+                    }
+                }
             }
             Err(error) => {
                 // Not acked: the message comes back after the channel closes.
                 error!(%error, ?disposition, "settling failed; the message will be redelivered");
-                let _ = channel.close(500, "settle failed".into()).await;
+                let _ =
+                    tokio::time::timeout(BROKER_CALL, channel.close(500, "settle failed".into()))
+                        .await;
             }
         }
     }

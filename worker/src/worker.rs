@@ -10,7 +10,7 @@ use shoal_shared::store::Store;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::consumer::Slot;
 use crate::health::{Dependencies, HealthServer, Phase};
@@ -261,7 +261,18 @@ impl Worker {
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             warn!("drain deadline passed; stopping and requeueing running tasks");
             abort.cancel();
-            tracker.wait().await;
+            // Bounded too: a slot stuck on a broker that never answers must
+            // not keep the process from exiting (its message is redelivered
+            // when the connection goes).
+            if tokio::time::timeout(ABORT_WAIT, tracker.wait())
+                .await
+                .is_err()
+            {
+                error!(
+                    wait_s = ABORT_WAIT.as_secs(),
+                    "slots still busy after the abort; stopping without them"
+                );
+            }
         }
         updater_stop.cancel();
         if let Some(updater) = updater {
@@ -286,6 +297,8 @@ impl Worker {
 
 /// How long the heartbeat gets to be deleted at the end of a drain.
 const HEARTBEAT_DELETE: Duration = Duration::from_secs(15);
+/// The longest the worker waits for its slots after the drain deadline's abort.
+const ABORT_WAIT: Duration = Duration::from_secs(15);
 
 /// How long sandboxes get to be destroyed after the tasks are settled.
 /// Part of the grace a pod needs beyond `worker.drain_timeout_s`
