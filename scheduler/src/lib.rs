@@ -62,11 +62,7 @@ pub async fn run(
     // The broker's dead-letter queue stays bounded (ADR 0027).
     tokio::spawn(dead_queue::run(
         shoal_shared::broker::Broker::new(&settings.broker.url, "shoal-scheduler dead-queue"),
-        shoal_shared::broker::Topology::new(
-            &settings.namespace,
-            settings.broker.delivery_limit,
-            settings.broker.retry_tiers.clone(),
-        ),
+        shoal_shared::broker::Topology::from_settings(&settings),
         shutdown.child_token(),
     ));
     let app = api::router(state, &settings).layer(Extension(Draining(shutdown.clone())));

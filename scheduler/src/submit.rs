@@ -363,7 +363,10 @@ impl Submitter {
             }
             outgoing.push(OutgoingMessage {
                 exchange: self.topology.work_exchange(),
-                routing_key: message.spec.priority.as_str().to_owned(),
+                // The tenant's own lane, or the shared one (ADR 0041).
+                routing_key: self
+                    .topology
+                    .routing_key(message.spec.priority, &message.tenant),
                 body,
                 message_id: Some(message.id.to_string()),
                 headers,

@@ -372,8 +372,9 @@ for name in "${ORDER[@]}"; do
     fail "custom resources invalid ($name)"
   fi
 
-  # The ScaledObject counts exactly the three work queues of this namespace:
-  # not the retry tiers, the dead letters or another fleet's queues.
+  # The ScaledObject counts exactly the three work queues of this namespace
+  # and every tenant lane of them (ADR 0041): not the retry tiers, the dead
+  # letters or another fleet's queues.
   if out="$("$PY" - "$dir/objects.json" "$dir/shoal.toml" <<'PY'
 import json, re, sys, tomllib
 objects = json.load(open(sys.argv[1]))
@@ -391,9 +392,12 @@ if not scaled:
     sys.exit(0)
 meta = scaled[0]["spec"]["triggers"][0]["metadata"]
 pattern = re.compile(meta["queueName"])
-want = [f"{ns}.work.{p}" for p in ("high", "normal", "low")]
+lanes = ["", ".acme", ".team~b"] + [
+    "." + t.replace(".", "~") for t in config.get("tenants", {}) if t != "*"]
+want = [f"{ns}.work.{p}{lane}" for p in ("high", "normal", "low") for lane in lanes]
 other = [f"{ns}.retry.{t}s" for t in tiers] + [f"{ns}.dead", f"{ns}.work", f"{ns}.doorbell", f"{ns}.wake",
-         f"x{ns}.work.high", f"{ns}.work.high.x", "other.work.normal"]
+         f"x{ns}.work.high", f"{ns}.work.highx", f"{ns}.work.high.x.y", f"{ns}.work.high.",
+         "other.work.normal", "other.work.normal.acme"]
 bad = [q for q in want if not pattern.search(q)] + [q for q in other if pattern.search(q)]
 if bad or meta.get("useRegex") != "true" or meta.get("operation") != "sum" \
         or meta.get("excludeUnacknowledged") != "false" or meta.get("mode") != "QueueLength":

@@ -86,11 +86,7 @@ impl TestEnv {
             .await
             .expect("redis is reachable");
         let broker = Broker::new(&settings.broker.url, &format!("shoal-test {namespace}"));
-        let topology = Topology::new(
-            &settings.namespace,
-            settings.broker.delivery_limit,
-            settings.broker.retry_tiers.clone(),
-        );
+        let topology = Topology::from_settings(&settings);
         let channel = broker
             .channel_with_retry(Duration::from_secs(30))
             .await
@@ -303,10 +299,13 @@ impl TestEnv {
     pub async fn purge_work_queues(&self) -> u32 {
         let channel = self.broker.channel().await.expect("channel");
         let mut purged = 0;
-        for priority in shoal_shared::Priority::ALL {
+        for queue in shoal_shared::Priority::ALL
+            .into_iter()
+            .flat_map(|p| self.topology.work_queues(p))
+        {
             purged += channel
                 .queue_purge(
-                    self.topology.work_queue(priority).as_str().into(),
+                    queue.as_str().into(),
                     lapin::options::QueuePurgeOptions::default(),
                 )
                 .await
@@ -330,8 +329,10 @@ impl TestEnv {
             result.expect("a shoal process failed");
         }
         // With every consumer gone, an unacked message would be back in its queue.
-        for priority in shoal_shared::Priority::ALL {
-            let queue = self.topology.work_queue(priority);
+        for queue in shoal_shared::Priority::ALL
+            .into_iter()
+            .flat_map(|p| self.topology.work_queues(p))
+        {
             assert_eq!(
                 self.ready_count(&queue).await,
                 0,

@@ -11,7 +11,8 @@
 //! `{ns}.wake` (one idle slot of one worker per ring), another slot that found
 //! more work (propagation by the get-ok's message count), or the worker's
 //! idle sweep (one slot every `worker.idle_sweep_ms`) wakes it; see
-//! docs/adr/0001 for the pull and docs/adr/0031 for the waiting.
+//! docs/adr/0001 for the pull, docs/adr/0031 for the waiting and
+//! docs/adr/0041 for the tenants' lanes taken in weighted fair turns.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -32,6 +33,7 @@ use shoal_shared::TaskMessage;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
+use crate::fair::Fair;
 use crate::run::{panic_error, Disposition, TaskRunner};
 use crate::wake::Wake;
 
@@ -58,6 +60,9 @@ pub struct Slot {
     /// The worker's idle slots and its side of `{ns}.wake`, shared by its
     /// slots; see [`crate::wake`].
     pub wake: Arc<Wake>,
+    /// The worker's weighted fair turns between tenants' lanes, shared by
+    /// its slots; see [`crate::fair`].
+    pub fair: Arc<Fair>,
 }
 
 /// A message a get returned, with what the get-ok said of its queue.
@@ -65,7 +70,8 @@ struct Fetched {
     delivery: Delivery,
     /// Messages left in the queue it came from.
     remaining: u32,
-    /// It came from the lowest tier.
+    /// It came from the last queue a slot looks at (the lowest tier, with
+    /// no other lane).
     lowest: bool,
 }
 
@@ -150,19 +156,33 @@ impl Slot {
         }
     }
 
-    /// The next message, highest priority first.
+    /// The next message: highest priority first, and within a tier the
+    /// tenants' lanes in weighted fair turns (docs/adr/0041).
     async fn fetch(&self, channel: &Channel) -> Result<Option<Fetched>, lapin::Error> {
-        for (index, priority) in Priority::ALL.into_iter().enumerate() {
-            let queue = self.topology.work_queue(priority);
-            if let Some(message) = channel
-                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
-                .await?
-            {
-                return Ok(Some(Fetched {
-                    delivery: message.delivery,
-                    remaining: message.message_count,
-                    lowest: index + 1 == Priority::ALL.len(),
-                }));
+        let one_lane = self.topology.lanes().len() == 1;
+        for (tier, priority) in Priority::ALL.into_iter().enumerate() {
+            let mut tried = Vec::new();
+            while let Some(lane) = self.fair.pick(tier, tokio::time::Instant::now(), &tried) {
+                tried.push(lane);
+                let queue = self.topology.lane_queue(priority, lane);
+                let got = channel
+                    .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+                    .await;
+                match got {
+                    Ok(Some(message)) => {
+                        self.fair.taken(tier, lane);
+                        return Ok(Some(Fetched {
+                            delivery: message.delivery,
+                            remaining: message.message_count,
+                            lowest: one_lane && tier + 1 == Priority::ALL.len(),
+                        }));
+                    }
+                    Ok(None) => self.fair.empty(tier, lane, tokio::time::Instant::now()),
+                    Err(error) => {
+                        self.fair.empty(tier, lane, tokio::time::Instant::now());
+                        return Err(error);
+                    }
+                }
             }
         }
         Ok(None)
@@ -411,9 +431,11 @@ fn settle_plan(
             let ready_at = now
                 + chrono::Duration::from_std(*delay).unwrap_or_else(|_| chrono::Duration::zero());
             let priority = message.map(|m| m.spec.priority).unwrap_or_default();
+            // An unreadable message has no tenant: the shared lane.
+            let tenant = message.map(|m| m.tenant.as_str()).unwrap_or_default();
             SettlePlan::PublishThenAck(OutgoingMessage {
                 exchange: topology.retry_exchange(),
-                routing_key: Topology::retry_routing_key(priority, *delay),
+                routing_key: topology.retry_routing_key(priority, tenant, *delay),
                 body: body.to_vec(),
                 message_id,
                 headers: vec![

@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod consumer;
+pub mod fair;
 pub mod health;
 pub mod heartbeat;
 pub mod http_response;

@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::consumer::Slot;
+use crate::fair::Fair;
 use crate::health::{Dependencies, HealthServer, Phase};
 use crate::heartbeat::Heartbeat;
 use crate::kube::{run_updater, CostSink, PodPatcher, PodTarget, TargetError, Timing};
@@ -235,6 +236,8 @@ impl Worker {
         // (docs/adr/0031).
         let wake = Wake::new(self.broker.clone(), &self.topology);
         let tracker = TaskTracker::new();
+        // Tenants' lanes in weighted fair turns (docs/adr/0041).
+        let fair = Fair::for_topology(&self.topology);
         for index in 0..slots {
             let slot = Slot {
                 index,
@@ -242,6 +245,7 @@ impl Worker {
                 topology: self.topology.clone(),
                 runner: self.runner.clone(),
                 wake: wake.clone(),
+                fair: fair.clone(),
             };
             tracker.spawn(slot.run(shutdown.clone(), abort.clone()));
         }

@@ -122,8 +122,12 @@ async fn queue_depths(state: &AppState) -> Result<QueueDepths, String> {
         };
         let mut depths = QueueDepths::default();
         let result = async {
+            // A tier's depth is the sum of its lanes' (ADR 0041).
             for priority in Priority::ALL {
-                let n = count(topology.work_queue(priority)).await?;
+                let mut n = 0;
+                for queue in topology.work_queues(priority) {
+                    n += count(queue).await?;
+                }
                 depths.work.insert(priority.as_str().to_owned(), n);
             }
             for delay in topology.retry_tiers() {

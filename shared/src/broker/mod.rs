@@ -7,7 +7,7 @@ mod topology;
 
 pub use connection::{Broker, BrokerError};
 pub use publisher::{publish_confirmed, OutgoingMessage, PublishError, Publisher};
-pub use topology::{retry_tier_for, Topology};
+pub use topology::{retry_tier_for, Lane, Topology};
 
 /// Connects to the broker (retrying for up to `patience`) and declares the
 /// namespace's topology: what every Shoal process does at startup.
@@ -17,11 +17,7 @@ pub async fn connect_and_declare(
     patience: std::time::Duration,
 ) -> Result<(Broker, Topology), BrokerError> {
     let broker = Broker::new(&settings.broker.url, connection_name);
-    let topology = Topology::new(
-        &settings.namespace,
-        settings.broker.delivery_limit,
-        settings.broker.retry_tiers.clone(),
-    );
+    let topology = Topology::from_settings(settings);
     let channel = broker.channel_with_retry(patience).await?;
     topology.declare(&channel).await?;
     let _ = channel.close(200, "declared".into()).await;

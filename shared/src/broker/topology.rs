@@ -17,6 +17,12 @@ use crate::task::Priority;
 /// {ns}.dead  (fanout) -----------> {ns}.dead         quorum, kept for inspection and replay
 /// {ns}.work  (topic) --"*.*"-----> {ns}.wake         classic, max 64, drop-head: wake rings
 ///                    (only retries coming back from a tier have a two-word key)
+///
+/// A tenant with a `[tenants.<name>]` table has lanes of its own, one queue
+/// per tier, pulled in weighted fair turns (docs/adr/0041):
+/// {ns}.work  --"lane.normal.acme.#"--> {ns}.work.normal.acme  (like work.normal)
+/// {ns}.retry --"lane.*.*.5s"---------> {ns}.retry.5s  (key `lane.normal.acme.5s`)
+/// {ns}.work  --"lane.*.*.*"----------> {ns}.wake      (retries back from a tier)
 /// ```
 ///
 /// Rings for `{ns}.wake` are also published straight to it (default
@@ -27,14 +33,125 @@ pub struct Topology {
     namespace: String,
     delivery_limit: u32,
     retry_tiers: Vec<Duration>,
+    /// The lanes: the shared one first, then one per named tenant.
+    lanes: Vec<Lane>,
 }
 
+/// Where a tenant's tasks wait: one queue per tier. The shared lane (index
+/// 0) holds every tenant without a `[tenants.<name>]` table; a named
+/// tenant has a lane of its own, so slots can take its tasks in weighted
+/// fair turns instead of behind another tenant's backlog (docs/adr/0041).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lane {
+    /// The tenant, `None` for the shared lane.
+    pub tenant: Option<String>,
+    /// Its share of the slots under backlog, relative to the other lanes'.
+    pub weight: u32,
+    /// The tenant as one routing-key word and queue-name suffix: a name's
+    /// `.` becomes `~`, which names never hold, so the mapping is one to one.
+    word: String,
+}
+
+/// The first word of every lane routing key.
+const LANE_PREFIX: &str = "lane";
+
 impl Topology {
+    /// The topology with the shared lane only (weight 1).
     pub fn new(namespace: &str, delivery_limit: u32, retry_tiers: Vec<Duration>) -> Self {
         Self {
             namespace: namespace.to_owned(),
             delivery_limit,
             retry_tiers,
+            lanes: vec![Lane {
+                tenant: None,
+                weight: 1,
+                word: String::new(),
+            }],
+        }
+    }
+
+    /// The topology of a configuration: a lane per `[tenants.<name>]`
+    /// table, weighted by its `weight`; the shared lane has the `*` table's.
+    pub fn from_settings(settings: &crate::settings::Settings) -> Self {
+        let tenants = &settings.tenants;
+        Self::new(
+            &settings.namespace,
+            settings.broker.delivery_limit,
+            settings.broker.retry_tiers.clone(),
+        )
+        .with_lanes(
+            tenants.default.weight,
+            tenants
+                .named
+                .iter()
+                .map(|(name, limits)| (name.as_str().to_owned(), limits.weight)),
+        )
+    }
+
+    /// Sets the shared lane's weight and adds a lane per tenant (names
+    /// follow [`crate::Name`]; weights of 0 count as 1).
+    pub fn with_lanes(
+        mut self,
+        shared_weight: u32,
+        tenants: impl IntoIterator<Item = (String, u32)>,
+    ) -> Self {
+        self.lanes.truncate(1);
+        self.lanes[0].weight = shared_weight.max(1);
+        for (tenant, weight) in tenants {
+            let word = tenant.replace('.', "~");
+            self.lanes.push(Lane {
+                tenant: Some(tenant),
+                weight: weight.max(1),
+                word,
+            });
+        }
+        self
+    }
+
+    /// Every lane, the shared one first.
+    pub fn lanes(&self) -> &[Lane] {
+        &self.lanes
+    }
+
+    /// The index in [`Topology::lanes`] of `tenant`'s lane.
+    pub fn lane_of(&self, tenant: &str) -> usize {
+        self.lanes
+            .iter()
+            .position(|lane| lane.tenant.as_deref() == Some(tenant))
+            .unwrap_or(0)
+    }
+
+    /// The queue of lane `lane` (an index in [`Topology::lanes`]) for
+    /// `priority`; the shared lane's is [`Topology::work_queue`].
+    pub fn lane_queue(&self, priority: Priority, lane: usize) -> String {
+        match self.lanes.get(lane) {
+            Some(Lane {
+                tenant: Some(_),
+                word,
+                ..
+            }) => format!("{}.{}", self.work_queue(priority), word),
+            _ => self.work_queue(priority),
+        }
+    }
+
+    /// Every work queue of `priority`, the shared lane's first.
+    pub fn work_queues(&self, priority: Priority) -> Vec<String> {
+        (0..self.lanes.len())
+            .map(|lane| self.lane_queue(priority, lane))
+            .collect()
+    }
+
+    /// The routing key a new task of `tenant` at `priority` is published
+    /// with: the priority alone for the shared lane, `lane.<priority>.<word>`
+    /// for a tenant's own.
+    pub fn routing_key(&self, priority: Priority, tenant: &str) -> String {
+        match &self.lanes[self.lane_of(tenant)] {
+            Lane {
+                tenant: Some(_),
+                word,
+                ..
+            } => format!("{LANE_PREFIX}.{}.{word}", priority.as_str()),
+            _ => priority.as_str().to_owned(),
         }
     }
 
@@ -73,14 +190,23 @@ impl Topology {
         &self.retry_tiers
     }
 
-    /// Routing key that sends a task of `priority` to the retry tier `delay`.
-    pub fn retry_routing_key(priority: Priority, delay: Duration) -> String {
-        format!("{}.{}s", priority.as_str(), delay.as_secs())
+    /// Routing key that sends a task of `tenant` at `priority` to the retry
+    /// tier `delay`; when its delay is over the tier dead-letters it to
+    /// `{ns}.work` with the same key, which routes it back to its lane.
+    pub fn retry_routing_key(&self, priority: Priority, tenant: &str, delay: Duration) -> String {
+        format!(
+            "{}.{}s",
+            self.routing_key(priority, tenant),
+            delay.as_secs()
+        )
     }
 
     /// Every queue of the namespace (for tests and teardown).
     pub fn all_queues(&self) -> Vec<String> {
-        let mut queues: Vec<String> = Priority::ALL.iter().map(|p| self.work_queue(*p)).collect();
+        let mut queues: Vec<String> = Priority::ALL
+            .iter()
+            .flat_map(|p| self.work_queues(*p))
+            .collect();
         queues.extend(self.retry_tiers.iter().map(|d| self.retry_queue(*d)));
         queues.push(self.dead_queue());
         queues.push(self.wake_queue());
@@ -116,8 +242,11 @@ impl Topology {
             durable: true,
             ..QueueDeclareOptions::default()
         };
-        for priority in Priority::ALL {
-            let queue = self.work_queue(priority);
+        for (priority, lane) in Priority::ALL
+            .into_iter()
+            .flat_map(|p| (0..self.lanes.len()).map(move |lane| (p, lane)))
+        {
+            let queue = self.lane_queue(priority, lane);
             let mut args = quorum_args();
             args.insert(
                 "x-delivery-limit".into(),
@@ -131,13 +260,14 @@ impl Topology {
             channel
                 .queue_declare(queue.as_str().into(), queue_options, args)
                 .await?;
-            self.bind(
-                channel,
-                &queue,
-                &self.work_exchange(),
-                &format!("{}.#", priority.as_str()),
-            )
-            .await?;
+            // The shared lane takes `normal` and `normal.5s`; a tenant's
+            // takes `lane.normal.acme` and `lane.normal.acme.5s`.
+            let pattern = match lane {
+                0 => format!("{}.#", priority.as_str()),
+                _ => format!("{}.#", self.routing_key(priority, self.lane_tenant(lane))),
+            };
+            self.bind(channel, &queue, &self.work_exchange(), &pattern)
+                .await?;
         }
 
         for delay in &self.retry_tiers {
@@ -155,13 +285,13 @@ impl Topology {
             channel
                 .queue_declare(queue.as_str().into(), queue_options, args)
                 .await?;
-            self.bind(
-                channel,
-                &queue,
-                &self.retry_exchange(),
-                &format!("*.{}s", delay.as_secs()),
-            )
-            .await?;
+            for pattern in [
+                format!("*.{}s", delay.as_secs()),
+                format!("{LANE_PREFIX}.*.*.{}s", delay.as_secs()),
+            ] {
+                self.bind(channel, &queue, &self.retry_exchange(), &pattern)
+                    .await?;
+            }
         }
 
         let dead = self.dead_queue();
@@ -181,9 +311,15 @@ impl Topology {
         // Submissions are routed with a one-word key (`normal`); a retry
         // dead-lettered back from its TTL tier keeps its two-word key
         // (`normal.5s`), so this copy is the broker ringing for it.
-        self.bind(channel, &wake, &self.work_exchange(), WAKE_RETRY_PATTERN)
-            .await?;
+        for pattern in [WAKE_RETRY_PATTERN, WAKE_LANE_RETRY_PATTERN] {
+            self.bind(channel, &wake, &self.work_exchange(), pattern)
+                .await?;
+        }
         Ok(())
+    }
+
+    fn lane_tenant(&self, lane: usize) -> &str {
+        self.lanes[lane].tenant.as_deref().unwrap_or_default()
     }
 
     async fn bind(
@@ -212,6 +348,10 @@ pub const WAKE_MAX_LENGTH: i64 = 64;
 /// The binding from `{ns}.work` to `{ns}.wake`: two-word keys, which only
 /// retries returning from a retry tier carry.
 pub const WAKE_RETRY_PATTERN: &str = "*.*";
+
+/// The same for a tenant's lane: its submissions have three words
+/// (`lane.normal.acme`), its returning retries four (`lane.normal.acme.5s`).
+pub const WAKE_LANE_RETRY_PATTERN: &str = "lane.*.*.*";
 
 fn wake_args() -> FieldTable {
     let mut args = FieldTable::default();
@@ -285,23 +425,123 @@ mod tests {
         assert_eq!(retry_tier_for(&tiers, 30, 0.99), Duration::from_secs(600));
     }
 
-    #[test]
-    fn retry_keys_route_back_to_their_priority() {
-        let key = Topology::retry_routing_key(Priority::High, Duration::from_secs(30));
-        assert_eq!(key, "high.30s");
+    fn laned() -> Topology {
+        Topology::new("ns", 5, vec![Duration::from_secs(5)])
+            .with_lanes(2, [("acme".to_owned(), 3), ("team.b".to_owned(), 0)])
     }
 
-    /// `*.*` on the topic exchange matches exactly two words: every retry
-    /// key, and no submission key (the priority alone).
     #[test]
-    fn only_retry_keys_match_the_wake_binding() {
+    fn retry_keys_route_back_to_their_priority_and_lane() {
+        let topology = laned();
+        let key = topology.retry_routing_key(Priority::High, "other", Duration::from_secs(30));
+        assert_eq!(key, "high.30s");
+        let key = topology.retry_routing_key(Priority::High, "acme", Duration::from_secs(30));
+        assert_eq!(key, "lane.high.acme.30s");
+        // A dot in a tenant's name cannot split the key's words.
+        let key = topology.retry_routing_key(Priority::Low, "team.b", Duration::from_secs(5));
+        assert_eq!(key, "lane.low.team~b.5s");
+    }
+
+    #[test]
+    fn a_named_tenant_has_a_lane_per_tier_and_everyone_else_shares_one() {
+        let topology = laned();
+        let lanes: Vec<(Option<&str>, u32)> = topology
+            .lanes()
+            .iter()
+            .map(|l| (l.tenant.as_deref(), l.weight))
+            .collect();
+        assert_eq!(
+            lanes,
+            vec![(None, 2), (Some("acme"), 3), (Some("team.b"), 1)]
+        );
+        assert_eq!(topology.lane_of("acme"), 1);
+        assert_eq!(topology.lane_of("nobody"), 0);
+        assert_eq!(
+            topology.work_queues(Priority::Normal),
+            vec![
+                "ns.work.normal",
+                "ns.work.normal.acme",
+                "ns.work.normal.team~b"
+            ]
+        );
+        assert_eq!(topology.routing_key(Priority::Normal, "nobody"), "normal");
+        assert_eq!(
+            topology.routing_key(Priority::Normal, "team.b"),
+            "lane.normal.team~b"
+        );
+        let queues = topology.all_queues();
+        assert!(queues.contains(&"ns.work.low.acme".to_owned()));
+        assert_eq!(queues.len(), 9 + 1 + 1 + 1);
+        // Without tenant tables there is the shared lane alone.
+        let plain = Topology::new("ns", 5, Vec::new());
+        assert_eq!(plain.work_queues(Priority::High), vec!["ns.work.high"]);
+    }
+
+    /// Whether a topic binding `pattern` matches `key` (`*` one word, `#`
+    /// zero or more), as RabbitMQ's topic exchange decides.
+    fn topic_matches(pattern: &str, key: &str) -> bool {
+        fn go(p: &[&str], k: &[&str]) -> bool {
+            match p.split_first() {
+                None => k.is_empty(),
+                Some((&"#", rest)) => (0..=k.len()).any(|i| go(rest, &k[i..])),
+                Some((&"*", rest)) => !k.is_empty() && go(rest, &k[1..]),
+                Some((word, rest)) => k.first() == Some(word) && go(rest, &k[1..]),
+            }
+        }
+        go(
+            &pattern.split('.').collect::<Vec<_>>(),
+            &key.split('.').collect::<Vec<_>>(),
+        )
+    }
+
+    /// The wake bindings match every retry key of every lane and no
+    /// submission key; each key reaches exactly its own lane's queue.
+    #[test]
+    fn only_retry_keys_ring_and_every_key_reaches_its_own_lane() {
         assert_eq!(WAKE_RETRY_PATTERN, "*.*");
+        let topology = laned();
+        let ring = |key: &str| {
+            [WAKE_RETRY_PATTERN, WAKE_LANE_RETRY_PATTERN]
+                .iter()
+                .any(|p| topic_matches(p, key))
+        };
         for priority in Priority::ALL {
-            assert_eq!(priority.as_str().split('.').count(), 1, "{priority:?}");
-            for delay in [5, 30, 120, 600] {
-                let key = Topology::retry_routing_key(priority, Duration::from_secs(delay));
-                assert_eq!(key.split('.').count(), 2, "{key}");
-                assert!(key.split('.').all(|word| !word.is_empty()), "{key}");
+            for tenant in ["nobody", "acme", "team.b"] {
+                let submit = topology.routing_key(priority, tenant);
+                assert!(!ring(&submit), "{submit}");
+                let own = topology.lane_of(tenant);
+                let own_pattern = |lane: usize, p: Priority| match lane {
+                    0 => format!("{}.#", p.as_str()),
+                    _ => format!(
+                        "{}.#",
+                        topology.routing_key(p, topology.lanes()[lane].tenant.as_deref().unwrap())
+                    ),
+                };
+                for delay in [5, 30, 120, 600] {
+                    let retry =
+                        topology.retry_routing_key(priority, tenant, Duration::from_secs(delay));
+                    assert!(ring(&retry), "{retry}");
+                    assert!(retry.split('.').all(|word| !word.is_empty()), "{retry}");
+                    // The retry tier's bindings take it...
+                    assert!(
+                        [format!("*.{delay}s"), format!("lane.*.*.{delay}s")]
+                            .iter()
+                            .any(|p| topic_matches(p, &retry)),
+                        "{retry}"
+                    );
+                    // ...and back in `{ns}.work` it reaches its own queue only.
+                    for key in [&submit, &retry] {
+                        for p in Priority::ALL {
+                            for lane in 0..topology.lanes().len() {
+                                assert_eq!(
+                                    topic_matches(&own_pattern(lane, p), key),
+                                    lane == own && p == priority,
+                                    "{key} against lane {lane} {p:?}"
+                                );
+                            }
+                        }
+                    }
+                }
             }
         }
     }

@@ -69,11 +69,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Outcome> {
     let settings = Settings::from_toml(&config)?;
     let store = Store::connect(&settings.redis, &namespace).await?;
     let broker = Broker::new(&broker_url, &format!("shoal-chaos {namespace}"));
-    let topology = Topology::new(
-        &namespace,
-        settings.broker.delivery_limit,
-        settings.broker.retry_tiers.clone(),
-    );
+    let topology = Topology::from_settings(&settings);
     let channel = broker.channel_with_retry(Duration::from_secs(60)).await?;
     topology.declare(&channel).await?;
     let _ = channel.close(200, "declared".into()).await;

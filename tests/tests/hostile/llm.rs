@@ -167,6 +167,7 @@ async fn a_panic_inside_a_run_fails_the_task_settles_the_message_and_keeps_the_s
         topology: env.topology.clone(),
         runner,
         wake: wake.clone(),
+        fair: shoal_worker::fair::Fair::for_topology(&env.topology),
     };
     let shutdown = CancellationToken::new();
     let listening = tokio::spawn(wake.listen(shutdown.clone()));
