@@ -50,6 +50,9 @@ model=obj({
  "price_cache_read":{"type":"number","minimum":0},"price_cache_write":{"type":"number","minimum":0},
  "rate_limit":dict(obj({"requests_per_minute":i(1),"tokens_per_minute":i(1)}),minProperties=1)},
  ["provider","base_url","model"])
+tenant=obj({"max_running":i(1),"max_running_per_model":{"type":"object","additionalProperties":i(1)},
+ "daily_budget_usd":{"type":"number","minimum":0},"monthly_budget_usd":{"type":"number","minimum":0},
+ "weight":i(1,desc="Share of the slots under backlog; a named tenant has a lane of its own (docs/adr/0041).")})
 config=obj({
  "namespace":{"type":"string","pattern":"^[a-z0-9_-]{1,48}$"},
  "broker":obj({"url":{"type":"string","pattern":"^amqps?://"},"delivery_limit":i(1),"max_message_bytes":i(1,maximum=512<<20),"retry_tiers_s":intlist}),
@@ -67,6 +70,8 @@ config=obj({
  "telemetry":obj({"log_format":{"enum":["text","json"]},"log_filter":s}),
  "agent":obj({"default_model":s,"no_output_timeout_s":i(1),"condense_chars":i(1000)}),
  "models":{"type":"object","additionalProperties":model},
+ "tenants":{"type":"object","propertyNames":{"pattern":"^([A-Za-z0-9_.-]{1,64}|[*])$"},"additionalProperties":tenant,
+   "description":"Per-tenant caps, budgets and fair-share weights ([tenants.<name>]; \"*\" for every tenant not named)."},
  "daytona":obj({"api_url":{"type":"string","pattern":"^https?://"},"api_key_env":{"type":"string","pattern":"^[A-Za-z_][A-Za-z0-9_]*$"},"target":s,"toolbox_hosts":strlist}),
 }, desc="Shoal's TOML configuration (shared/src/settings/*.rs); the loader refuses unknown keys, so this schema does too.")
 image=obj({"repository":s,"tag":s,"pullPolicy":{"enum":["Always","IfNotPresent","Never"]}})
