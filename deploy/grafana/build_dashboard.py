@@ -24,7 +24,8 @@ DS = {"type": "prometheus", "uid": "${datasource}"}
 # `shoal_namespace` target label, else every worker (the label absent).
 W = 'shoal_namespace=~"$namespace|"'
 # The namespace's queues (docs/adr/0004: every queue is `<ns>.…`).
-WORK_Q = 'queue=~"$namespace\\\\.work\\\\.(high|normal|low)"'
+# The three tiers and every tenant lane of them (docs/adr/0041).
+WORK_Q = 'queue=~"$namespace\\\\.work\\\\.(high|normal|low)(\\\\.[^.]+)?"'
 RETRY_Q = 'queue=~"$namespace\\\\.retry\\\\..+"'
 DEAD_Q = 'queue="$namespace.dead"'
 RI = "$__rate_interval"
